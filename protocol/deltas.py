@@ -1,0 +1,79 @@
+"""The provider-neutral event model.
+
+Providers speak to the rest of the relay only in these events, so the OpenAI
+encoder, the non-stream accumulator and the benchmarks never know which
+upstream produced them. Events are small frozen dataclasses, compared with
+``==`` in tests, and dispatched with ``match`` ending in ``assert_never``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+FinishReason = Literal["stop", "length", "content_filter"]
+
+
+@dataclass(frozen=True, slots=True)
+class TextDelta:
+    """Answer text to append."""
+
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class ReasoningDelta:
+    """Reasoning ("thinking") text to append."""
+
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class Citation:
+    """One web-search result the answer may cite."""
+
+    title: str
+    url: str
+
+
+@dataclass(frozen=True, slots=True)
+class ImageResult:
+    """A generated image, by URL."""
+
+    url: str
+
+
+@dataclass(frozen=True, slots=True)
+class VideoResult:
+    """A generated video."""
+
+    conversation_id: str
+    video_url: str
+    cover_url: str = ""
+    video_duration: str = ""
+    resolution: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Finish:
+    """The answer is complete. Always the last event of a successful stream."""
+
+    reason: FinishReason = "stop"
+    #: Text that goes with the finish, e.g. the content filter's explanation.
+    text: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamError:
+    """The upstream reported a failure; the last event of a failed stream.
+
+    ``status`` is the HTTP status the client sees if nothing was sent yet;
+    once a stream has started the error travels in-band.
+    """
+
+    code: str
+    message: str
+    status: int = 502
+
+
+Delta = TextDelta | ReasoningDelta | Citation | ImageResult | VideoResult | Finish | UpstreamError

@@ -1,0 +1,1 @@
+"""Upstream providers: one package per web-chat service."""

@@ -1,0 +1,1 @@
+"""ChatGLM (chatglm.cn): PROTOCOLS.md section 3."""

@@ -1,0 +1,1 @@
+"""StepChat (yuewen.cn): PROTOCOLS.md section 2."""
