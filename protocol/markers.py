@@ -7,10 +7,12 @@ strip them in both. A marker may be cut between two upstream messages, so a
 stream stripper must hold back a short tail that could still become one.
 
 Theory of operation: each :meth:`MarkerStripper.feed` joins the held-back
-tail with the new text, deletes every complete marker, then looks at the text
-after the last ``opener`` character. If that tail is short (at most
+tail with the new text, then looks at the text after the last ``opener``
+character. If that tail is short (at most
 ``max_hold`` characters) and could still grow into a marker (``partial``
-matches it whole), it is held back; everything before it goes out at once.
+matches it whole), it is held back, raw; everything before it goes out at once, with every complete
+marker deleted. A marker longer than ``max_hold`` cannot be held whole and
+passes through a stream unstripped; both upstreams' markers are far shorter.
 So text waits only while it really might be a marker, and never longer than
 the next piece of text or :meth:`flush` at the end of the answer. The work
 per call is proportional to the new text plus the bounded tail.
@@ -18,7 +20,10 @@ per call is proportional to the new text plus the bounded tail.
 
 from __future__ import annotations
 
-import re
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import re
 
 
 class MarkerStripper:
@@ -50,19 +55,22 @@ class MarkerStripper:
             self._held = ""
         elif self._opener not in text:
             return text  # the common case: nothing to strip or hold
-        text = self._marker.sub("", text)
+        # Decide what to hold on the raw text, then strip only what goes out.
+        # A marker never contains a second opener, so no marker crosses the
+        # cut: stripping the pieces equals stripping the whole text once,
+        # however it was split (the held tail is never stripped twice).
         cut = text.rfind(self._opener)
         if cut >= 0 and len(text) - cut <= self._max_hold and self._partial.fullmatch(text, cut):
             self._held = text[cut:]
-            return text[:cut]
-        return text
+            text = text[:cut]
+        return self._marker.sub("", text)
 
     def flush(self) -> str:
         """End of text: return whatever was held back (it was no marker)."""
         held, self._held = self._held, ""
-        return held
+        return self._marker.sub("", held)
 
 
 def strip_all(marker: re.Pattern[str], text: str) -> str:
-    """Remove every marker from a whole text."""
+    """Remove every marker from a whole text (one left-to-right pass)."""
     return marker.sub("", text)

@@ -1,0 +1,379 @@
+"""The OpenAI side of the relay: chat requests in, OpenAI bodies out (sans-IO).
+
+Clients (the official ``openai`` SDK, LobeChat, ChatGPT-Next-Web, Dify) send
+OpenAI's ``POST /v1/chat/completions`` body. :func:`parse_chat_request`
+validates it once, at the edge, and hands the rest of the relay a
+:class:`ChatRequest` of frozen dataclasses, so that providers never touch raw
+JSON. What goes back out is built here too: error objects
+(:func:`error_body`), the model list (:func:`models_body`), and, from
+:mod:`protocol.chunks` (re-exported here), the stream encoder
+:class:`ChunkEncoder` and the non-stream :class:`CompletionAccumulator`.
+
+Validation follows OpenAI's API: a bad request is a 400
+``invalid_request_error`` whose ``param`` names the field at fault, with an
+index path (``messages[2].content[0].text``), so a client's developer sees
+what to fix. The references instead answer every failure with HTTP 200 and
+their own envelope (PROTOCOLS.md 1.2, 5), which SDKs cannot detect.
+
+What is accepted, and why:
+
+- any string ``role``: besides system/user/assistant, OpenAI has ``tool``,
+  ``function`` and ``developer``; providers decide what to make of them;
+- ``content`` as a string, as null or missing (assistant messages with tool
+  calls carry none), or as an array of parts. Text parts, ``image_url``
+  parts (``{"url": ...}`` or, as some clients send, a plain string) and
+  ``file`` parts are kept; a file is named by ``file_url`` (the references'
+  form, 1.4) or by OpenAI's ``file.file_data`` data URL with its
+  ``filename``. Other part types (``input_audio``, ``refusal``, ...) are
+  dropped: no upstream can use them and refusing would break clients that
+  replay whole conversations. URLs are not checked here: the fetcher
+  applies its scheme, address and size rules when (and if) it fetches;
+- optional parameters may be null, which means absent, as with OpenAI;
+- sampling parameters, ``stop``, ``tools`` and ``user`` are type-checked and
+  then ignored: the web upstreams have no such knobs, but a wrong type is a
+  client bug worth reporting. ``n`` must be 1: the upstreams give one answer.
+
+JSON is parsed by orjson, which refuses ``NaN`` and ``Infinity`` literals,
+lone surrogates and invalid UTF-8, and handles multi-megabyte documents in
+message contents at C speed. The body size limit is the HTTP layer's job.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+import orjson
+
+from protocol.chunks import (
+    ChunkEncoder,
+    CompletionAccumulator,
+    ReasoningMode,
+    error_body,
+    estimate_tokens,
+)
+from protocol.errors import RequestError
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+
+    from protocol.errors import RelayError
+
+__all__ = [
+    "ChatRequest",
+    "ChunkEncoder",
+    "CompletionAccumulator",
+    "ContentPart",
+    "Message",
+    "ReasoningMode",
+    "error_body",
+    "error_from_exception",
+    "estimate_tokens",
+    "models_body",
+    "parse_chat_request",
+    "prompt_tokens",
+]
+
+#: Rough per-message overhead of the chat format (role and separators), and
+#: the priming of the reply, as OpenAI's cookbook counts them.
+TOKENS_PER_MESSAGE = 4
+TOKENS_PER_REPLY = 3
+
+_NUMBER_PARAMS = ("temperature", "top_p", "presence_penalty", "frequency_penalty")
+_POSITIVE_INT_PARAMS = ("max_tokens", "max_completion_tokens")
+
+
+@dataclass(frozen=True, slots=True)
+class ContentPart:
+    """One part of a message's content.
+
+    Attributes:
+        type: "text", "image_url" or "file".
+        text: the text of a "text" part.
+        url: for "image_url" and "file": an http(s) URL or a data: URL, as
+            the client sent it (not checked yet).
+        name: an optional file name (OpenAI "file" parts carry one).
+    """
+
+    type: Literal["text", "image_url", "file"]
+    text: str = ""
+    url: str = ""
+    name: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """One chat message.
+
+    Attributes:
+        role: as the client sent it (any string).
+        parts: a string content becomes one text part; null or missing
+            content gives ``()``.
+        is_list: the content was an array of parts.
+    """
+
+    role: str
+    parts: tuple[ContentPart, ...]
+    is_list: bool
+
+    @property
+    def text(self) -> str:
+        """The text parts joined with ``"\\n"``."""
+        parts = self.parts
+        if len(parts) == 1 and parts[0].type == "text":
+            return parts[0].text  # the common case: a string content
+        return "\n".join(part.text for part in parts if part.type == "text")
+
+
+@dataclass(frozen=True, slots=True)
+class ChatRequest:
+    """A validated chat completion request.
+
+    Attributes:
+        model: the requested model, ``""`` when absent (the caller picks the
+            provider's default).
+        messages: the conversation, at least one message.
+        stream: answer as server-sent events.
+        include_usage: ``stream_options.include_usage``: end the stream with
+            a usage chunk.
+        conversation_id: the ChatGLM extension field (continue a conversation).
+        use_search: the StepChat extension field (may be ignored).
+    """
+
+    model: str
+    messages: tuple[Message, ...]
+    stream: bool
+    include_usage: bool
+    conversation_id: str | None
+    use_search: bool | None
+
+
+def _invalid_type(param: str, expected: str) -> RequestError:
+    return RequestError(f"Invalid type for '{param}': expected {expected}.", param=param)
+
+
+def _missing(param: str) -> RequestError:
+    return RequestError(f"Missing required parameter: '{param}'.", param=param)
+
+
+def _optional_bool(obj: dict[str, Any], key: str, param: str) -> bool | None:
+    value = obj.get(key)
+    if value is None or isinstance(value, bool):
+        return value
+    raise _invalid_type(param, "a boolean")
+
+
+def _optional_str(obj: dict[str, Any], key: str, param: str) -> str | None:
+    value = obj.get(key)
+    if value is None or isinstance(value, str):
+        return value
+    raise _invalid_type(param, "a string")
+
+
+def _part_url(value: object, param: str) -> str:
+    """The URL of an ``image_url`` or ``file_url`` field: ``{"url": str, ...}`` or a string.
+
+    Every fault is reported with ``param`` itself (``...content[1].image_url``).
+    """
+    if isinstance(value, str):
+        return value
+    if isinstance(value, dict) and isinstance(value.get("url"), str):
+        url: str = value["url"]
+        return url
+    if value is None:
+        raise _missing(param)
+    raise _invalid_type(param, "an object with a 'url' string, or a string")
+
+
+def _parse_file(part: dict[str, Any], param: str) -> ContentPart:
+    """A "file" part: ``file_url`` (the references' form) or OpenAI's ``file`` object."""
+    if part.get("file_url") is not None:
+        return ContentPart("file", url=_part_url(part["file_url"], f"{param}.file_url"))
+    file = part.get("file")
+    if isinstance(file, str):
+        return ContentPart("file", url=file)
+    if not isinstance(file, dict):
+        if file is None:
+            raise RequestError(
+                f"Missing required parameter: '{param}.file' (or '{param}.file_url').",
+                param=f"{param}.file",
+            )
+        raise _invalid_type(f"{param}.file", "an object")
+    data = file.get("file_data")
+    if not isinstance(data, str):
+        if data is None and "file_id" in file:
+            raise RequestError(
+                "Uploaded file references ('file_id') are not supported; "
+                "send 'file_data' as a data URL, or use 'file_url'.",
+                param=f"{param}.file",
+            )
+        raise _invalid_type(f"{param}.file", "an object with a 'file_data' data: URL string")
+    name = file.get("filename")
+    if name is not None and not isinstance(name, str):
+        raise _invalid_type(f"{param}.file", "a 'filename' string")
+    return ContentPart("file", url=data, name=name or "")
+
+
+def _parse_part(part: object, param: str) -> ContentPart | None:
+    """One content part, or None for a part type no upstream can use."""
+    if not isinstance(part, dict):
+        raise _invalid_type(param, "an object")
+    kind = part.get("type")
+    if not isinstance(kind, str):
+        if kind is None:
+            raise _missing(f"{param}.type")
+        raise _invalid_type(f"{param}.type", "a string")
+    if kind == "text":
+        text = part.get("text")
+        if not isinstance(text, str):
+            raise _invalid_type(f"{param}.text", "a string")
+        return ContentPart("text", text=text)
+    if kind == "image_url":
+        url = _part_url(part.get("image_url"), f"{param}.image_url")
+        return ContentPart("image_url", url=url)
+    if kind == "file":
+        return _parse_file(part, param)
+    return None  # input_audio, refusal, ...: dropped (see the module comment)
+
+
+def _parse_message(raw: object, param: str) -> Message:
+    if not isinstance(raw, dict):
+        raise _invalid_type(param, "an object")
+    role = raw.get("role")
+    if not isinstance(role, str):
+        if role is None:
+            raise _missing(f"{param}.role")
+        raise _invalid_type(f"{param}.role", "a string")
+    content = raw.get("content")
+    if isinstance(content, str):
+        return Message(role, (ContentPart("text", text=content),), False)
+    if content is None:
+        return Message(role, (), False)
+    if isinstance(content, list):
+        parts = []
+        for index, item in enumerate(content):
+            part = _parse_part(item, f"{param}.content[{index}]")
+            if part is not None:
+                parts.append(part)
+        return Message(role, tuple(parts), True)
+    raise _invalid_type(f"{param}.content", "a string, an array of content parts, or null")
+
+
+def _check_ignored_params(body: dict[str, Any]) -> None:
+    """Type-check the parameters the upstreams cannot honour (then they are ignored)."""
+    n = body.get("n")
+    if n is not None and (type(n) is not int or n != 1):
+        raise RequestError("Only n=1 is supported: the upstream gives one answer.", param="n")
+    for key in _NUMBER_PARAMS:
+        value = body.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
+            raise _invalid_type(key, "a number")
+    for key in _POSITIVE_INT_PARAMS:
+        value = body.get(key)
+        if value is not None and (type(value) is not int or value < 1):
+            raise RequestError(f"Invalid '{key}': expected a positive integer.", param=key)
+    stop = body.get("stop")
+    if not (
+        stop is None
+        or isinstance(stop, str)
+        or (isinstance(stop, list) and all(isinstance(item, str) for item in stop))
+    ):
+        raise _invalid_type("stop", "a string or an array of strings")
+    tools = body.get("tools")
+    if tools is not None and not isinstance(tools, list):
+        raise _invalid_type("tools", "an array")
+    _optional_str(body, "user", "user")
+
+
+def parse_chat_request(body: bytes) -> ChatRequest:
+    """Parse and validate a ``POST /v1/chat/completions`` body.
+
+    Args:
+        body: the raw request body.
+
+    Returns:
+        The validated request.
+
+    Raises:
+        RequestError: (400) the body is not a JSON object (``param`` None), or
+            a parameter is missing or malformed (``param`` names it, e.g.
+            ``messages[0].content[1].image_url``).
+    """
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise RequestError(f"invalid JSON body: {exc}") from None
+    if not isinstance(data, dict):
+        raise RequestError("invalid JSON body: expected a JSON object")
+
+    raw_messages = data.get("messages")
+    if raw_messages is None:
+        raise _missing("messages")
+    if not isinstance(raw_messages, list):
+        raise _invalid_type("messages", "an array of messages")
+    if not raw_messages:
+        raise RequestError(
+            "Invalid 'messages': empty array. Expected at least one message.", param="messages"
+        )
+    messages = tuple(
+        _parse_message(raw, f"messages[{index}]") for index, raw in enumerate(raw_messages)
+    )
+
+    model = _optional_str(data, "model", "model") or ""
+    stream = _optional_bool(data, "stream", "stream") or False
+    options = data.get("stream_options")
+    if options is None:
+        include_usage = False
+    elif isinstance(options, dict):
+        include_usage = (
+            _optional_bool(options, "include_usage", "stream_options.include_usage") or False
+        )
+    else:
+        raise _invalid_type("stream_options", "an object or null")
+    conversation_id = _optional_str(data, "conversation_id", "conversation_id")
+    use_search = _optional_bool(data, "use_search", "use_search")
+    _check_ignored_params(data)
+    return ChatRequest(
+        model=model,
+        messages=messages,
+        stream=stream,
+        include_usage=include_usage,
+        conversation_id=conversation_id,
+        use_search=use_search,
+    )
+
+
+def prompt_tokens(request: ChatRequest) -> int:
+    """Estimate the prompt's tokens: every message's text plus a few per message.
+
+    Images and files are not counted (the upstreams do not say what they cost).
+    """
+    return TOKENS_PER_REPLY + sum(
+        TOKENS_PER_MESSAGE + estimate_tokens(message.text) for message in request.messages
+    )
+
+
+def error_from_exception(exc: RelayError) -> bytes:
+    """The OpenAI error body for ``exc`` (its message, kind, param and code)."""
+    return error_body(exc.message, exc.kind, param=exc.param, code=exc.code)
+
+
+def models_body(models: Iterable[tuple[str, str]], created: int) -> bytes:
+    """The ``GET /v1/models`` body.
+
+    Args:
+        models: ``(id, owned_by)`` pairs, in the order to list them.
+        created: the ``created`` Unix time of every entry.
+
+    Returns:
+        ``{"object": "list", "data": [{"id", "object": "model", "created", "owned_by"}]}``.
+    """
+    return orjson.dumps(
+        {
+            "object": "list",
+            "data": [
+                {"id": model_id, "object": "model", "created": created, "owned_by": owned_by}
+                for model_id, owned_by in models
+            ],
+        }
+    )
