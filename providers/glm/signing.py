@@ -18,7 +18,7 @@ import uuid
 from dataclasses import dataclass
 
 #: PROTOCOLS.md 3.2: the reference's secret; configurable, the site changes it.
-DEFAULT_SECRET = "8a1317a7468aa3ad86e997d08f3f31cb"
+DEFAULT_SECRET = "8a1317a7468aa3ad86e997d08f3f31cb"  # noqa: S105 - public, from the web app
 
 
 @dataclass(frozen=True, slots=True)

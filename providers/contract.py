@@ -1,0 +1,181 @@
+"""What the relay hands a provider, and what a provider hands back.
+
+The dependency direction is one way (relay -> providers -> protocol), so a
+provider's ``client.py`` cannot import ``relay.upstream``. Instead the relay
+passes in objects that satisfy the protocols here:
+
+- :class:`Transport`: unary HTTP calls and streamed responses to the
+  upstream, over the relay's shared httpcore pool, with httpcore's errors
+  already turned into :mod:`protocol.errors` classes;
+- :class:`Fetcher`: downloads a file a client named by URL (with the
+  server-side request forgery guard and size limit applied) or decodes a
+  data URL.
+
+A provider in turn satisfies :class:`Provider`: the relay logs an account in
+through :meth:`Provider.login` (it caches the session itself, single-flight),
+then opens a :class:`ChatStream` with :meth:`Provider.chat`. Leaving the
+``chat`` context deletes the upstream conversation, whatever happened.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from contextlib import AbstractAsyncContextManager
+
+    from protocol.deltas import Delta
+    from protocol.openai import ChatRequest
+
+Headers = Sequence[tuple[bytes, bytes]]
+
+
+@dataclass(frozen=True, slots=True)
+class Response:
+    """A whole (unary) upstream response."""
+
+    status: int
+    headers: list[tuple[bytes, bytes]]
+    body: bytes
+
+    def header(self, name: bytes) -> bytes | None:
+        """The first header called ``name`` (case-insensitive)."""
+        name = name.lower()
+        for key, value in self.headers:
+            if key.lower() == name:
+                return value
+        return None
+
+
+class StreamedResponse(Protocol):
+    """An upstream response whose body is read as it arrives."""
+
+    status: int
+    headers: list[tuple[bytes, bytes]]
+
+    def header(self, name: bytes) -> bytes | None:
+        """The first header called ``name`` (case-insensitive)."""
+        ...
+
+    def chunks(self) -> AsyncGenerator[bytes, None]:
+        """Body bytes as each read delivers them (first-byte and stall timeouts applied).
+
+        Raises:
+            UpstreamTimeout: no data within the first-byte or stall timeout.
+            UpstreamFailed: the connection broke.
+        """
+        ...
+
+    async def read(self, limit: int = ...) -> bytes:
+        """The rest of the body, at most ``limit`` bytes (an error body, usually)."""
+        ...
+
+
+class Transport(Protocol):
+    """HTTP calls to one upstream service."""
+
+    async def request(
+        self,
+        method: bytes,
+        url: str,
+        headers: Headers,
+        body: bytes = b"",
+        *,
+        limit_s: float | None = None,
+    ) -> Response:
+        """One unary call; the whole body is read (bounded).
+
+        Raises:
+            UpstreamTimeout, UpstreamFailed: the call failed on the network.
+        """
+        ...
+
+    def stream(
+        self, method: bytes, url: str, headers: Headers, body: bytes = b""
+    ) -> AbstractAsyncContextManager[StreamedResponse]:
+        """A call whose response body is streamed; closed when the context ends."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class FetchedFile:
+    """A file a client named, ready to upload."""
+
+    name: str
+    mime: str
+    data: bytes
+
+
+class Fetcher(Protocol):
+    """Resolves file references from chat messages into bytes."""
+
+    async def fetch(self, url: str) -> FetchedFile:
+        """Download an http(s) URL or decode a data URL.
+
+        Raises:
+            RequestError: the URL is malformed, forbidden (private address),
+                unreachable, answers an error status, or is over the size limit.
+        """
+        ...
+
+
+class ChatStream(Protocol):
+    """One upstream answer, as lists of deltas (one list per upstream read)."""
+
+    @property
+    def conversation_id(self) -> str:
+        """The upstream conversation id ("" until known)."""
+        ...
+
+    def __aiter__(self) -> AsyncGenerator[list[Delta], None]:
+        """Deltas as they arrive. The last list ends with Finish or UpstreamError.
+
+        Callers that may stop early wrap it in ``contextlib.aclosing``.
+        """
+        ...
+
+
+class Provider(Protocol):
+    """One upstream service."""
+
+    #: "step" or "glm"
+    name: str
+    #: how long a login session stays valid, in seconds
+    session_ttl: float
+    #: rendering of one search hit in streamed content
+    citation_line: str
+
+    def models(self) -> list[str]:
+        """Every model id /v1/models lists for this provider."""
+        ...
+
+    def validate_credential(self, credential: str) -> None:
+        """Raise AuthError if ``credential`` cannot be this provider's."""
+        ...
+
+    async def login(self, credential: str) -> object:
+        """Exchange a long-lived credential for a session (access token).
+
+        Raises:
+            AuthError: the credential was refused.
+            UpstreamFailed, UpstreamTimeout: the upstream failed.
+        """
+        ...
+
+    async def check(self, credential: str) -> bool:
+        """Liveness of a credential, uncached (``/token/check``)."""
+        ...
+
+    def chat(
+        self, session: object, request: ChatRequest
+    ) -> AbstractAsyncContextManager[ChatStream]:
+        """Open an answer; leaving the context deletes the upstream conversation.
+
+        Raises (on entering):
+            AuthError: the session was refused (the caller evicts it).
+            RequestError: a file could not be fetched.
+            UpstreamFailed, UpstreamTimeout, NoAccountFree: upstream trouble.
+        """
+        ...

@@ -1,0 +1,296 @@
+"""StepChat client: the I/O half of the provider (PROTOCOLS.md section 2).
+
+Per request (2.9): upload the files of the last message, CreateChat,
+SendMessageStream, translate the Connect stream into deltas, DelChat. The
+wire formats live in ``prompt.py`` (requests) and ``stream.py`` (responses);
+this module only moves bytes, through the relay's :class:`Transport`.
+
+Where we differ from the reference, on purpose:
+
+- SendMessageStream's HTTP status and Content-Type are checked before any
+  byte is decoded as an envelope; anything else is read as a unary Connect
+  error, so a 401 evicts the token instead of hanging the reader (2.8, 5.4);
+- the conversation is deleted after *every* request, on success, upstream
+  error and client disconnect alike, shielded from cancellation and bounded
+  by ``cleanup_timeout`` (5.17);
+- upload status is polled with a short back-off, not in a tight loop, and the
+  settle delay after it is configurable (5.27); file names are URL-encoded.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import aclosing, asynccontextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, TypeVar
+
+import trio
+
+from protocol.connect import EnvelopeDecoder
+from protocol.errors import RelayError, UpstreamFailed, UpstreamTimeout
+from providers.step import prompt
+from providers.step.stream import CITATION_LINE, StepStream
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
+
+    from protocol.deltas import Delta
+    from protocol.openai import ChatRequest, ContentPart
+    from providers.contract import Fetcher, Headers, Response, StreamedResponse, Transport
+
+log = logging.getLogger("providers.step")
+
+#: 2.3: access tokens live 900 s
+SESSION_TTL_S = 900.0
+#: polling GetFileStatus: first delay, growth, cap (5.27: the reference does not wait at all)
+POLL_FIRST_S, POLL_GROWTH, POLL_MAX_S = 0.2, 1.5, 2.0
+#: 2.6: give up on an upload that is still processing after this long
+UPLOAD_PROCESSING_LIMIT_S = 60.0
+#: 2.10: the reference lists step-v1 and step-v1-vision; "step" is its default model name
+MODELS = ["step", "step-v1", "step-v1-vision"]
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class StepSession:
+    """A logged-in account: what every call after RegisterDevice needs."""
+
+    device_id: str
+    cookie: bytes
+
+
+class StepAnswer:
+    """One SendMessageStream response as lists of deltas (providers.contract.ChatStream)."""
+
+    def __init__(self, response: StreamedResponse, chat_id: str) -> None:
+        self._response = response
+        self._chat_id = chat_id
+
+    @property
+    def conversation_id(self) -> str:
+        return self._chat_id
+
+    async def __aiter__(self) -> AsyncGenerator[list[Delta], None]:
+        decoder = EnvelopeDecoder()
+        translator = StepStream()
+        async with aclosing(self._response.chunks()) as chunks:
+            async for chunk in chunks:
+                deltas: list[Delta] = []
+                for envelope in decoder.feed(chunk):
+                    deltas += translator.feed(envelope)
+                if deltas:
+                    yield deltas
+                if translator.finished:
+                    return
+        decoder.close()
+        tail = translator.close(ended=decoder.ended)
+        if tail:
+            yield tail
+
+
+async def gather(*calls: Callable[[], Awaitable[T]]) -> list[T]:
+    """Run ``calls`` concurrently; return their results in order.
+
+    The first failure cancels the rest and is raised as itself (not wrapped
+    in an ExceptionGroup), so callers can map it to a status.
+    """
+    results: list[T | None] = [None] * len(calls)
+    failure: list[BaseException] = []
+
+    async def run(i: int, call: Callable[[], Awaitable[T]], nursery: trio.Nursery) -> None:
+        try:
+            results[i] = await call()
+        except Exception as exc:
+            if not failure:
+                failure.append(exc)
+            nursery.cancel_scope.cancel()
+
+    async with trio.open_nursery() as nursery:
+        for i, call in enumerate(calls):
+            nursery.start_soon(run, i, call, nursery)
+    if failure:
+        raise failure[0]
+    return [r for r in results if r is not None]
+
+
+class StepProvider:
+    """StepChat as a provider (providers.contract.Provider)."""
+
+    name = "step"
+    session_ttl = SESSION_TTL_S
+    citation_line = CITATION_LINE
+
+    def __init__(
+        self,
+        transport: Transport,
+        fetcher: Fetcher,
+        *,
+        base_url: str,
+        cleanup_timeout: float = 10.0,
+        upload_timeout: float = 60.0,
+        file_settle: float = 1.0,
+    ) -> None:
+        self._transport = transport
+        self._fetcher = fetcher
+        self._base = base_url.rstrip("/")
+        self._cleanup_timeout = cleanup_timeout
+        self._upload_timeout = upload_timeout
+        self._file_settle = file_settle
+
+    def models(self) -> list[str]:
+        return list(MODELS)
+
+    def validate_credential(self, credential: str) -> None:
+        prompt.parse_credential(credential)
+
+    # --- calls ---------------------------------------------------------------------------
+
+    def _headers(
+        self,
+        session: StepSession,
+        referer: str,
+        content_type: bytes | None = prompt.JSON_CONTENT_TYPE,
+    ) -> list[tuple[bytes, bytes]]:
+        return prompt.session_headers(
+            self._base, session.cookie, session.device_id, referer, content_type
+        )
+
+    async def _unary(
+        self, path: str, headers: Headers, body: bytes, *, method: bytes = b"POST",
+        limit_s: float | None = None,
+    ) -> Response:
+        response = await self._transport.request(
+            method, self._base + path, headers, body, limit_s=limit_s
+        )
+        error = prompt.parse_unary_error(response.status, response.body)
+        if error is not None:
+            raise error
+        return response
+
+    async def login(self, credential: str) -> StepSession:
+        device_id, token = prompt.parse_credential(credential)
+        headers = prompt.session_headers(
+            self._base, prompt.register_cookie(token), device_id,
+            prompt.new_chat_referer(self._base), prompt.JSON_CONTENT_TYPE,
+        )
+        response = await self._unary(
+            prompt.REGISTER_DEVICE_PATH, headers, prompt.register_body()
+        )
+        access, refresh = prompt.parse_register(response.body)
+        return StepSession(device_id, prompt.session_cookie(access, refresh, device_id))
+
+    async def check(self, credential: str) -> bool:
+        try:
+            await self.login(credential)
+        except RelayError:
+            return False
+        return True
+
+    async def _create_chat(self, session: StepSession) -> str:
+        response = await self._unary(
+            prompt.CREATE_CHAT_PATH,
+            self._headers(session, prompt.new_chat_referer(self._base)),
+            prompt.create_chat_body(),
+        )
+        return prompt.parse_create_chat(response.body)
+
+    async def _delete_chat(self, session: StepSession, chat_id: str) -> None:
+        await self._unary(
+            prompt.DEL_CHAT_PATH,
+            self._headers(session, prompt.chat_referer(self._base, chat_id)),
+            prompt.delete_chat_body(chat_id),
+        )
+
+    async def _cleanup(self, session: StepSession, chat_id: str) -> None:
+        """Delete the chat: shielded, bounded, retried once, never raising."""
+        with trio.move_on_after(self._cleanup_timeout, shield=True) as scope:
+            for attempt in (1, 2):
+                try:
+                    await self._delete_chat(session, chat_id)
+                    log.debug("deleted chat %s", chat_id)
+                    return
+                except RelayError as exc:
+                    log.warning("deleting chat %s failed (attempt %d): %s", chat_id, attempt, exc)
+                    if exc.status == 401:
+                        return
+        if scope.cancelled_caught:
+            log.warning("deleting chat %s timed out", chat_id)
+
+    # --- files ----------------------------------------------------------------------------
+
+    async def _upload(self, session: StepSession, part: ContentPart) -> dict[str, str]:
+        file = await self._fetcher.fetch(part.url)
+        name = part.name or file.name
+        headers = self._headers(session, prompt.new_chat_referer(self._base), file.mime.encode())
+        headers.append((b"Stepchat-Meta-Size", str(len(file.data)).encode()))
+        response = await self._unary(
+            prompt.upload_path(name),
+            headers,
+            file.data,
+            method=b"PUT",
+            limit_s=self._upload_timeout,
+        )
+        file_id = prompt.parse_upload(response.body)
+        await self._wait_processed(session, file_id)
+        if self._file_settle:
+            await trio.sleep(self._file_settle)
+        return prompt.attachment(file_id, name, file.mime, len(file.data), None, None)
+
+    async def _wait_processed(self, session: StepSession, file_id: str) -> None:
+        delay = POLL_FIRST_S
+        headers = self._headers(session, prompt.new_chat_referer(self._base))
+        body = prompt.file_status_body(file_id)
+        with trio.move_on_after(UPLOAD_PROCESSING_LIMIT_S) as scope:
+            while True:
+                response = await self._unary(prompt.FILE_STATUS_PATH, headers, body)
+                status, again = prompt.parse_file_status(response.body)
+                if status in prompt.FILE_FAILED_STATUSES:
+                    raise UpstreamFailed(f"StepChat could not process a file (status {status})")
+                if not again:
+                    return
+                await trio.sleep(delay)
+                delay = min(delay * POLL_GROWTH, POLL_MAX_S)
+        if scope.cancelled_caught:
+            raise UpstreamTimeout("StepChat took too long to process an uploaded file")
+
+    async def _attachments(self, session: StepSession, parts: Sequence[ContentPart]
+                           ) -> list[dict[str, str]]:
+        if not parts:
+            return []
+        return await gather(*[lambda p=p: self._upload(session, p) for p in parts])
+
+    # --- chat -------------------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def chat(self, session: object, request: ChatRequest) -> AsyncIterator[StepAnswer]:
+        if not isinstance(session, StepSession):
+            raise TypeError("not a StepChat session")
+        attachments = await self._attachments(session, prompt.attachments_of(request.messages))
+        text = prompt.build_prompt(request.messages)
+        chat_id = await self._create_chat(session)
+        try:
+            headers = self._headers(
+                session, prompt.chat_referer(self._base, chat_id), prompt.CONNECT_CONTENT_TYPE
+            )
+            body = prompt.send_message_body(chat_id, text, attachments)
+            async with self._transport.stream(
+                b"POST", self._base + prompt.SEND_MESSAGE_PATH, headers, body
+            ) as response:
+                await self._check_stream_response(response)
+                yield StepAnswer(response, chat_id)
+        finally:
+            await self._cleanup(session, chat_id)
+
+    async def _check_stream_response(self, response: StreamedResponse) -> None:
+        content_type = (response.header(b"content-type") or b"").split(b";")[0].strip().lower()
+        if response.status == 200 and content_type == prompt.CONNECT_CONTENT_TYPE:
+            return
+        body = await response.read()
+        error = prompt.parse_unary_error(response.status, body)
+        if error is None:
+            error = UpstreamFailed(
+                f"StepChat answered HTTP {response.status} "
+                f"({content_type.decode('latin-1') or 'no content type'}) instead of a stream"
+            )
+        raise error

@@ -1,0 +1,1046 @@
+"""A faithful fake StepChat (yuewen.cn) server for tests, benchmarks and demo mode.
+
+Theory of operation
+-------------------
+:class:`StepEmulator` is a real HTTP/1.1 server on trio + h11 that speaks the
+StepChat Connect API exactly as PROTOCOLS.md section 2 describes it (the
+checklist is 2.11), keeps a :class:`StepRecord` of what it was asked, and
+misbehaves on request through a mutable :class:`StepBehavior`. Tests start it
+with ``await nursery.start(emulator.serve)``; ``bench/`` runs it as a separate
+process through :func:`main`; ``relay serve --demo`` runs it in-process.
+
+One task per TCP connection runs the h11 loop: read a request head and its
+whole body (Content-Length or chunked), answer, ``start_next_cycle()``, again
+(keep-alive). Unary calls (2.5) are JSON in, JSON out with Content-Length;
+their failures are the Connect error body ``{"code", "message"}`` with a
+fitting HTTP status. SendMessageStream answers HTTP 200
+``application/connect+json`` with a chunked body of Connect envelopes (2.5,
+2.7); failures found after the request was accepted travel in the
+end-of-stream envelope, as Connect does, while authentication failures stay
+unary HTTP 401 (2.8 names that case: a naive reader takes the JSON for an
+envelope header).
+
+Auth (2.3, 2.11): RegisterDevice exchanges a user token (cookie
+``Oasis-Token``) plus the ``Oasis-Webid`` header for fresh JWT-looking access
+and refresh strings, remembered with their device and expiry. Every other
+call must carry the cookie ``Oasis-Token=<access>...<refresh>`` of one such
+grant, unexpired, and the same device id in the ``Oasis-Webid`` header and
+cookie; anything else is HTTP 401 ``unauthenticated``.
+
+The answer stream is a lazy *script*: a generator of ready-to-write HTTP
+chunks (the chunk size line, the 5-byte envelope header and the JSON payload
+are formatted in one go; constant frames are precomputed), interleaved with
+the actions "stall" and "drop". The writer pulls the next frame only after
+the configured delay, so stamped frames (``stamp=True``, used by the latency
+benchmark) carry the monotonic time at which they were written. h11 only
+frames the response head and the final ``0\\r\\n\\r\\n``; with chunked
+encoding it does not count body bytes, so bypassing it for the chunks is
+safe and saves one copy per frame.
+
+While a stream is written, a watcher task reads the socket: EOF or a reset
+means the client went away, so the write is cancelled at once (even during a
+delay or a stall) and the stream is recorded as aborted. Bytes the watcher
+reads (a pipelined next request) are handed to h11 for the next cycle.
+
+Traps: every connection handler ends cleanly whatever the peer does (trio
+``BrokenResourceError``/``ClosedResourceError`` and h11 errors are caught per
+connection; an unexpected bug is logged and answered 500 ``internal``), so a
+test's nursery never sees an emulator exception. Counters in the record are
+only changed together with a wake-up of :meth:`StepEmulator.wait_until`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import contextlib
+import enum
+import http
+import itertools
+import logging
+import math
+import secrets
+import struct
+import time
+import urllib.parse
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from functools import partial
+from typing import TYPE_CHECKING, Any
+
+import h11
+import orjson
+import trio
+
+from protocol.connect import FLAG_END_STREAM, EnvelopeDecoder
+from protocol.errors import AuthError, MethodNotAllowed, NotFound, RelayError, RequestError
+
+if TYPE_CHECKING:
+    import ssl
+
+logger = logging.getLogger(__name__)
+
+# --- wire constants (PROTOCOLS.md 2.2, 2.6) ---------------------------------
+REGISTER_PATH = "/passport/proto.api.passport.v1.PassportService/RegisterDevice"
+CREATE_CHAT_PATH = "/api/proto.chat.v1.ChatService/CreateChat"
+SEND_MESSAGE_PATH = "/api/proto.chat.v1.ChatMessageService/SendMessageStream"
+DELETE_CHAT_PATH = "/api/proto.chat.v1.ChatService/DelChat"
+STORAGE_PATH = "/api/storage"
+FILE_STATUS_PATH = "/api/proto.file.v1.FileService/GetFileStatus"
+
+#: Content types of unary and streaming Connect calls (2.5).
+JSON_TYPE = "application/json"
+CONNECT_JSON_TYPE = "application/connect+json"
+
+#: Declared length of the ``oversized_after`` envelope: far over any sane limit.
+OVERSIZED_LENGTH_BYTES = 600 * 1024 * 1024
+#: Largest request body accepted (uploads are up to 100 MiB, 4).
+MAX_BODY_BYTES = 128 * 1024 * 1024
+#: Bytes per ``receive_some``.
+READ_BYTES = 64 * 1024
+#: A pipelined client may send at most this much while a stream is written.
+MAX_PIPELINED_BYTES = 1024 * 1024
+
+#: First chat id handed out; ids increase by one (2.6 shows such a decimal id).
+FIRST_CHAT_ID = 85466015488159744
+FIRST_FILE_ID = 160000000000000000
+
+# Envelope header: flags byte, big-endian payload length (2.5). Kept here too
+# (protocol.connect does not export its struct) so that a chunk is formatted
+# in one operation.
+_ENVELOPE_HEADER = struct.Struct(">BI")
+_HEADER_SIZE = _ENVELOPE_HEADER.size
+
+_TEXT_PREFIX = b'{"textEvent":{"text":'
+_TEXT_SUFFIX = b"}}"
+_DONE_PAYLOAD = b'{"doneEvent":{}}'
+_END_OK_PAYLOAD = b"{}"
+_MALFORMED_PAYLOAD = b'{"textEvent": {"text": "this envelope is cut'
+_JWT_HEADER = "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9"
+
+
+@dataclass
+class StepBehavior:
+    """What the emulator answers; mutable, tests change it between requests.
+
+    Counts ``*_after`` are numbers of ``textEvent`` frames already written; a
+    count at or beyond the number of text frames fires after the last one,
+    before ``doneEvent``. At most one of stall, drop, malformed and oversized
+    fires, in that order of precedence. Malformed and oversized frames end
+    the HTTP body right after them (no ``doneEvent``, no end-of-stream).
+    Delays, ``write_size`` and ``pack_all`` apply to the answer stream only.
+    """
+
+    answer: str | None = None
+    chunk_chars: int = 6
+    text_frames: list[str] | None = None
+    search_results: list[tuple[str, str]] = field(default_factory=list)
+    first_delay_s: float = 0.0
+    frame_delay_s: float = 0.0
+    write_size: int | None = None
+    pack_all: bool = False
+    stamp: bool = False
+    stamp_frames: int = 100
+    stall_after: int | None = None
+    drop_after: int | None = None
+    end_error: tuple[str, str] | None = None
+    omit_done: bool = False
+    omit_end: bool = False
+    malformed_after: int | None = None
+    oversized_after: int | None = None
+    stream_http_error: tuple[int, str, str] | None = None
+    create_error: tuple[int, str, str] | None = None
+    busy: bool = False
+    access_ttl_s: float = 900.0
+    file_status_polls: int = 2
+    file_status_final: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class Upload:
+    """One ``PUT /api/storage`` (2.6): the name is URL-decoded, headers lower-cased."""
+
+    file_id: str
+    name: str
+    content_type: str
+    data: bytes
+    headers: dict[str, str]
+
+
+@dataclass
+class StepRecord:
+    """What the emulator was asked, in order.
+
+    Stream counters cover answer streams only (not Connect errors sent as a
+    stream). ``streams_finished`` counts streams whose script ran to its end,
+    a scripted ``drop_after`` included; ``streams_aborted`` those the client
+    left before that (or that were cancelled by shutdown).
+    """
+
+    registers: int = 0
+    chats_created: list[str] = field(default_factory=list)
+    chats_deleted: list[str] = field(default_factory=list)
+    messages: list[dict[str, Any]] = field(default_factory=list)
+    uploads: list[Upload] = field(default_factory=list)
+    status_polls: int = 0
+    streams_started: int = 0
+    streams_finished: int = 0
+    streams_aborted: int = 0
+    active_streams: int = 0
+    auth_failures: int = 0
+    paths: list[str] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class _Grant:
+    """An access/refresh pair issued by RegisterDevice."""
+
+    device: str
+    refresh: str
+    expires_at: float  # time.monotonic() seconds
+
+
+class _Action(enum.Enum):
+    """Non-frame steps of an answer script."""
+
+    STALL = "stall"  # go silent until the client leaves
+    DROP = "drop"  # close the TCP connection without ending the body
+
+
+class _Outcome(enum.Enum):
+    COMPLETE = "complete"  # body ended normally; the connection may be reused
+    DROPPED = "dropped"  # scripted abrupt close
+    ABORTED = "aborted"  # the client went away
+
+
+Script = Iterator[bytes | _Action]
+
+
+@dataclass(slots=True)
+class _Route:
+    method: bytes
+    handler: Callable[[dict[str, str], str, bytes], dict[str, Any]] | None
+    unary_json: bool  # body must be application/json
+
+
+def _frame(payload: bytes, flags: int, chunked: bool) -> bytes:
+    """One envelope (2.5), wrapped in its HTTP/1.1 chunk when ``chunked``."""
+    header = _ENVELOPE_HEADER.pack(flags, len(payload))
+    if chunked:
+        return b"%x\r\n%b%b\r\n" % (len(payload) + _HEADER_SIZE, header, payload)
+    return header + payload
+
+
+def _raw_chunk(data: bytes, chunked: bool) -> bytes:
+    return b"%x\r\n%b\r\n" % (len(data), data) if chunked else data
+
+
+def _connect_error(code: str, message: str) -> dict[str, Any]:
+    return {"code": code, "message": message}
+
+
+def _reason(status: int) -> bytes:
+    try:
+        return http.HTTPStatus(status).phrase.encode("ascii")
+    except ValueError:
+        return b""
+
+
+def _media_type(headers: dict[str, str]) -> str:
+    return headers.get("content-type", "").split(";", 1)[0].strip().lower()
+
+
+def _parse_cookies(header: str) -> dict[str, str]:
+    """Split a Cookie header into name -> value (the first of each name wins)."""
+    out: dict[str, str] = {}
+    for part in header.split(";"):
+        name, sep, value = part.strip().partition("=")
+        if sep and name:
+            out.setdefault(name, value)
+    return out
+
+
+def _json_object(body: bytes) -> dict[str, Any]:
+    """Decode a unary request body; empty counts as ``{}``.
+
+    Raises:
+        RequestError: not JSON, or not an object (code ``invalid_argument``).
+    """
+    if not body.strip():
+        return {}
+    try:
+        value = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise RequestError("request body is not JSON", code="invalid_argument") from exc
+    if not isinstance(value, dict):
+        raise RequestError("request body is not a JSON object", code="invalid_argument")
+    return value
+
+
+def _jwt_like(kind: str, device: str, ttl_s: float) -> str:
+    """A fresh, unguessable token shaped like the site's JWTs (no ``...`` inside)."""
+    expires = int(time.time() + min(ttl_s, 1e9))
+    claims = orjson.dumps({"typ": kind, "dev": device[:64], "exp": expires})
+    body = base64.urlsafe_b64encode(claims).rstrip(b"=").decode("ascii")
+    return f"{_JWT_HEADER}.{body}.{secrets.token_urlsafe(32)}"
+
+
+def demo_answer(prompt: str) -> str:
+    """The friendly answer of demo mode: quotes the prompt's last user line.
+
+    Args:
+        prompt: the merged prompt of 2.9 (``role:text`` lines).
+
+    Returns:
+        An English answer saying that it comes from the emulator.
+    """
+    lines = prompt.splitlines()
+    quote = ""
+    for line in reversed(lines):
+        if line.startswith("user:"):
+            quote = line.removeprefix("user:").strip()
+            break
+    else:
+        quote = next((line.strip() for line in reversed(lines) if line.strip()), "")
+    if len(quote) > 120:
+        quote = quote[:119] + "…"
+    return (
+        f'Hello from the StepChat emulator! You wrote: "{quote}". '
+        "This answer is scripted: the relay runs in demo mode, without a StepChat account."
+    )
+
+
+def _texts(behavior: StepBehavior, prompt: str) -> Iterator[str]:
+    """The texts of the ``textEvent`` frames, produced lazily (stamps at pull time)."""
+    if behavior.stamp:
+        for _ in range(behavior.stamp_frames):
+            yield f"[ts:{time.monotonic_ns()}]"
+        return
+    if behavior.text_frames is not None:
+        yield from behavior.text_frames
+        return
+    answer = behavior.answer if behavior.answer is not None else demo_answer(prompt)
+    step = max(1, behavior.chunk_chars)
+    for start in range(0, len(answer), step):
+        yield answer[start : start + step]
+
+
+def _interruption(behavior: StepBehavior, sent: float, chunked: bool) -> list[bytes | _Action]:
+    """The steps that replace the rest of the script once ``sent`` text frames are out."""
+
+    def due(count: int | None) -> bool:
+        return count is not None and count <= sent
+
+    if due(behavior.stall_after):
+        return [_Action.STALL]
+    if due(behavior.drop_after):
+        return [_Action.DROP]
+    if due(behavior.malformed_after):
+        return [_frame(_MALFORMED_PAYLOAD, 0, chunked)]
+    if due(behavior.oversized_after):
+        # A header promising 600 MB, followed by a few bytes of it: the body then ends.
+        header = _ENVELOPE_HEADER.pack(0, OVERSIZED_LENGTH_BYTES)
+        return [_raw_chunk(header + _TEXT_PREFIX, chunked)]
+    return []
+
+
+class _StreamTally:
+    """Keeps the stream counters of a :class:`StepRecord` right for one answer stream.
+
+    :meth:`settle` may be called again with a different outcome (a stream
+    counted as finished just before its last write, whose write then failed).
+    """
+
+    def __init__(self, record: StepRecord, changed: Callable[[], None]) -> None:
+        self._record = record
+        self._changed = changed
+        self._outcome: _Outcome | None = None
+        record.streams_started += 1
+        record.active_streams += 1
+        changed()
+
+    def settle(self, outcome: _Outcome) -> None:
+        """Count the stream as finished (complete or dropped) or aborted."""
+        record = self._record
+        previous = self._outcome
+        if previous is not None and (previous is _Outcome.ABORTED) == (outcome is _Outcome.ABORTED):
+            return
+        if previous is None:
+            record.active_streams -= 1
+        elif previous is _Outcome.ABORTED:
+            record.streams_aborted -= 1
+        else:
+            record.streams_finished -= 1
+        if outcome is _Outcome.ABORTED:
+            record.streams_aborted += 1
+        else:
+            record.streams_finished += 1
+        self._outcome = outcome
+        self._changed()
+
+
+class _Writer:
+    """Applies ``write_size`` and ``pack_all`` to the bytes of one response."""
+
+    def __init__(self, stream: trio.abc.Stream, write_size: int | None, pack_all: bool) -> None:
+        self._stream = stream
+        self._write_size = max(1, write_size) if write_size is not None else None
+        self._pack_all = pack_all
+        self._pending = bytearray()
+
+    async def write(self, data: bytes) -> None:
+        """Send ``data`` now, or keep it until a whole ``write_size`` piece is there."""
+        if not data:
+            return
+        if self._pack_all:
+            self._pending += data
+            return
+        size = self._write_size
+        if size is None:
+            await self._stream.send_all(data)
+            return
+        pending = self._pending
+        pending += data
+        while len(pending) >= size:
+            piece = bytes(pending[:size])
+            del pending[:size]
+            await self._stream.send_all(piece)
+
+    async def pause(self) -> None:
+        """Before a delay: push out a partial piece (not in ``pack_all`` mode)."""
+        if not self._pack_all:
+            await self.flush()
+
+    async def flush(self) -> None:
+        """Send everything held back, in one write."""
+        if self._pending:
+            data = bytes(self._pending)
+            self._pending.clear()
+            await self._stream.send_all(data)
+
+
+class StepEmulator:
+    """A StepChat server on loopback that records requests and misbehaves on request.
+
+    Attributes:
+        behavior: what to answer; replace it or change its fields at any time
+            (a request reads it when it starts).
+        record: what was asked so far.
+        port: the bound port, once :meth:`serve` has started.
+    """
+
+    def __init__(
+        self, *, tokens: Iterable[str] | None = None, behavior: StepBehavior | None = None
+    ) -> None:
+        """Create an emulator; it does not listen until :meth:`serve`.
+
+        Args:
+            tokens: accepted user ``Oasis-Token`` values (the part after ``@``
+                of a ``deviceId@Oasis-Token`` credential); ``None`` accepts
+                any non-empty token.
+            behavior: initial behaviour; default :class:`StepBehavior()`.
+        """
+        self._tokens = frozenset(tokens) if tokens is not None else None
+        self.behavior = behavior if behavior is not None else StepBehavior()
+        self.record = StepRecord()
+        self.port = 0
+        self._scheme = "http"
+        self._host = "127.0.0.1"
+        self._grants: dict[str, _Grant] = {}
+        self._chats: dict[str, str] = {}  # live chat id -> name
+        self._deleted: set[str] = set()
+        self._files: dict[str, int] = {}  # file id -> GetFileStatus calls so far
+        self._chat_ids = itertools.count(FIRST_CHAT_ID)
+        self._file_ids = itertools.count(FIRST_FILE_ID)
+        self._message_ids = itertools.count(FIRST_CHAT_ID + 10**9)
+        self._lot = trio.lowlevel.ParkingLot()
+        self._routes: dict[str, _Route] = {
+            REGISTER_PATH: _Route(b"POST", self._register, unary_json=True),
+            CREATE_CHAT_PATH: _Route(b"POST", self._create_chat, unary_json=True),
+            SEND_MESSAGE_PATH: _Route(b"POST", None, unary_json=False),
+            DELETE_CHAT_PATH: _Route(b"POST", self._delete_chat, unary_json=True),
+            STORAGE_PATH: _Route(b"PUT", self._store_file, unary_json=False),
+            FILE_STATUS_PATH: _Route(b"POST", self._file_status, unary_json=True),
+        }
+
+    # --- public API --------------------------------------------------------
+
+    @property
+    def base_url(self) -> str:
+        """``http://127.0.0.1:<port>`` (``https`` when serving TLS)."""
+        host = self._host if self._host not in ("", "0.0.0.0", "::") else "127.0.0.1"  # noqa: S104
+        if ":" in host:
+            host = f"[{host}]"
+        return f"{self._scheme}://{host}:{self.port}"
+
+    async def serve(
+        self,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        ssl_context: ssl.SSLContext | None = None,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Listen and serve until cancelled.
+
+        Args:
+            host: address to bind.
+            port: port to bind; 0 picks a free one (see :attr:`port`).
+            ssl_context: serve HTTPS with this server context.
+            task_status: reports readiness once listening (``nursery.start``).
+        """
+        raw = await trio.open_tcp_listeners(port, host=host)
+        self.port = raw[0].socket.getsockname()[1]
+        self._host = host
+        listeners: list[trio.abc.Listener[Any]] = list(raw)
+        if ssl_context is not None:
+            self._scheme = "https"
+            listeners = [
+                trio.SSLListener(listener, ssl_context, https_compatible=True) for listener in raw
+            ]
+        task_status.started()
+        await trio.serve_listeners(self.handle_connection, listeners)
+
+    def expire_access_tokens(self) -> None:
+        """Make every access token issued so far invalid from now on."""
+        for grant in self._grants.values():
+            grant.expires_at = -math.inf
+
+    async def wait_until(
+        self,
+        predicate: Callable[[StepRecord], bool],
+        timeout: float = 5.0,  # noqa: ASYNC109 (the interface tests and bench rely on)
+    ) -> None:
+        """Wait until ``predicate(record)`` holds; checked after every recorded change.
+
+        Raises:
+            trio.TooSlowError: it did not hold within ``timeout`` seconds.
+        """
+        with trio.fail_after(timeout):
+            while not predicate(self.record):
+                await self._lot.park()
+
+    # --- bookkeeping -------------------------------------------------------
+
+    def _changed(self) -> None:
+        self._lot.unpark_all()
+
+    def _auth_failure(self, message: str) -> AuthError:
+        self.record.auth_failures += 1
+        self._changed()
+        return AuthError(message, code="unauthenticated")
+
+    def _authenticate(self, headers: dict[str, str]) -> str:
+        """Check the session of 2.3 and return the device id.
+
+        Raises:
+            AuthError: code ``unauthenticated``; counted in ``auth_failures``.
+        """
+        webid = headers.get("oasis-webid", "")
+        cookies = _parse_cookies(headers.get("cookie", ""))
+        if not webid:
+            raise self._auth_failure("missing Oasis-Webid header")
+        if cookies.get("Oasis-Webid") != webid:
+            raise self._auth_failure("Oasis-Webid header and cookie differ")
+        access, sep, refresh = cookies.get("Oasis-Token", "").partition("...")
+        grant = self._grants.get(access)
+        if not sep or grant is None or grant.refresh != refresh:
+            raise self._auth_failure("Oasis-Token is not a session issued by RegisterDevice")
+        if grant.device != webid:
+            raise self._auth_failure("Oasis-Token was issued to another device")
+        if grant.expires_at <= time.monotonic():
+            raise self._auth_failure("access token expired")
+        return webid
+
+    def _authenticate_user(self, headers: dict[str, str]) -> str:
+        """Check RegisterDevice's user token and device id (2.3); return the device id.
+
+        Raises:
+            AuthError: code ``unauthenticated``; counted in ``auth_failures``.
+        """
+        token = _parse_cookies(headers.get("cookie", "")).get("Oasis-Token", "")
+        if not token or (self._tokens is not None and token not in self._tokens):
+            raise self._auth_failure("unknown Oasis-Token")
+        device = headers.get("oasis-webid", "")
+        if not device:
+            raise self._auth_failure("missing Oasis-Webid header")
+        return device
+
+    # --- unary handlers (2.3, 2.6) ----------------------------------------
+
+    def _register(self, headers: dict[str, str], query: str, body: bytes) -> dict[str, Any]:
+        _json_object(body)
+        device = headers["oasis-webid"]  # checked by _authenticate_user
+        ttl = self.behavior.access_ttl_s
+        access = _jwt_like("access", device, ttl)
+        refresh = _jwt_like("refresh", device, ttl * 100)
+        self._grants[access] = _Grant(device, refresh, time.monotonic() + ttl)
+        self.record.registers += 1
+        self._changed()
+        return {
+            "accessToken": {"raw": access},
+            "refreshToken": {"raw": refresh},
+            "device": {"deviceID": device},
+        }
+
+    def _create_chat(self, headers: dict[str, str], query: str, body: bytes) -> dict[str, Any]:
+        request = _json_object(body)
+        error = self.behavior.create_error
+        if error is not None:
+            status, code, message = error
+            raise RelayError(message, code=code, status=status)
+        name = request.get("chatName", "")
+        if not isinstance(name, str):
+            raise RequestError("chatName must be a string", code="invalid_argument")
+        chat_id = str(next(self._chat_ids))
+        self._chats[chat_id] = name
+        self.record.chats_created.append(chat_id)
+        self._changed()
+        return {"chatId": chat_id, "chatName": name}
+
+    def _delete_chat(self, headers: dict[str, str], query: str, body: bytes) -> dict[str, Any]:
+        ids = _json_object(body).get("chatIds")
+        if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+            raise RequestError("chatIds must be a list of strings", code="invalid_argument")
+        unknown = [i for i in ids if i not in self._chats and i not in self._deleted]
+        if unknown:
+            raise NotFound(f"chat {unknown[0]} not found", code="not_found")
+        for chat_id in ids:
+            if self._chats.pop(chat_id, None) is not None:
+                self._deleted.add(chat_id)
+                self.record.chats_deleted.append(chat_id)
+        self._changed()
+        return {}
+
+    def _store_file(self, headers: dict[str, str], query: str, body: bytes) -> dict[str, Any]:
+        names = [
+            v for k, v in urllib.parse.parse_qsl(query, keep_blank_values=True) if k == "file_name"
+        ]
+        if not names or not names[0]:
+            raise RequestError("missing file_name", code="invalid_argument")
+        file_id = str(next(self._file_ids))
+        self._files[file_id] = 0
+        upload = Upload(file_id, names[0], headers.get("content-type", ""), body, dict(headers))
+        self.record.uploads.append(upload)
+        self._changed()
+        return {"id": file_id, "fileName": upload.name, "size": str(len(body))}
+
+    def _file_status(self, headers: dict[str, str], query: str, body: bytes) -> dict[str, Any]:
+        file_id = _json_object(body).get("id")
+        if not isinstance(file_id, str) or file_id not in self._files:
+            raise NotFound(f"file {file_id!r} not found", code="not_found")
+        polls = self._files[file_id]
+        self._files[file_id] = polls + 1
+        self.record.status_polls += 1
+        self._changed()
+        if polls < self.behavior.file_status_polls:
+            return {"fileStatus": 0, "needFurtherCall": True}
+        return {"fileStatus": self.behavior.file_status_final, "needFurtherCall": False}
+
+    # --- SendMessageStream (2.5, 2.6, 2.7) ---------------------------------
+
+    def _decode_request(self, body: bytes) -> dict[str, Any]:
+        """The request of SendMessageStream: exactly one flags-0 envelope of a JSON object.
+
+        Raises:
+            RequestError: code ``invalid_argument``.
+        """
+        decoder = EnvelopeDecoder()
+        try:
+            envelopes = decoder.feed(body)
+            decoder.close()
+        except RelayError as exc:
+            raise RequestError(f"bad request envelope: {exc}", code="invalid_argument") from exc
+        if len(envelopes) != 1 or envelopes[0].flags != 0:
+            raise RequestError("the body must be exactly one envelope", code="invalid_argument")
+        return _json_object(envelopes[0].payload)
+
+    def _check_message(self, message: dict[str, Any]) -> tuple[str, str]:
+        """Validate a send request against the chats and uploads; return (chat id, text).
+
+        Raises:
+            RelayError: ``invalid_argument`` or ``not_found``.
+        """
+        chat_id = message.get("chatId")
+        info = message.get("messageInfo")
+        if not isinstance(chat_id, str) or not isinstance(info, dict):
+            raise RequestError("chatId and messageInfo are required", code="invalid_argument")
+        text = info.get("text")
+        if not isinstance(text, str):
+            raise RequestError("messageInfo.text must be a string", code="invalid_argument")
+        if chat_id not in self._chats:
+            gone = "was deleted" if chat_id in self._deleted else "does not exist"
+            raise NotFound(f"chat {chat_id} {gone}", code="not_found")
+        attachments = info.get("attachments", [])
+        if not isinstance(attachments, list):
+            raise RequestError("attachments must be a list", code="invalid_argument")
+        for item in attachments:
+            file_id = item.get("attachmentId") if isinstance(item, dict) else None
+            if not isinstance(file_id, str) or file_id not in self._files:
+                raise RequestError(f"unknown attachment {file_id!r}", code="invalid_argument")
+        return chat_id, text
+
+    async def _send_message(
+        self, conn: h11.Connection, stream: trio.abc.Stream, headers: dict[str, str], body: bytes
+    ) -> bool:
+        """Answer SendMessageStream; returns whether the connection may be reused.
+
+        Raises:
+            RelayError: before anything was written (unary error answer).
+        """
+        behavior = self.behavior
+        if _media_type(headers) != CONNECT_JSON_TYPE:
+            raise RelayError(
+                f"content type must be {CONNECT_JSON_TYPE}", code="invalid_argument", status=415
+            )
+        try:
+            message = self._decode_request(body)
+        except RelayError as exc:
+            await self._send_stream_error(conn, stream, exc)
+            return True
+        self.record.messages.append(message)
+        self._changed()
+        if behavior.stream_http_error is not None:
+            status, code, text = behavior.stream_http_error
+            raise RelayError(text, code=code, status=status)
+        try:
+            chat_id, prompt = self._check_message(message)
+            if behavior.busy:
+                raise RelayError("too many requests, try again later", code="resource_exhausted")
+        except RelayError as exc:
+            await self._send_stream_error(conn, stream, exc)
+            return True
+        return await self._stream_answer(conn, stream, behavior, chat_id, prompt)
+
+    async def _send_stream_error(
+        self, conn: h11.Connection, stream: trio.abc.Stream, exc: RelayError
+    ) -> None:
+        """HTTP 200 whose only envelope is an error end-of-stream (2.5)."""
+        payload = orjson.dumps({"error": _connect_error(exc.code or "unknown", exc.message)})
+        head = h11.Response(
+            status_code=200, headers=[(b"content-type", CONNECT_JSON_TYPE.encode())], reason=b"OK"
+        )
+        data = (conn.send(head) or b"") + (
+            conn.send(h11.Data(data=_frame(payload, FLAG_END_STREAM, False))) or b""
+        )
+        data += conn.send(h11.EndOfMessage()) or b""
+        await stream.send_all(data)
+
+    def _script(self, behavior: StepBehavior, chat_id: str, prompt: str, chunked: bool) -> Script:
+        """The answer stream of 2.7, one ready-to-write frame per item."""
+        message_id = str(next(self._message_ids))
+        start = {"startEvent": {"chatId": chat_id, "messageId": message_id}}
+        yield _frame(orjson.dumps(start), 0, chunked)
+        if behavior.search_results:
+            results = [{"title": title, "url": url} for title, url in behavior.search_results]
+            event = {"pipelineEvent": {"eventSearch": {"results": results}}}
+            yield _frame(orjson.dumps(event), 0, chunked)
+        for sent, text in enumerate(_texts(behavior, prompt)):
+            cut = _interruption(behavior, sent, chunked)
+            if cut:
+                yield from cut
+                return
+            yield _frame(_TEXT_PREFIX + orjson.dumps(text) + _TEXT_SUFFIX, 0, chunked)
+        cut = _interruption(behavior, math.inf, chunked)
+        if cut:
+            yield from cut
+            return
+        if behavior.end_error is not None:
+            code, text = behavior.end_error
+            payload = orjson.dumps({"error": _connect_error(code, text)})
+            yield _frame(payload, FLAG_END_STREAM, chunked)
+            return
+        bookkeeping = {"messageEvent": {"messageId": message_id, "chatId": chat_id, "status": 2}}
+        yield _frame(orjson.dumps(bookkeeping), 0, chunked)
+        if not behavior.omit_done:
+            yield _frame(_DONE_PAYLOAD, 0, chunked)
+        if not behavior.omit_end:
+            yield _frame(_END_OK_PAYLOAD, FLAG_END_STREAM, chunked)
+
+    async def _stream_answer(
+        self,
+        conn: h11.Connection,
+        stream: trio.abc.Stream,
+        behavior: StepBehavior,
+        chat_id: str,
+        prompt: str,
+    ) -> bool:
+        """Write the scripted answer; returns whether the connection may be reused."""
+        tally = _StreamTally(self.record, self._changed)
+        outcome = _Outcome.ABORTED
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._watch_client, conn, stream, nursery.cancel_scope)
+                outcome = await self._write_script(conn, stream, behavior, tally, chat_id, prompt)
+                nursery.cancel_scope.cancel()
+        finally:
+            tally.settle(outcome)
+        return outcome is _Outcome.COMPLETE
+
+    async def _write_script(
+        self,
+        conn: h11.Connection,
+        stream: trio.abc.Stream,
+        behavior: StepBehavior,
+        tally: _StreamTally,
+        chat_id: str,
+        prompt: str,
+    ) -> _Outcome:
+        chunked = conn.their_http_version == b"1.1"
+        head = h11.Response(
+            status_code=200, headers=[(b"content-type", CONNECT_JSON_TYPE.encode())], reason=b"OK"
+        )
+        writer = _Writer(stream, behavior.write_size, behavior.pack_all)
+        script = self._script(behavior, chat_id, prompt, chunked)
+        try:
+            await writer.write(conn.send(head) or b"")
+            delay = behavior.first_delay_s
+            while True:
+                if delay > 0:
+                    await writer.pause()
+                    await trio.sleep(delay)
+                item = next(script, None)  # stamps are taken here, after the delay
+                if item is None:
+                    break
+                if item is _Action.STALL:
+                    await writer.flush()
+                    await trio.sleep_forever()
+                if item is _Action.DROP:
+                    await writer.flush()
+                    return _Outcome.DROPPED
+                if isinstance(item, bytes):
+                    await writer.write(item)
+                delay = behavior.frame_delay_s
+            # Count the stream as finished before its last bytes leave, so that a
+            # client that has seen the end also sees the record say so.
+            tally.settle(_Outcome.COMPLETE)
+            await writer.write(conn.send(h11.EndOfMessage()) or b"")
+            await writer.flush()
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return _Outcome.ABORTED
+        return _Outcome.COMPLETE
+
+    async def _watch_client(
+        self, conn: h11.Connection, stream: trio.abc.Stream, scope: trio.CancelScope
+    ) -> None:
+        """Cancel ``scope`` when the client closes or resets the connection.
+
+        Bytes read meanwhile (a pipelined next request) go to h11 for the next
+        cycle; past :data:`MAX_PIPELINED_BYTES` the watcher stops reading.
+        """
+        pipelined = 0
+        try:
+            while True:
+                data = await stream.receive_some(READ_BYTES)
+                if not data:
+                    conn.receive_data(b"")
+                    break
+                conn.receive_data(bytes(data))
+                pipelined += len(data)
+                if pipelined > MAX_PIPELINED_BYTES:
+                    return  # a flood: stop watching, keep streaming
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        scope.cancel()
+
+    # --- HTTP/1.1 connection loop -----------------------------------------
+
+    async def handle_connection(self, stream: trio.abc.Stream) -> None:
+        """Serve HTTP/1.1 on one accepted connection until either side ends it, then close it.
+
+        :meth:`serve` calls this per TCP connection; it also serves any other
+        trio stream, such as one end of ``trio.testing.memory_stream_pair()``
+        (tests that watch write boundaries, or an in-process demo).
+
+        Args:
+            stream: the connection; it is closed when this returns.
+
+        Never raises: peer errors end the connection quietly, and an
+        unexpected error is logged and answered with HTTP 500 when possible.
+        """
+        conn = h11.Connection(h11.SERVER)
+        try:
+            while True:
+                request = await self._read_request(conn, stream)
+                if request is None:
+                    return
+                keep = await self._respond(conn, stream, *request)
+                if not keep or conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
+                    return
+                conn.start_next_cycle()
+        except h11.RemoteProtocolError as exc:
+            await self._refuse(conn, stream, exc.error_status_hint, "invalid_argument", str(exc))
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        except Exception:
+            logger.exception("StepChat emulator: unexpected error in a connection")
+            await self._refuse(conn, stream, 500, "internal", "emulator error")
+        finally:
+            await trio.aclose_forcefully(stream)
+
+    async def _refuse(
+        self, conn: h11.Connection, stream: trio.abc.Stream, status: int, code: str, message: str
+    ) -> None:
+        """Best-effort error answer on a connection about to close."""
+        if conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
+            return
+        with contextlib.suppress(
+            trio.BrokenResourceError, trio.ClosedResourceError, h11.ProtocolError
+        ):
+            await self._send_json(conn, stream, status, _connect_error(code, message))
+
+    async def _next_event(self, conn: h11.Connection, stream: trio.abc.Stream) -> h11.Event:
+        while True:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                if conn.they_are_waiting_for_100_continue:
+                    await stream.send_all(
+                        conn.send(h11.InformationalResponse(status_code=100, headers=[])) or b""
+                    )
+                conn.receive_data(bytes(await stream.receive_some(READ_BYTES)))
+                continue
+            assert isinstance(event, h11.Event), event  # PAUSED: we always start_next_cycle
+            return event
+
+    async def _read_request(
+        self, conn: h11.Connection, stream: trio.abc.Stream
+    ) -> tuple[h11.Request, bytes] | None:
+        """Read one whole request; ``None`` when the client closed between requests."""
+        event = await self._next_event(conn, stream)
+        if isinstance(event, h11.ConnectionClosed):
+            return None
+        assert isinstance(event, h11.Request), event
+        body = bytearray()
+        while True:
+            part = await self._next_event(conn, stream)
+            if isinstance(part, h11.Data):
+                body += part.data
+                if len(body) > MAX_BODY_BYTES:
+                    await self._refuse(conn, stream, 413, "resource_exhausted", "body too large")
+                    return None
+            elif isinstance(part, h11.EndOfMessage):
+                return event, bytes(body)
+            else:
+                raise h11.RemoteProtocolError("connection closed inside a request", 400)
+
+    async def _send_json(
+        self, conn: h11.Connection, stream: trio.abc.Stream, status: int, obj: dict[str, Any]
+    ) -> None:
+        body = orjson.dumps(obj)
+        head = h11.Response(
+            status_code=status,
+            headers=[(b"content-type", JSON_TYPE.encode()), (b"content-length", b"%d" % len(body))],
+            reason=_reason(status),
+        )
+        data = (conn.send(head) or b"") + (conn.send(h11.Data(data=body)) or b"")
+        data += conn.send(h11.EndOfMessage()) or b""
+        await stream.send_all(data)
+
+    async def _respond(
+        self, conn: h11.Connection, stream: trio.abc.Stream, request: h11.Request, body: bytes
+    ) -> bool:
+        """Route one request and answer it; returns whether the connection may be reused."""
+        path, _, query = request.target.decode("latin-1").partition("?")
+        self.record.paths.append(path)
+        self._changed()
+        headers: dict[str, str] = {}
+        for name, value in request.headers:
+            key, text = name.decode("latin-1"), value.decode("latin-1")
+            if key in headers:
+                text = headers[key] + ("; " if key == "cookie" else ", ") + text
+            headers[key] = text
+        try:
+            route = self._routes.get(path)
+            if route is None:
+                raise NotFound(f"no such procedure: {path}", code="not_found")
+            if request.method != route.method:
+                raise MethodNotAllowed(
+                    f"{request.method.decode('latin-1')} is not allowed here", code="unimplemented"
+                )
+            if path == REGISTER_PATH:
+                self._authenticate_user(headers)
+            else:
+                self._authenticate(headers)
+            if route.unary_json and body.strip() and _media_type(headers) != JSON_TYPE:
+                raise RelayError(
+                    f"content type must be {JSON_TYPE}", code="invalid_argument", status=415
+                )
+            if route.handler is None:
+                return await self._send_message(conn, stream, headers, body)
+            answer = route.handler(headers, query, body)
+        except RelayError as exc:
+            await self._send_json(
+                conn, stream, exc.status, _connect_error(exc.code or "unknown", exc.message)
+            )
+            return True
+        await self._send_json(conn, stream, 200, answer)
+        return True
+
+
+# --- command line -------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class CliOptions:
+    """What ``python -m providers.step.emulator`` was asked to do."""
+
+    host: str
+    port: int
+    tokens: tuple[str, ...] | None
+    behavior: StepBehavior
+
+
+def parse_args(argv: list[str] | None = None) -> CliOptions:
+    """Parse the command line of :func:`main`.
+
+    Raises:
+        SystemExit: bad arguments or ``--help`` (argparse's behaviour).
+    """
+    parser = argparse.ArgumentParser(
+        prog="python -m providers.step.emulator",
+        description="A fake StepChat (yuewen.cn) server for tests, benchmarks and demos.",
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind")
+    parser.add_argument("--port", type=int, default=8001, help="port to bind (0: any free)")
+    parser.add_argument("--answer", help="answer text (default: a demo answer quoting the prompt)")
+    parser.add_argument("--chunk-chars", type=int, default=6, help="characters per textEvent")
+    parser.add_argument("--stamp", action="store_true", help="frames carry [ts:<monotonic_ns>]")
+    parser.add_argument("--frames", type=int, default=100, help="number of stamped frames")
+    parser.add_argument("--frame-delay-s", type=float, default=0.0, help="delay between frames")
+    parser.add_argument("--first-delay-s", type=float, default=0.0, help="delay before frame 1")
+    parser.add_argument("--stall-after", type=int, help="go silent after N text frames")
+    parser.add_argument(
+        "--token", action="append", dest="tokens", help="accepted user token (repeatable)"
+    )
+    args = parser.parse_args(argv)
+    behavior = StepBehavior(
+        answer=args.answer,
+        chunk_chars=args.chunk_chars,
+        stamp=args.stamp,
+        stamp_frames=args.frames,
+        frame_delay_s=args.frame_delay_s,
+        first_delay_s=args.first_delay_s,
+        stall_after=args.stall_after,
+    )
+    tokens = tuple(args.tokens) if args.tokens else None
+    return CliOptions(host=args.host, port=args.port, tokens=tokens, behavior=behavior)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Serve until SIGINT; prints ``listening on <base url>`` once bound."""
+    options = parse_args(argv)
+    emulator = StepEmulator(tokens=options.tokens, behavior=options.behavior)
+
+    async def run() -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(partial(emulator.serve, host=options.host, port=options.port))
+            print(f"listening on {emulator.base_url}", flush=True)
+
+    try:
+        trio.run(run)
+    except* KeyboardInterrupt:
+        pass
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,382 @@
+"""Chat completions: from a parsed request to a streamed or whole answer.
+
+Theory of operation
+-------------------
+:func:`complete` runs one request through *attempts*. Each attempt leases an
+account (:mod:`relay.accounts`), gets its session, opens the provider's chat
+context (files uploaded, conversation created, upstream stream open) and
+serves the answer. Leaving the chat context always deletes the upstream
+conversation, shielded and bounded, whatever happened. An auth failure (401)
+or a busy account (429) moves to the next account, but only while nothing has
+been sent to the client.
+
+The whole of it runs inside :meth:`Exchange.watch_disconnect`: if the client
+goes away, the scope is cancelled, the upstream read stops at once, and the
+cleanup still runs.
+
+Streaming (:class:`SSEWriter`):
+
+- The 200 is committed deliberately. We wait for the first upstream event so
+  that a failure that comes first (bad token, upstream 5xx) can still become
+  a real status code. The first events then leave in the same write as the
+  response head and the role chunk.
+- If the upstream is silent for ``commit_timeout`` (search and thinking can
+  take long), a ticker task commits anyway and from then on sends an SSE
+  comment every ``sse_keepalive`` seconds of silence, so that proxies and
+  clients do not time out.
+- Hot path: one upstream read -> one ``encoder.encode`` -> one ``send_all``.
+  The ticker and the main task never write at the same time; instead of a
+  ``trio.Lock`` (whose acquire yields to the scheduler on every chunk) they
+  share a ``_writing`` flag, which trio's cooperative scheduling makes safe
+  between awaits; the rare loser waits on an event.
+- Once the stream has started, failures travel in-band as an SSE error event
+  followed by ``[DONE]``, never as answer text.
+
+Not streaming: the deltas are accumulated into one ``chat.completion`` body;
+an upstream error becomes its HTTP status.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from contextlib import aclosing
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import trio
+
+from protocol.deltas import Delta, Finish, UpstreamError
+from protocol.errors import (
+    AuthError,
+    NoAccountFree,
+    RelayError,
+    UpstreamFailed,
+    UpstreamTimeout,
+)
+from protocol.openai import ChunkEncoder, CompletionAccumulator, prompt_tokens
+from relay.server import ClientGone
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Sequence
+
+    from protocol.openai import ChatRequest
+    from providers.contract import ChatStream
+    from relay.accounts import Account
+    from relay.app import ProviderRuntime
+    from relay.config import Settings
+    from relay.server import Exchange
+
+log = logging.getLogger("relay.chat")
+
+SSE_HEADERS = (
+    (b"cache-control", b"no-cache"),
+    (b"x-accel-buffering", b"no"),
+)
+SSE_CONTENT_TYPE = b"text/event-stream; charset=utf-8"
+RETRY_STATUSES = (401, 429)
+
+
+def error_from_delta(delta: UpstreamError) -> RelayError:
+    """The exception a pre-commit upstream error becomes."""
+    message = f"upstream error: {delta.message}" if delta.message else "upstream error"
+    if delta.status == 401:
+        return AuthError(message, code=delta.code)
+    if delta.status == 429:
+        return NoAccountFree(message, code=delta.code)
+    if delta.status == 504:
+        return UpstreamTimeout(message, code=delta.code)
+    return UpstreamFailed(message, code=delta.code, status=delta.status)
+
+
+def delta_from_error(exc: RelayError) -> UpstreamError:
+    """The in-band error event a post-commit exception becomes."""
+    return UpstreamError(exc.code or exc.kind, exc.message, exc.status)
+
+
+@dataclass
+class Outcome:
+    """What one request did, for the access log and metrics."""
+
+    account: str = ""
+    attempts: int = 0
+    conversation: str = ""
+    chunks: int = 0
+    first_event_s: float | None = None
+
+
+class _Retry(Exception):
+    """An attempt failed in a way another account may fix."""
+
+    def __init__(self, error: RelayError) -> None:
+        super().__init__(error.message)
+        self.error = error
+
+
+class SSEWriter:
+    """Writes one SSE response: commit, events, keep-alives, end."""
+
+    def __init__(self, ex: Exchange, encoder: ChunkEncoder, settings: Settings) -> None:
+        self._ex = ex
+        self._encoder = encoder
+        self._settings = settings
+        self._writing = False
+        self._idle = trio.Event()
+        self._last_write = trio.current_time()
+        self.committed = False
+
+    async def _write(self, data: bytes, *, end: bool = False) -> None:
+        while self._writing:
+            await self._idle.wait()
+        self._writing = True
+        try:
+            if not self.committed:
+                self.committed = True
+                await self._ex.start_stream(
+                    200, SSE_CONTENT_TYPE, SSE_HEADERS, first=self._encoder.start() + data
+                )
+                if end:
+                    await self._ex.end_stream()
+            elif end:
+                await self._ex.end_stream(data)
+            else:
+                await self._ex.send_data(data)
+            self._last_write = trio.current_time()
+        finally:
+            self._writing = False
+            idle, self._idle = self._idle, trio.Event()
+            idle.set()
+
+    async def send(self, data: bytes) -> None:
+        """Send SSE bytes (committing the response first if needed)."""
+        if data or not self.committed:
+            await self._write(data)
+
+    async def end(self, data: bytes) -> None:
+        """Send the last SSE bytes and end the response."""
+        await self._write(data, end=True)
+
+    async def ticker(self) -> None:
+        """Commit after ``commit_timeout`` of silence, then keep the stream alive."""
+        try:
+            await self._tick()
+        except ClientGone:
+            self._ex.abandon()
+
+    async def _tick(self) -> None:
+        s = self._settings
+        await trio.sleep_until(self._last_write + s.commit_timeout)
+        if not self.committed and not self._writing:
+            await self._write(b"")
+        while True:
+            await trio.sleep_until(self._last_write + s.sse_keepalive)
+            if not self._writing and trio.current_time() >= self._last_write + s.sse_keepalive:
+                await self._write(self._encoder.keepalive())
+
+
+async def _serve_stream(
+    ex: Exchange,
+    answer: ChatStream,
+    encoder: ChunkEncoder,
+    settings: Settings,
+    outcome: Outcome,
+    started_at: float,
+) -> None:
+    writer = SSEWriter(ex, encoder, settings)
+    failure: BaseException | None = None
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(writer.ticker)
+        try:
+            await _pump(answer, encoder, writer, outcome, started_at)
+        except (RelayError, _Retry, ClientGone) as exc:
+            failure = exc  # raised outside the nursery, unwrapped
+        finally:
+            nursery.cancel_scope.cancel()
+    if failure is not None:
+        raise failure
+
+
+async def _pump(
+    answer: ChatStream,
+    encoder: ChunkEncoder,
+    writer: SSEWriter,
+    outcome: Outcome,
+    started_at: float,
+) -> None:
+    """Upstream batches -> SSE bytes -> client, one write per upstream read."""
+    data = b""
+    try:
+        async with aclosing(answer.__aiter__()) as batches:
+            async for batch in batches:
+                if outcome.first_event_s is None:
+                    outcome.first_event_s = trio.current_time() - started_at
+                if not writer.committed:
+                    error = _leading_error(batch)
+                    if error is not None:
+                        # nothing sent yet: the failure can still have its own status
+                        converted = error_from_delta(error)
+                        if error.status in RETRY_STATUSES:
+                            raise _Retry(converted)
+                        raise converted
+                    if answer.conversation_id:
+                        encoder.completion_id = answer.conversation_id
+                data = encoder.encode(batch)
+                outcome.chunks += 1
+                if encoder.finished:
+                    break
+                await writer.send(data)
+            else:
+                data = encoder.encode(
+                    [UpstreamError("truncated", "upstream stream ended without an answer")]
+                )
+    except RelayError as exc:
+        if not writer.committed:
+            raise
+        log.warning("upstream failed mid-stream: %s", exc)
+        data = encoder.encode([delta_from_error(exc)])
+    await writer.end(data)
+
+
+def _leading_error(batch: Sequence[Delta]) -> UpstreamError | None:
+    """The batch's UpstreamError if no content comes before it."""
+    for delta in batch:
+        if isinstance(delta, UpstreamError):
+            return delta
+        if not isinstance(delta, Finish):
+            return None
+    return None
+
+
+async def _serve_whole(
+    ex: Exchange,
+    answer: ChatStream,
+    request: ChatRequest,
+    model: str,
+    settings: Settings,
+    outcome: Outcome,
+    started_at: float,
+) -> None:
+    acc = CompletionAccumulator(reasoning=settings.reasoning)
+    async with aclosing(answer.__aiter__()) as batches:
+        async for batch in batches:
+            if outcome.first_event_s is None:
+                outcome.first_event_s = trio.current_time() - started_at
+            outcome.chunks += 1
+            acc.add(batch)
+            if acc.error is not None:
+                error = error_from_delta(acc.error)
+                if acc.error.status in RETRY_STATUSES and not acc.text:
+                    raise _Retry(error)
+                raise error
+            if acc.finished:
+                break
+        else:
+            raise UpstreamFailed("upstream stream ended without an answer", code="truncated")
+    body = acc.body(
+        completion_id=answer.conversation_id or _new_id(),
+        model=model,
+        created=int(time.time()),
+        prompt_tokens=prompt_tokens(request),
+    )
+    await ex.respond(200, body)
+
+
+def _new_id() -> str:
+    return f"chatcmpl-{uuid.uuid4().hex}"
+
+
+async def complete(
+    ex: Exchange,
+    runtime: ProviderRuntime,
+    accounts: Sequence[Account],
+    request: ChatRequest,
+    settings: Settings,
+    outcome: Outcome,
+) -> None:
+    """Serve one chat completion request (stream or not) with account failover.
+
+    An account whose cached session is refused gets one fresh login and a
+    second try (its access token may simply have expired upstream); a
+    refused login, or a second refusal, rests it and moves on. A busy
+    account (429) moves on at once. Nothing moves on once bytes were sent.
+    """
+    model = request.model or runtime.default_model
+    tried: set[Account] = set()
+    relogged: set[Account] = set()
+    last_error: RelayError | None = None
+    started_at = trio.current_time()
+    async with ex.watch_disconnect():
+        while True:
+            try:
+                lease = runtime.pool.lease(accounts, tried)
+                account = await lease.__aenter__()
+            except NoAccountFree:
+                if last_error is not None:
+                    raise last_error from None
+                raise
+            try:
+                outcome.account = account.id
+                outcome.attempts += 1
+                try:
+                    session = await runtime.pool.session(account)
+                except AuthError as exc:  # login refused: the pool rested the account
+                    tried.add(account)
+                    last_error = exc
+                    continue
+                try:
+                    await _attempt(
+                        ex, runtime, request, model, session, settings, outcome, started_at
+                    )
+                    return
+                except (_Retry, AuthError) as exc:
+                    if ex.started:
+                        raise
+                    error = exc.error if isinstance(exc, _Retry) else exc
+                    last_error = error
+                    if error.status == 401:
+                        runtime.pool.evict(account, session)
+                        if account not in relogged:
+                            relogged.add(account)  # same account, fresh login
+                            continue
+                        runtime.pool.rest(account, error.message)
+                    else:
+                        log.info("%s account %s is busy: %s", runtime.provider.name,
+                                 account.id, error.message)
+                    tried.add(account)
+            finally:
+                await lease.__aexit__(None, None, None)
+
+
+async def _attempt(
+    ex: Exchange,
+    runtime: ProviderRuntime,
+    request: ChatRequest,
+    model: str,
+    session: object,
+    settings: Settings,
+    outcome: Outcome,
+    started_at: float,
+) -> None:
+    async with runtime.provider.chat(session, request) as answer:
+        outcome.conversation = answer.conversation_id
+        if request.stream:
+            encoder = ChunkEncoder(
+                completion_id=answer.conversation_id or _new_id(),
+                model=model,
+                created=int(time.time()),
+                reasoning=settings.reasoning,
+                include_usage=request.include_usage,
+                prompt_tokens=prompt_tokens(request),
+                citation_line=runtime.provider.citation_line,
+            )
+            await _serve_stream(ex, answer, encoder, settings, outcome, started_at)
+        else:
+            await _serve_whole(ex, answer, request, model, settings, outcome, started_at)
+        outcome.conversation = answer.conversation_id
+
+
+async def iterate(answer: ChatStream) -> AsyncIterator[list[Delta]]:
+    """All batches of an answer (a typed helper for tests and tools)."""
+    async for batch in answer:
+        yield batch

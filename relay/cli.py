@@ -1,0 +1,278 @@
+"""The ``relay`` console script.
+
+``relay serve``   run the relay (``--demo``: with the built-in emulators)
+``relay demo``    the same as ``relay serve --demo``
+``relay check-token TOKEN``   is an upstream credential alive?
+``relay settings``  every setting with its environment variable and default
+
+Every setting has a ``--flag`` on ``serve``, a ``RELAY_*`` environment
+variable and a key in the optional TOML file (``--config``); the precedence
+is defaults < file < environment < flags (see :mod:`relay.config`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import functools
+import json
+import logging
+import multiprocessing
+import signal
+import sys
+import time
+import typing
+from typing import Any
+
+import trio
+
+from relay import config
+from relay.config import ConfigError, Settings
+
+if typing.TYPE_CHECKING:
+    from collections.abc import Sequence
+
+log = logging.getLogger("relay")
+
+# accounts of the built-in emulators: not secrets
+DEMO_STEP_TOKEN = "demo-device@demo-oasis-token"  # noqa: S105
+DEMO_GLM_TOKEN = "demo-glm-refresh-token"  # noqa: S105
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "ts": round(record.created, 3),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False)
+
+
+def setup_logging(settings: Settings) -> None:
+    """Log to stderr as text or JSON lines."""
+    handler = logging.StreamHandler()
+    if settings.log_format == "json":
+        handler.setFormatter(_JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(settings.log_level.upper())
+
+
+# --- argument parsing -------------------------------------------------------------------
+
+
+def _setting_help(f: dataclasses.Field[Any]) -> str:
+    default = f.default
+    if isinstance(default, tuple):
+        default = ",".join(default) or "(none)"
+    return f"{f.metadata.get('doc', '')} [env RELAY_{f.name.upper()}, default {default}]"
+
+
+def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
+    hints = typing.get_type_hints(Settings)
+    for f in dataclasses.fields(Settings):
+        flag = "--" + f.name.replace("_", "-")
+        if hints[f.name] is bool:
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
+                                default=None, help=_setting_help(f))
+        else:
+            parser.add_argument(flag, dest=f.name, default=None, metavar="VALUE",
+                                help=_setting_help(f))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The CLI's argument parser."""
+    parser = argparse.ArgumentParser(
+        prog="relay",
+        description="A fast OpenAI-compatible streaming relay for StepChat and ChatGLM, on trio.",
+        epilog="Run 'relay serve --help' for every setting, or 'relay settings' for a table.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, helptext in (
+        ("serve", "run the relay"),
+        ("demo", "run the relay against the built-in emulators (no account, no internet)"),
+    ):
+        p = sub.add_parser(name, help=helptext, description=helptext,
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        p.add_argument("--config", metavar="FILE", help="TOML settings file (or RELAY_CONFIG)")
+        _add_setting_flags(p)
+    check = sub.add_parser("check-token", help="check whether an upstream credential is alive")
+    check.add_argument("token", help="deviceId@Oasis-Token (StepChat) or a refresh token (GLM)")
+    check.add_argument("--provider", choices=["step", "glm"], default=None)
+    check.add_argument("--config", metavar="FILE")
+    sub.add_parser("settings", help="list every setting, its environment variable and default")
+    return parser
+
+
+def load_settings(args: argparse.Namespace) -> Settings:
+    """Settings from the parsed arguments (plus file and environment)."""
+    cli = {f.name: getattr(args, f.name, None) for f in dataclasses.fields(Settings)}
+    if args.command == "demo":
+        cli["demo"] = True
+    return config.load(cli, config_file=getattr(args, "config", None))
+
+
+# --- serving ----------------------------------------------------------------------------------
+
+
+async def serve(settings: Settings, *, reuse_port: bool = False) -> None:
+    """Run the relay until SIGINT/SIGTERM, then shut down gracefully."""
+    from relay.app import App
+
+    async with trio.open_nursery() as nursery:
+        if settings.demo:
+            settings = await _start_emulators(settings, nursery)
+        if not settings.api_keys and (settings.step_tokens or settings.glm_tokens) \
+                and not settings.demo:
+            log.warning("server-side accounts are configured without RELAY_API_KEYS: "
+                        "anyone who reaches this port can use them")
+        async with App(settings) as app, trio.open_nursery() as serving:
+            addresses = await serving.start(functools.partial(app.serve, reuse_port=reuse_port))
+            scheme = "https" if settings.certfile else "http"
+            for address in addresses:
+                log.info("listening on %s://%s", scheme, address)
+            if settings.demo:
+                _print_demo(scheme, addresses[0] if addresses else "")
+            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                async for signum in signals:
+                    log.info("signal %d: shutting down (grace %.0f s)", signum,
+                             settings.grace_period)
+                    app.shutdown()
+                    break
+            # leaving `serving` waits for app.serve to drain and return
+        nursery.cancel_scope.cancel()
+
+
+async def _start_emulators(settings: Settings, nursery: trio.Nursery) -> Settings:
+    """Start the emulators in this process; point the settings at them."""
+    from providers.step.emulator import StepEmulator
+
+    step = StepEmulator(tokens=[DEMO_STEP_TOKEN.split("@", 1)[1]])
+    await nursery.start(step.serve)
+    changes: dict[str, Any] = {
+        "step_base_url": step.base_url,
+        "step_tokens": (DEMO_STEP_TOKEN,),
+        "step_file_settle": 0.0,
+    }
+    try:
+        from providers.glm.emulator import GlmEmulator
+    except ImportError:  # pragma: no cover - GLM ships with the package
+        pass
+    else:
+        glm = GlmEmulator(tokens=[DEMO_GLM_TOKEN])
+        await nursery.start(glm.serve)
+        changes.update(glm_base_url=glm.base_url, glm_tokens=(DEMO_GLM_TOKEN,))
+    return dataclasses.replace(settings, **changes)
+
+
+def _print_demo(scheme: str, address: str) -> None:
+    url = f"{scheme}://{address}"
+    print(
+        "\nDemo mode: answers come from the built-in emulators (no account, no internet).\n"
+        "Try it:\n\n"
+        f"  curl -N {url}/v1/chat/completions -H 'Content-Type: application/json' \\\n"
+        "    -d '{\"model\": \"step\", \"stream\": true, "
+        "\"messages\": [{\"role\": \"user\", \"content\": \"Hello!\"}]}'\n\n"
+        f"  or with the openai SDK: OpenAI(base_url=\"{url}/v1\", api_key=\"demo\")\n",
+        flush=True,
+    )
+
+
+def _worker(settings: Settings) -> None:
+    setup_logging(settings)
+    with contextlib.suppress(KeyboardInterrupt):
+        trio.run(functools.partial(serve, settings, reuse_port=True))
+
+
+def run_workers(settings: Settings) -> int:
+    """Run ``settings.workers`` processes sharing the port (SO_REUSEPORT)."""
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_worker, args=(settings,), daemon=False)
+             for _ in range(settings.workers)]
+    for proc in procs:
+        proc.start()
+
+    def forward(signum: int, frame: object) -> None:
+        for proc in procs:
+            if proc.is_alive() and proc.pid:
+                proc.terminate() if signum == signal.SIGTERM else _interrupt(proc.pid)
+
+    signal.signal(signal.SIGINT, forward)
+    signal.signal(signal.SIGTERM, forward)
+    code = 0
+    for proc in procs:
+        proc.join()
+        code = code or (proc.exitcode or 0)
+    return code
+
+
+def _interrupt(pid: int) -> None:
+    import os
+
+    os.kill(pid, signal.SIGINT)
+
+
+def _check_token(args: argparse.Namespace) -> int:
+    settings = config.load(config_file=args.config)
+    setup_logging(settings)
+
+    async def check() -> bool:
+        from relay.app import App
+
+        async with App(settings) as app:
+            name = args.provider or ("step" if "@" in args.token else "glm")
+            runtime = app.providers.get(name)
+            if runtime is None:
+                print(f"provider {name} is not available", file=sys.stderr)
+                return False
+            return await runtime.provider.check(args.token)
+
+    live = trio.run(check)
+    print(json.dumps({"live": live}))
+    return 0 if live else 1
+
+
+def _print_settings() -> int:
+    for f in dataclasses.fields(Settings):
+        default = f.default
+        if isinstance(default, tuple):
+            default = ",".join(default)
+        print(f"RELAY_{f.name.upper():<26} {default!s:<22} {f.metadata.get('doc', '')}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point of the ``relay`` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        sys.exit(2)
+    if args.command == "settings":
+        sys.exit(_print_settings())
+    if args.command == "check-token":
+        sys.exit(_check_token(args))
+    try:
+        settings = load_settings(args)
+    except ConfigError as exc:
+        print(f"relay: {exc}", file=sys.stderr)
+        sys.exit(2)
+    setup_logging(settings)
+    if settings.workers > 1 and not settings.demo and not settings.uds:
+        sys.exit(run_workers(settings))
+    started = time.monotonic()
+    try:
+        trio.run(serve, settings)
+    except KeyboardInterrupt:
+        pass
+    except OSError as exc:
+        print(f"relay: {exc}", file=sys.stderr)
+        sys.exit(1)
+    log.info("stopped after %.0f s", time.monotonic() - started)

@@ -1,0 +1,250 @@
+"""One frozen :class:`Settings` object, built from defaults < TOML file < environment < CLI.
+
+Every setting is a field of :class:`Settings`. Its environment variable is
+``RELAY_<NAME>`` (upper case), its key in the optional TOML file is the same
+name in lower case, and its CLI flag (for the ones ``relay serve`` exposes) is
+``--name-with-dashes``. Only this module reads the environment.
+
+Values from the environment and the CLI arrive as strings and are converted
+by the field's type: booleans accept ``1/true/yes/on`` and ``0/false/no/off``,
+lists are comma-separated (``RELAY_API_KEYS=k1,k2``), floats and ints as
+usual. A value that does not convert is a :class:`ConfigError` naming its
+source, raised before anything starts listening.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+if typing.TYPE_CHECKING:
+    from collections.abc import Mapping
+
+ENV_PREFIX = "RELAY_"
+
+KIB = 1024
+MIB = 1024 * KIB
+
+
+class ConfigError(Exception):
+    """A setting has a value that cannot be used."""
+
+
+def _opt(default: object, doc: str, **kw: object) -> Any:  # noqa: ANN401 - dataclass field
+    return field(default=default, metadata={"doc": doc, **kw})
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Every setting of the relay. See the README's configuration table."""
+
+    # --- listening -------------------------------------------------------
+    host: str = _opt("127.0.0.1", "address to listen on")
+    port: int = _opt(8000, "TCP port to listen on")
+    uds: str | None = _opt(None, "listen on this Unix socket path instead of TCP")
+    workers: int = _opt(1, "number of worker processes (SO_REUSEPORT)")
+    certfile: str | None = _opt(None, "TLS certificate chain (PEM); enables HTTPS with keyfile")
+    keyfile: str | None = _opt(None, "TLS private key (PEM)")
+    demo: bool = _opt(False, "serve the built-in StepChat and ChatGLM emulators (no account)")
+
+    # --- access and accounts --------------------------------------------
+    api_keys: tuple[str, ...] = _opt(
+        (), "keys clients must present; when set, upstream accounts come from the token pools"
+    )
+    step_tokens: tuple[str, ...] = _opt(
+        (), "StepChat accounts, deviceId@Oasis-Token, comma-separated"
+    )
+    glm_tokens: tuple[str, ...] = _opt((), "ChatGLM refresh tokens, comma-separated")
+    step_base_url: str = _opt("https://yuewen.cn", "StepChat base URL")
+    glm_base_url: str = _opt("https://chatglm.cn", "ChatGLM base URL")
+    glm_sign_secret: str = _opt(
+        "8a1317a7468aa3ad86e997d08f3f31cb", "ChatGLM request-signing secret (the site changes it)"
+    )
+    glm_system_tag: str = _opt("<|system|>", "role tag for system messages in merged GLM prompts")
+    default_provider: Literal["step", "glm"] = _opt(
+        "step", "provider for model names that name none"
+    )
+    reasoning: Literal["field", "tags"] = _opt(
+        "field", "reasoning as reasoning_content (field) or inline <think> tags (tags)"
+    )
+    step_max_streams: int = _opt(0, "concurrent streams per StepChat account (0: no limit)")
+    glm_max_streams: int = _opt(1, "concurrent streams per ChatGLM account")
+    account_wait_timeout: float = _opt(
+        30.0, "seconds a request waits for a free account before 429"
+    )
+    account_cooldown: float = _opt(60.0, "seconds an account rests after an auth failure")
+    token_refresh_margin: float = _opt(
+        60.0, "refresh access tokens this many seconds before they expire"
+    )
+
+    # --- limits ------------------------------------------------------------
+    max_body_bytes: int = _opt(64 * MIB, "largest request body accepted (413 above)")
+    max_header_bytes: int = _opt(64 * KIB, "largest request head accepted (431 above)")
+    file_max_bytes: int = _opt(100 * MIB, "largest file fetched from a URL or data URL")
+    allow_private_urls: bool = _opt(
+        False, "let file URLs point at loopback, private and link-local addresses"
+    )
+
+    # --- timeouts (seconds) ---------------------------------------------------
+    connect_timeout: float = _opt(10.0, "upstream connect timeout")
+    first_byte_timeout: float = _opt(120.0, "request sent to first upstream stream data")
+    stall_timeout: float = _opt(120.0, "longest silence inside an upstream stream")
+    request_timeout: float = _opt(15.0, "upstream unary calls (token, create, delete, status)")
+    upload_timeout: float = _opt(60.0, "fetching and uploading one file")
+    header_timeout: float = _opt(10.0, "a client's request head must arrive within this")
+    keepalive_timeout: float = _opt(60.0, "idle client connections are closed after this")
+    commit_timeout: float = _opt(
+        5.0, "how long a stream waits for the first upstream event before sending 200"
+    )
+    sse_keepalive: float = _opt(15.0, "SSE comment interval while the upstream is silent")
+    cleanup_timeout: float = _opt(10.0, "bound on deleting an upstream conversation")
+    grace_period: float = _opt(10.0, "on SIGTERM, how long streams in flight may finish")
+    step_file_settle: float = _opt(
+        1.0, "pause after a StepChat upload is processed (the reference waits 5 s)"
+    )
+    video_timeout: float = _opt(600.0, "longest wait for a ChatGLM video")
+
+    # --- operations ---------------------------------------------------------------
+    upstream_proxy: str | None = _opt(None, "HTTP proxy URL for upstream calls")
+    log_format: Literal["text", "json"] = _opt("text", "log line format")
+    log_level: str = _opt("info", "debug, info, warning or error")
+
+    def with_changes(self, **changes: object) -> Settings:
+        """A copy with some fields replaced (validated like the rest)."""
+        return build(self, changes, source="override")
+
+
+FIELDS: dict[str, dataclasses.Field[Any]] = {f.name: f for f in dataclasses.fields(Settings)}
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+
+def _convert(name: str, value: Any, source: str) -> object:  # noqa: ANN401 - TOML/env values
+    """Convert ``value`` (a string, or a TOML value) to the type of field ``name``."""
+    hint = typing.get_type_hints(Settings)[name]
+    args = typing.get_args(hint)
+    optional = isinstance(hint, types.UnionType) and type(None) in args
+    if optional:
+        if value is None or value == "":
+            return None
+        hint = next(a for a in args if a is not type(None))
+    try:
+        if typing.get_origin(hint) is Literal:
+            allowed = typing.get_args(hint)
+            text = str(value).strip().lower()
+            if text not in allowed:
+                raise ValueError(f"must be one of {', '.join(allowed)}")
+            return text
+        if hint is bool:
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in _TRUE:
+                return True
+            if text in _FALSE:
+                return False
+            raise ValueError("must be true or false")
+        if hint is int:
+            if isinstance(value, bool):
+                raise ValueError("must be an integer")
+            return int(value)
+        if hint is float:
+            if isinstance(value, bool):
+                raise ValueError("must be a number")
+            number = float(value)
+            if number != number or number < 0:
+                raise ValueError("must be a non-negative number")
+            return number
+        if typing.get_origin(hint) is tuple:
+            items = value.split(",") if isinstance(value, str) else list(value)
+            return tuple(str(item).strip() for item in items if str(item).strip())
+        if hint is str:
+            if not isinstance(value, str):
+                raise ValueError("must be a string")
+            return value
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{source}: {name}: {exc}") from exc
+    raise ConfigError(f"{source}: {name}: unsupported setting type {hint!r}")
+
+
+def build(base: Settings, values: Mapping[str, object], *, source: str) -> Settings:
+    """Return ``base`` with ``values`` applied (names are field names)."""
+    changes: dict[str, Any] = {}
+    for name, value in values.items():
+        if name not in FIELDS:
+            raise ConfigError(f"{source}: unknown setting {name!r}")
+        changes[name] = _convert(name, value, source)
+    settings = dataclasses.replace(base, **changes)
+    _validate(settings)
+    return settings
+
+
+def _validate(s: Settings) -> None:
+    if not 0 <= s.port <= 65535:
+        raise ConfigError(f"port {s.port} is out of range")
+    if s.workers < 1:
+        raise ConfigError("workers must be at least 1")
+    if bool(s.certfile) != bool(s.keyfile):
+        raise ConfigError("certfile and keyfile go together")
+    for name in ("step_base_url", "glm_base_url"):
+        url = getattr(s, name)
+        if not url.startswith(("http://", "https://")):
+            raise ConfigError(f"{name} must be an http:// or https:// URL, not {url!r}")
+    if s.max_body_bytes < 1024 or s.max_header_bytes < 1024:
+        raise ConfigError("max_body_bytes and max_header_bytes must be at least 1024")
+    if s.glm_max_streams < 1 or s.step_max_streams < 0:
+        raise ConfigError("glm_max_streams must be >= 1 and step_max_streams >= 0")
+
+
+def from_toml(path: str) -> dict[str, Any]:
+    """Read a TOML config file: top-level keys are setting names in lower case."""
+    try:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"config file {path}: {exc}") from exc
+    return data
+
+
+def from_environ(environ: Mapping[str, str]) -> dict[str, str]:
+    """The ``RELAY_*`` variables that name a setting."""
+    out = {}
+    for name in FIELDS:
+        key = ENV_PREFIX + name.upper()
+        if key in environ:
+            out[name] = environ[key]
+    return out
+
+
+def load(
+    cli: Mapping[str, object] | None = None,
+    *,
+    config_file: str | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Settings:
+    """Build the settings: defaults < TOML file < environment < CLI.
+
+    Args:
+        cli: values given on the command line (None values are skipped).
+        config_file: a TOML file; ``RELAY_CONFIG`` names one when this is None.
+        environ: the environment (``os.environ`` when None).
+
+    Raises:
+        ConfigError: an unknown name or a value that does not convert.
+    """
+    env = os.environ if environ is None else environ
+    settings = Settings()
+    path = config_file or env.get(ENV_PREFIX + "CONFIG")
+    if path:
+        settings = build(settings, from_toml(path), source=f"config file {path}")
+    settings = build(settings, from_environ(env), source="environment")
+    if cli:
+        given = {k: v for k, v in cli.items() if v is not None}
+        settings = build(settings, given, source="command line")
+    return settings

@@ -1,0 +1,137 @@
+"""Fixtures for end-to-end tests: a StepChat emulator and a relay, both on loopback.
+
+``relay_factory(**settings)`` starts an :class:`relay.app.App` on
+127.0.0.1 port 0 in the test's nursery and returns a :class:`Running` with
+its base URL. Each test talks to it over real sockets (h11, httpcore or the
+``openai`` SDK), and asserts on what the emulator recorded.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import httpcore
+import orjson
+import pytest
+import trio
+
+from providers.step.emulator import StepBehavior, StepEmulator
+from relay import config
+from relay.app import App
+
+STEP_TOKEN = "good-token"
+STEP_CREDENTIAL = f"device1@{STEP_TOKEN}"
+AUTH = [(b"authorization", f"Bearer {STEP_CREDENTIAL}".encode())]
+
+
+@dataclass
+class Running:
+    """A relay serving on loopback."""
+
+    app: App
+    host: str
+    port: int
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+
+RelayFactory = Callable[..., Awaitable[Running]]
+
+
+@pytest.fixture
+async def step(nursery: trio.Nursery) -> StepEmulator:
+    """A StepChat emulator that accepts STEP_TOKEN (and tokens t1..t4)."""
+    emulator = StepEmulator(
+        tokens=[STEP_TOKEN, "t1", "t2", "t3", "t4"], behavior=StepBehavior(answer="Hello world!")
+    )
+    await nursery.start(emulator.serve)
+    return emulator
+
+
+@pytest.fixture
+async def relay_factory(
+    nursery: trio.Nursery, step: StepEmulator
+) -> AsyncIterator[RelayFactory]:
+    """Start relays with given settings (pointed at the `step` emulator)."""
+    apps: list[App] = []
+
+    async def start(**overrides: Any) -> Running:
+        values: dict[str, Any] = {
+            "host": "127.0.0.1",
+            "port": 0,
+            "step_base_url": step.base_url,
+            "step_file_settle": 0.0,
+            "commit_timeout": 2.0,
+            "grace_period": 1.0,
+        }
+        values.update(overrides)
+        ssl_context = values.pop("upstream_ssl_context", None)
+        settings = config.load(values, environ={})
+        app = App(settings, upstream_ssl_context=ssl_context)
+        apps.append(app)
+        addresses = await nursery.start(functools.partial(app.serve))
+        host, _, port = addresses[0].rpartition(":")
+        return Running(app, host, int(port))
+
+    yield start
+    for app in apps:
+        app.shutdown()
+        with trio.move_on_after(5):
+            await app.stopped.wait()
+        await app.aclose()
+
+
+@pytest.fixture
+async def relay(relay_factory: RelayFactory) -> Running:
+    """A relay with default settings (open mode: credentials in Authorization)."""
+    return await relay_factory()
+
+
+def chat_body(content: str = "hi", *, stream: bool = False, **extra: Any) -> bytes:
+    """A minimal chat completion request body."""
+    body: dict[str, Any] = {
+        "model": "step",
+        "stream": stream,
+        "messages": [{"role": "user", "content": content}],
+    }
+    body.update(extra)
+    return orjson.dumps(body)
+
+
+async def post(
+    base_url: str,
+    path: str,
+    body: bytes,
+    headers: list[tuple[bytes, bytes]] | None = None,
+) -> httpcore.Response:
+    """One POST over a fresh httpcore pool; the whole response is read."""
+    async with httpcore.AsyncConnectionPool() as pool:
+        return await pool.request(
+            "POST",
+            base_url + path,
+            headers=[
+                (b"content-type", b"application/json"),
+                *(AUTH if headers is None else headers),
+            ],
+            content=body,
+        )
+
+
+def sse_events(body: bytes) -> list[bytes]:
+    """The `data:` payloads of an SSE body, in order (comments skipped)."""
+    return [line[6:] for line in body.split(b"\n") if line.startswith(b"data: ")]
+
+
+def sse_text(body: bytes) -> str:
+    """The concatenated content deltas of an OpenAI SSE body."""
+    text = []
+    for payload in sse_events(body):
+        if payload != b"[DONE]":
+            chunk = orjson.loads(payload)
+            text += [c.get("delta", {}).get("content") or "" for c in chunk.get("choices", [])]
+    return "".join(text)

@@ -1,0 +1,424 @@
+"""Chat completions end to end: client -> relay -> StepChat emulator, over loopback."""
+
+from __future__ import annotations
+
+import base64
+import functools
+from typing import TYPE_CHECKING
+
+import openai
+import orjson
+import pytest
+import trio
+
+from tests.relay.conftest import (
+    AUTH,
+    STEP_CREDENTIAL,
+    RelayFactory,
+    Running,
+    chat_body,
+    post,
+    sse_events,
+    sse_text,
+)
+
+if TYPE_CHECKING:
+    from providers.step.emulator import StepEmulator
+
+ANSWER = "阶跃星辰是一家人工智能公司。Hello, world!"
+PATH = "/v1/chat/completions"
+
+
+def _sdk(relay: Running, api_key: str = STEP_CREDENTIAL) -> openai.OpenAI:
+    return openai.OpenAI(base_url=relay.base_url + "/v1", api_key=api_key, max_retries=0,
+                         timeout=10)
+
+
+async def test_openai_sdk_streams_the_exact_text(relay: Running, step: StepEmulator) -> None:
+    """The official SDK, streaming, receives exactly the text the emulator sent, in order."""
+    step.behavior.answer = ANSWER
+    step.behavior.chunk_chars = 3
+
+    def run() -> tuple[str, list[str | None]]:
+        with _sdk(relay) as client:
+            stream = client.chat.completions.create(
+                model="step", messages=[{"role": "user", "content": "hi"}], stream=True
+            )
+            parts, reasons = [], []
+            for chunk in stream:
+                if chunk.choices:
+                    parts.append(chunk.choices[0].delta.content or "")
+                    reasons.append(chunk.choices[0].finish_reason)
+            return "".join(parts), reasons
+
+    with trio.fail_after(10):
+        text, reasons = await trio.to_thread.run_sync(run)
+    assert text == ANSWER
+    assert reasons[-1] == "stop"
+    assert reasons.count("stop") == 1
+
+
+async def test_openai_sdk_non_stream_gets_the_exact_text(
+    relay: Running, step: StepEmulator
+) -> None:
+    """The SDK without streaming gets one chat.completion with the whole text."""
+    step.behavior.answer = ANSWER
+
+    def run() -> tuple[str | None, str, int]:
+        with _sdk(relay) as client:
+            completion = client.chat.completions.create(
+                model="step-v1", messages=[{"role": "user", "content": "hi"}]
+            )
+            assert completion.usage is not None
+            return (completion.choices[0].message.content,
+                    completion.choices[0].finish_reason, completion.usage.total_tokens)
+
+    with trio.fail_after(10):
+        content, reason, tokens = await trio.to_thread.run_sync(run)
+    assert content == ANSWER
+    assert reason == "stop"
+    assert tokens > 2
+
+
+async def test_sdk_sees_upstream_failure_as_api_error(relay: Running, step: StepEmulator) -> None:
+    """An upstream failure before any text reaches the SDK as an error status, not as text."""
+    step.behavior.end_error = ("internal", "boom")
+
+    def run() -> int:
+        with _sdk(relay) as client:
+            try:
+                client.chat.completions.create(
+                    model="step", messages=[{"role": "user", "content": "hi"}]
+                )
+            except openai.APIStatusError as exc:
+                return exc.status_code
+        return 0
+
+    with trio.fail_after(10):
+        status = await trio.to_thread.run_sync(run)
+    assert status == 502
+
+
+async def test_raw_sse_bytes_follow_openai(relay: Running, step: StepEmulator) -> None:
+    """A raw HTTP client sees SSE headers, a role chunk, deltas, a finish chunk, usage, [DONE]."""
+    step.behavior.answer = ANSWER
+    body = chat_body(stream=True, stream_options={"include_usage": True})
+    with trio.fail_after(5):
+        response = await post(relay.base_url, PATH, body)
+    headers = {key.lower(): value for key, value in response.headers}
+    assert response.status == 200
+    assert headers[b"content-type"].startswith(b"text/event-stream")
+    assert headers[b"cache-control"] == b"no-cache"
+    assert headers[b"x-accel-buffering"] == b"no"
+    assert headers[b"transfer-encoding"] == b"chunked"
+    events = sse_events(response.content)
+    assert events[-1] == b"[DONE]"
+    chunks = [orjson.loads(e) for e in events[:-1]]
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert {c["id"] for c in chunks} == {chunks[0]["id"]}
+    finishes = [c for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]]
+    assert [f["choices"][0]["finish_reason"] for f in finishes] == ["stop"]
+    assert chunks[-1]["choices"] == []
+    assert chunks[-1]["usage"]["completion_tokens"] > 0
+    assert sse_text(response.content) == ANSWER
+
+
+async def test_citation_markers_and_search_results(relay: Running, step: StepEmulator) -> None:
+    """Markers are stripped in both modes; search hits are listed as the reference does."""
+    step.behavior.answer = "StepFun<web_3f9a2b> is an AI company<url_x1>."
+    step.behavior.chunk_chars = 4  # markers cut across frames
+    step.behavior.search_results = [("StepFun", "https://www.stepfun.com/")]
+    with trio.fail_after(5):
+        streamed = await post(relay.base_url, PATH, chat_body(stream=True))
+        whole = await post(relay.base_url, PATH, chat_body())
+    assert sse_text(streamed.content) == (
+        "检索 StepFun - https://www.stepfun.com/ ...\n\nStepFun is an AI company."
+    )
+    content = orjson.loads(whole.content)["choices"][0]["message"]["content"]
+    assert content == (
+        "StepFun is an AI company.\n\n搜索结果来自：\nStepFun - https://www.stepfun.com/"
+    )
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_chat_is_deleted_after_success(
+    relay: Running, step: StepEmulator, stream: bool
+) -> None:
+    """Every conversation the relay creates is deleted after a successful answer."""
+    with trio.fail_after(5):
+        response = await post(relay.base_url, PATH, chat_body(stream=stream))
+        assert response.status == 200
+        await step.wait_until(lambda r: len(r.chats_deleted) == 1)
+    assert step.record.chats_deleted == step.record.chats_created
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_chat_is_deleted_after_upstream_error(
+    relay: Running, step: StepEmulator, stream: bool
+) -> None:
+    """An error end-of-stream after some text still deletes the conversation.
+
+    Not streaming, the error is the response (502). Streaming, the text already
+    went out, so the error follows in-band, then [DONE].
+    """
+    step.behavior.end_error = ("internal", "upstream exploded")
+    with trio.fail_after(5):
+        response = await post(relay.base_url, PATH, chat_body(stream=stream))
+        await step.wait_until(lambda r: len(r.chats_deleted) == 1)
+    if stream:
+        assert response.status == 200
+        events = sse_events(response.content)
+        assert events[-1] == b"[DONE]"
+        error = orjson.loads(events[-2])["error"]
+        assert sse_text(response.content) == "Hello world!"
+    else:
+        assert response.status == 502
+        error = orjson.loads(response.content)["error"]
+    assert error["code"] == "internal"
+    assert "upstream exploded" in error["message"]
+    assert step.record.chats_deleted == step.record.chats_created
+
+
+async def test_chat_is_deleted_after_client_disconnect(
+    relay: Running, step: StepEmulator
+) -> None:
+    """A client that leaves mid-stream cancels the upstream stream; the chat is still deleted."""
+    step.behavior.answer = "x" * 600
+    step.behavior.chunk_chars = 1
+    step.behavior.frame_delay_s = 0.01
+    with trio.fail_after(5):
+        stream = await trio.open_tcp_stream(relay.host, relay.port)
+        request = (
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Authorization: Bearer " + STEP_CREDENTIAL.encode() + b"\r\n"
+            b"Content-Length: " + str(len(chat_body(stream=True))).encode() + b"\r\n\r\n"
+            + chat_body(stream=True)
+        )
+        await stream.send_all(request)
+        received = b""
+        while b"data: " not in received:
+            received += await stream.receive_some(65536)
+        await stream.aclose()
+        await step.wait_until(lambda r: r.streams_aborted == 1 and len(r.chats_deleted) == 1)
+    assert step.record.streams_finished == 0
+    assert step.record.chats_deleted == step.record.chats_created
+
+
+async def test_truncated_stream_is_an_error_not_an_answer(
+    relay: Running, step: StepEmulator
+) -> None:
+    """An upstream that drops the connection mid-answer gives an in-band error, never a 'stop'."""
+    step.behavior.answer = "abcdefghij"
+    step.behavior.chunk_chars = 2
+    step.behavior.drop_after = 2
+    with trio.fail_after(5):
+        streamed = await post(relay.base_url, PATH, chat_body(stream=True))
+        whole = await post(relay.base_url, PATH, chat_body())
+    events = sse_events(streamed.content)
+    assert events[-1] == b"[DONE]"
+    error = orjson.loads(events[-2])
+    assert "error" in error
+    assert b'"finish_reason":"stop"' not in streamed.content
+    assert sse_text(streamed.content) == "abcd"
+    assert whole.status == 502
+
+
+async def test_missing_and_malformed_credentials_get_401(relay: Running) -> None:
+    """No Authorization, or a credential without '@', is a 401 with an OpenAI error."""
+    with trio.fail_after(5):
+        missing = await post(relay.base_url, PATH, chat_body(), headers=[])
+        malformed = await post(
+            relay.base_url, PATH, chat_body(), headers=[(b"authorization", b"Bearer nope")]
+        )
+    for response in (missing, malformed):
+        assert response.status == 401
+        assert orjson.loads(response.content)["error"]["type"] == "authentication_error"
+    assert b"nope" not in malformed.content
+
+
+async def test_refused_token_gets_401(relay: Running, step: StepEmulator) -> None:
+    """A token the upstream refuses at login is a 401 for the client."""
+    with trio.fail_after(5):
+        response = await post(
+            relay.base_url, PATH, chat_body(), headers=[(b"authorization", b"Bearer d@unknown")]
+        )
+    assert response.status == 401
+    assert step.record.chats_created == []
+
+
+async def test_failover_to_the_next_account(relay: Running, step: StepEmulator) -> None:
+    """With a refused account first in the list, the request is served by the next one."""
+    header = [(b"authorization", b"Bearer d1@unknown,d2@t1")]
+    with trio.fail_after(5):
+        response = await post(relay.base_url, PATH, chat_body(), headers=header)
+    assert response.status == 200
+    assert len(step.record.chats_created) == 1
+
+
+async def test_expired_access_token_is_refreshed(relay: Running, step: StepEmulator) -> None:
+    """When the upstream expires the access token, the relay logs in again and succeeds."""
+    with trio.fail_after(5):
+        first = await post(relay.base_url, PATH, chat_body())
+        step.expire_access_tokens()
+        second = await post(relay.base_url, PATH, chat_body())
+    assert (first.status, second.status) == (200, 200)
+    assert step.record.registers == 2
+
+
+async def test_token_refresh_is_single_flight(relay: Running, step: StepEmulator) -> None:
+    """Ten concurrent requests with one new credential cause exactly one login."""
+    statuses: list[int] = []
+
+    async def one() -> None:
+        statuses.append((await post(relay.base_url, PATH, chat_body())).status)
+
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            for _ in range(10):
+                nursery.start_soon(one)
+    assert statuses == [200] * 10
+    assert step.record.registers == 1
+
+
+async def test_accounts_share_the_load(relay_factory: RelayFactory, step: StepEmulator) -> None:
+    """With one stream per account, two concurrent streams go to two different accounts."""
+    relay = await relay_factory(step_max_streams=1)
+    step.behavior.answer = "slow answer"
+    step.behavior.chunk_chars = 2
+    step.behavior.frame_delay_s = 0.02
+    header = [(b"authorization", b"Bearer d1@t1,d2@t2")]
+    statuses: list[int] = []
+
+    async def one() -> None:
+        response = await post(relay.base_url, PATH, chat_body(stream=True), headers=header)
+        statuses.append(response.status)
+
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(one)
+            nursery.start_soon(one)
+    assert statuses == [200, 200]
+    assert step.record.registers == 2  # both accounts were used
+
+
+async def test_busy_account_waits_then_429(relay_factory: RelayFactory, step: StepEmulator) -> None:
+    """A single account at its stream limit makes the next request wait, then 429."""
+    relay = await relay_factory(step_max_streams=1, account_wait_timeout=0.2)
+    step.behavior.answer = "x" * 40
+    step.behavior.chunk_chars = 1
+    step.behavior.frame_delay_s = 0.02
+    results: dict[str, int] = {}
+
+    async def slow() -> None:
+        results["slow"] = (await post(relay.base_url, PATH, chat_body(stream=True))).status
+
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(slow)
+            await step.wait_until(lambda r: r.streams_started == 1)
+            rejected = await post(relay.base_url, PATH, chat_body())
+    assert results["slow"] == 200
+    assert rejected.status == 429
+    assert orjson.loads(rejected.content)["error"]["type"] == "rate_limit_error"
+
+
+async def test_api_keys_guard_the_server_pool(
+    relay_factory: RelayFactory, step: StepEmulator
+) -> None:
+    """With RELAY_API_KEYS, only those keys are accepted and the server-side pool is used."""
+    relay = await relay_factory(api_keys="k1,k2", step_tokens="d9@t3")
+    with trio.fail_after(5):
+        wrong = await post(relay.base_url, PATH, chat_body(), headers=AUTH)
+        right = await post(
+            relay.base_url, PATH, chat_body(), headers=[(b"authorization", b"Bearer k2")]
+        )
+    assert wrong.status == 401
+    assert right.status == 200
+
+
+async def test_data_url_file_is_uploaded_and_attached(
+    relay: Running, step: StepEmulator
+) -> None:
+    """A base64 data URL in the last message is uploaded to storage and attached by id."""
+    pdf = b"%PDF-1.4 tiny test document"
+    url = "data:application/pdf;base64," + base64.b64encode(pdf).decode()
+    body = orjson.dumps({
+        "model": "step",
+        "messages": [{"role": "user", "content": [
+            {"type": "file", "file_url": {"url": url}},
+            {"type": "text", "text": "summarise this"},
+        ]}],
+    })
+    with trio.fail_after(5):
+        response = await post(relay.base_url, PATH, body)
+    assert response.status == 200
+    [upload] = step.record.uploads
+    assert upload.data == pdf
+    assert upload.content_type == "application/pdf"
+    assert upload.name.endswith(".pdf")
+    [message] = step.record.messages
+    [attachment] = message["messageInfo"]["attachments"]
+    assert attachment["attachmentId"] == upload.file_id
+    assert attachment["size"] == str(len(pdf))
+
+
+async def test_private_file_url_is_refused(relay: Running, step: StepEmulator) -> None:
+    """A file URL pointing at loopback is refused with 400 (no server-side request forgery)."""
+    body = orjson.dumps({
+        "model": "step",
+        "messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": step.base_url + "/secret.png"}},
+        ]}],
+    })
+    with trio.fail_after(5):
+        response = await post(relay.base_url, PATH, body)
+    assert response.status == 400
+    assert orjson.loads(response.content)["error"]["code"] == "forbidden_file_url"
+    assert step.record.chats_created == []
+
+
+async def test_bad_request_bodies_get_400_with_param(relay: Running) -> None:
+    """Invalid JSON and missing messages are 400s naming the parameter."""
+    with trio.fail_after(5):
+        invalid = await post(relay.base_url, PATH, b"{not json")
+        empty = await post(relay.base_url, PATH, orjson.dumps({"model": "step", "messages": []}))
+    assert invalid.status == 400
+    assert empty.status == 400
+    assert orjson.loads(empty.content)["error"]["param"] == "messages"
+
+
+async def test_silent_upstream_gets_committed_and_kept_alive(
+    relay_factory: RelayFactory, step: StepEmulator
+) -> None:
+    """A silent upstream: the 200 is committed after commit_timeout, then SSE comments flow."""
+    relay = await relay_factory(commit_timeout=0.05, sse_keepalive=0.05)
+    step.behavior.first_delay_s = 0.4
+    with trio.fail_after(5):
+        response = await post(relay.base_url, PATH, chat_body(stream=True))
+    assert response.status == 200
+    assert b": keep-alive" in response.content
+    assert sse_text(response.content) == "Hello world!"
+    assert sse_events(response.content)[-1] == b"[DONE]"
+
+
+async def test_models_lists_step_models(relay: Running) -> None:
+    """/v1/models lists the StepChat model ids in OpenAI's list shape."""
+    def run() -> list[str]:
+        with _sdk(relay) as client:
+            return [m.id for m in client.models.list()]
+
+    ids = await trio.to_thread.run_sync(functools.partial(run))
+    assert {"step", "step-v1", "step-v1-vision"} <= set(ids)
+
+
+async def test_token_check(relay: Running) -> None:
+    """/token/check says live for a good credential and not for a refused one."""
+    with trio.fail_after(5):
+        good = await post(relay.base_url, "/token/check",
+                          orjson.dumps({"token": STEP_CREDENTIAL}), headers=[])
+        bad = await post(relay.base_url, "/token/check",
+                         orjson.dumps({"token": "d@unknown"}), headers=[])
+        malformed = await post(relay.base_url, "/token/check", b"[]", headers=[])
+    assert orjson.loads(good.content) == {"live": True}
+    assert orjson.loads(bad.content) == {"live": False}
+    assert malformed.status == 400
