@@ -99,8 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
         ("serve", "run the relay"),
         ("demo", "run the relay against the built-in emulators (no account, no internet)"),
     ):
-        p = sub.add_parser(name, help=helptext, description=helptext,
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        # (each flag's help states its real default: argparse's own would say None)
+        p = sub.add_parser(name, help=helptext, description=helptext)
         p.add_argument("--config", metavar="FILE", help="TOML settings file (or RELAY_CONFIG)")
         _add_setting_flags(p)
     check = sub.add_parser("check-token", help="check whether an upstream credential is alive")
@@ -126,28 +126,37 @@ async def serve(settings: Settings, *, reuse_port: bool = False) -> None:
     """Run the relay until SIGINT/SIGTERM, then shut down gracefully."""
     from relay.app import App
 
-    async with trio.open_nursery() as nursery:
-        if settings.demo:
-            settings = await _start_emulators(settings, nursery)
-        if not settings.api_keys and (settings.step_tokens or settings.glm_tokens) \
-                and not settings.demo:
-            log.warning("server-side accounts are configured without RELAY_API_KEYS: "
-                        "anyone who reaches this port can use them")
-        async with App(settings) as app, trio.open_nursery() as serving:
-            addresses = await serving.start(functools.partial(app.serve, reuse_port=reuse_port))
-            scheme = "https" if settings.certfile else "http"
-            for address in addresses:
-                log.info("listening on %s://%s", scheme, address)
+    # The signals are caught from the start: a supervisor may send SIGTERM as soon as
+    # it reads "listening on", and that must be a graceful stop, not the default kill.
+    # After the first one the handlers are restored, so a second signal stops at once.
+    with contextlib.ExitStack() as catching:
+        signals = catching.enter_context(
+            trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM)
+        )
+        async with trio.open_nursery() as nursery:
             if settings.demo:
-                _print_demo(scheme, addresses[0] if addresses else "")
-            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                settings = await _start_emulators(settings, nursery)
+            if not settings.api_keys and (settings.step_tokens or settings.glm_tokens) \
+                    and not settings.demo:
+                log.warning("server-side accounts are configured without RELAY_API_KEYS: "
+                            "anyone who reaches this port can use them")
+            async with App(settings) as app, trio.open_nursery() as serving:
+                addresses = await serving.start(
+                    functools.partial(app.serve, reuse_port=reuse_port)
+                )
+                scheme = "https" if settings.certfile else "http"
+                for address in addresses:
+                    log.info("listening on %s://%s", scheme, address)
+                if settings.demo:
+                    _print_demo(scheme, addresses[0] if addresses else "")
                 async for signum in signals:
                     log.info("signal %d: shutting down (grace %.0f s)", signum,
                              settings.grace_period)
                     app.shutdown()
                     break
-            # leaving `serving` waits for app.serve to drain and return
-        nursery.cancel_scope.cancel()
+                catching.close()
+                # leaving `serving` waits for app.serve to drain and return
+            nursery.cancel_scope.cancel()
 
 
 async def _start_emulators(settings: Settings, nursery: trio.Nursery) -> Settings:
@@ -257,9 +266,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         sys.exit(2)
     if args.command == "settings":
         sys.exit(_print_settings())
-    if args.command == "check-token":
-        sys.exit(_check_token(args))
     try:
+        if args.command == "check-token":
+            sys.exit(_check_token(args))
         settings = load_settings(args)
     except ConfigError as exc:
         print(f"relay: {exc}", file=sys.stderr)

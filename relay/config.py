@@ -108,6 +108,7 @@ class Settings:
         1.0, "pause after a StepChat upload is processed (the reference waits 5 s)"
     )
     video_timeout: float = _opt(600.0, "longest wait for a ChatGLM video")
+    video_poll_interval: float = _opt(1.0, "seconds between ChatGLM video status polls")
 
     # --- operations ---------------------------------------------------------------
     upstream_proxy: str | None = _opt(None, "HTTP proxy URL for upstream calls")
@@ -151,7 +152,7 @@ def _convert(name: str, value: Any, source: str) -> object:  # noqa: ANN401 - TO
                 return False
             raise ValueError("must be true or false")
         if hint is int:
-            if isinstance(value, bool):
+            if isinstance(value, bool | float):  # TOML 1.5 must not become 1
                 raise ValueError("must be an integer")
             return int(value)
         if hint is float:
@@ -173,33 +174,65 @@ def _convert(name: str, value: Any, source: str) -> object:  # noqa: ANN401 - TO
     raise ConfigError(f"{source}: {name}: unsupported setting type {hint!r}")
 
 
-def build(base: Settings, values: Mapping[str, object], *, source: str) -> Settings:
-    """Return ``base`` with ``values`` applied (names are field names)."""
+def build(
+    base: Settings, values: Mapping[str, object], *, source: str, validate: bool = True
+) -> Settings:
+    """Return ``base`` with ``values`` applied (names are field names).
+
+    Args:
+        base: the settings to start from.
+        values: field names and raw values (strings, or TOML values).
+        source: where the values come from, for error messages.
+        validate: check the result as a whole (:func:`load` does it once, at
+            the end, so that related settings may come from different sources).
+
+    Raises:
+        ConfigError: an unknown name, a value that does not convert, or (with
+            ``validate``) one that cannot be used.
+    """
     changes: dict[str, Any] = {}
     for name, value in values.items():
         if name not in FIELDS:
             raise ConfigError(f"{source}: unknown setting {name!r}")
         changes[name] = _convert(name, value, source)
     settings = dataclasses.replace(base, **changes)
-    _validate(settings)
+    if validate:
+        _validate(settings, dict.fromkeys(changes, source))
     return settings
 
 
-def _validate(s: Settings) -> None:
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+
+def _validate(s: Settings, origin: Mapping[str, str]) -> None:
+    """Check the values that convert but cannot be used together or at all.
+
+    Raises:
+        ConfigError: naming the source (``origin[name]``) of the setting at fault.
+    """
+
+    def fail(name: str, message: str) -> typing.NoReturn:
+        raise ConfigError(f"{origin.get(name, 'default')}: {name}: {message}")
+
     if not 0 <= s.port <= 65535:
-        raise ConfigError(f"port {s.port} is out of range")
+        fail("port", f"{s.port} is out of range (0-65535)")
     if s.workers < 1:
-        raise ConfigError("workers must be at least 1")
+        fail("workers", "must be at least 1")
     if bool(s.certfile) != bool(s.keyfile):
-        raise ConfigError("certfile and keyfile go together")
+        fail("certfile" if s.certfile else "keyfile", "certfile and keyfile go together")
     for name in ("step_base_url", "glm_base_url"):
         url = getattr(s, name)
         if not url.startswith(("http://", "https://")):
-            raise ConfigError(f"{name} must be an http:// or https:// URL, not {url!r}")
-    if s.max_body_bytes < 1024 or s.max_header_bytes < 1024:
-        raise ConfigError("max_body_bytes and max_header_bytes must be at least 1024")
-    if s.glm_max_streams < 1 or s.step_max_streams < 0:
-        raise ConfigError("glm_max_streams must be >= 1 and step_max_streams >= 0")
+            fail(name, f"must be an http:// or https:// URL, not {url!r}")
+    for name in ("max_body_bytes", "max_header_bytes"):
+        if getattr(s, name) < 1024:
+            fail(name, "must be at least 1024")
+    if s.glm_max_streams < 1:
+        fail("glm_max_streams", "must be at least 1")
+    if s.step_max_streams < 0:
+        fail("step_max_streams", "must be at least 0")
+    if s.log_level.lower() not in LOG_LEVELS:
+        fail("log_level", f"must be one of {', '.join(LOG_LEVELS)}")
 
 
 def from_toml(path: str) -> dict[str, Any]:
@@ -236,15 +269,23 @@ def load(
         environ: the environment (``os.environ`` when None).
 
     Raises:
-        ConfigError: an unknown name or a value that does not convert.
+        ConfigError: an unknown name, a value that does not convert, or one
+            that cannot be used; the message names the source at fault.
     """
     env = os.environ if environ is None else environ
-    settings = Settings()
+    layers: list[tuple[Mapping[str, object], str]] = []
     path = config_file or env.get(ENV_PREFIX + "CONFIG")
     if path:
-        settings = build(settings, from_toml(path), source=f"config file {path}")
-    settings = build(settings, from_environ(env), source="environment")
+        layers.append((from_toml(path), f"config file {path}"))
+    layers.append((from_environ(env), "environment"))
     if cli:
-        given = {k: v for k, v in cli.items() if v is not None}
-        settings = build(settings, given, source="command line")
+        layers.append(({k: v for k, v in cli.items() if v is not None}, "command line"))
+    settings = Settings()
+    origin: dict[str, str] = {}
+    for values, source in layers:
+        # validated once, below: certfile may come from the file and keyfile from
+        # the environment, and an intermediate layer must not be judged alone
+        settings = build(settings, values, source=source, validate=False)
+        origin.update(dict.fromkeys(values, source))
+    _validate(settings, origin)
     return settings

@@ -240,7 +240,10 @@ class Exchange:
     ) -> None:
         """Send a whole response with Content-Length, in one write."""
         head = self._head(status, content_type, headers)
-        head.append((b"content-length", str(len(body)).encode()))
+        if status >= 200 and status not in (204, 304):
+            # RFC 9110 8.6: no Content-Length in a 1xx or 204 response (304: it would
+            # describe the unsent representation)
+            head.append((b"content-length", str(len(body)).encode()))
         self.started = True
         self.status = status
         events: list[h11.Event] = [h11.Response(status_code=status, headers=head)]
@@ -480,7 +483,12 @@ class Server:
                 self._idle.discard(idle_scope)
         if idle_scope.cancelled_caught:
             return None
-        with trio.move_on_after(s.header_timeout) as head_scope:
+        # the first head is due header_timeout after the connection opened (a late
+        # first byte must not restart the clock); a later one, after its first byte
+        head_deadline = (
+            idle_scope.deadline if first else trio.current_time() + s.header_timeout
+        )
+        with trio.move_on_at(head_deadline) as head_scope:
             try:
                 while event is h11.NEED_DATA and not conn.gone:
                     await conn.receive()
@@ -492,6 +500,13 @@ class Server:
             log.debug("client %s was too slow sending a request head", conn.client)
             return None
         if isinstance(event, h11.Request):
+            # h11 bounds only an *incomplete* head; a whole one that arrived in a
+            # single read is checked here
+            if _head_size(event) > s.max_header_bytes:
+                await self._reject(
+                    conn, h11.RemoteProtocolError("request head is too large", 431)
+                )
+                return None
             target = event.target.decode("latin-1")
             path, _, query = target.partition("?")
             return Request(
@@ -551,6 +566,14 @@ class Server:
             await exchange.respond_error(exc)
 
 
+def _head_size(request: h11.Request) -> int:
+    """The size of ``request``'s head as sent, give or take optional whitespace."""
+    size = len(request.method) + len(request.target) + 13  # " ", " HTTP/1.1\r\n"
+    for name, value in request.headers:
+        size += len(name) + len(value) + 4  # ": ", "\r\n"
+    return size + 2  # the blank line
+
+
 def _peer(stream: trio.abc.Stream) -> str:
     inner = stream.transport_stream if isinstance(stream, trio.SSLStream) else stream
     if isinstance(inner, trio.SocketStream):
@@ -606,8 +629,12 @@ async def _unix_listener(path: str) -> trio.SocketListener:
     except FileNotFoundError:
         pass
     sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    await sock.bind(path)
-    sock.listen(1024)
+    try:
+        await sock.bind(path)
+        sock.listen(1024)
+    except BaseException:
+        sock.close()  # e.g. EADDRINUSE: do not leak the descriptor
+        raise
     return trio.SocketListener(sock)
 
 

@@ -1,0 +1,300 @@
+"""The ``relay`` command line (relay.cli): parser, settings from flags, and real processes.
+
+Parser and settings tests run in-process. The serve tests start
+``python -m relay serve --demo --port 0`` as a child process, read its log
+until it says where it listens, talk to it with httpcore, then signal it and
+expect a clean exit (status 0) within a few seconds.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import httpcore
+import orjson
+import pytest
+import trio
+
+from relay import cli
+from relay.config import FIELDS
+from tests.relay.conftest import sse_events, sse_text
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+    from pathlib import Path
+
+LISTENING = re.compile(rb"listening on (https?)://([0-9.]+):(\d+)\n")
+ENV_NAMES = sorted("RELAY_" + name.upper() for name in FIELDS)
+PROCESS_TIMEOUT_S = 10  # a child Python process: imports take most of it
+
+
+@pytest.fixture
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No RELAY_* variable of the developer's shell leaks into load_settings."""
+    for key in list(os.environ):
+        if key.startswith("RELAY_"):
+            monkeypatch.delenv(key)
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """The environment for a child relay: ours without RELAY_*, plus ``extra``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
+    env.update(extra)
+    return env
+
+
+# --- parser -------------------------------------------------------------------------------------
+
+
+def test_parser_has_the_subcommands() -> None:
+    """serve, demo, check-token and settings all parse."""
+    parser = cli.build_parser()
+    assert parser.parse_args(["serve"]).command == "serve"
+    assert parser.parse_args(["demo"]).command == "demo"
+    assert parser.parse_args(["settings"]).command == "settings"
+    check = parser.parse_args(["check-token", "dev@tok", "--provider", "step"])
+    assert (check.command, check.token, check.provider) == ("check-token", "dev@tok", "step")
+    with pytest.raises(SystemExit):
+        parser.parse_args(["frobnicate"])
+
+
+def test_serve_help_names_every_variable(capsys: pytest.CaptureFixture[str]) -> None:
+    """``relay serve --help`` mentions every RELAY_ variable with its real default, and no
+    misleading argparse "(default: None)"."""
+    with pytest.raises(SystemExit) as exited:
+        cli.build_parser().parse_args(["serve", "--help"])
+    assert exited.value.code == 0
+    text = capsys.readouterr().out
+    missing = [name for name in ENV_NAMES if name not in text]
+    assert missing == []
+    assert "--keepalive-timeout" in text
+    assert "default 8000" in text
+    assert "(default: None)" not in text
+
+
+def test_load_settings_maps_flags(clean_env: None) -> None:
+    """Flags become settings: values converted, booleans as --x/--no-x, lists split."""
+    args = cli.build_parser().parse_args([
+        "serve", "--host", "0.0.0.0", "--port", "9001", "--allow-private-urls",  # noqa: S104
+        "--api-keys", "k1,k2", "--header-timeout", "2.5", "--no-demo", "--reasoning", "tags",
+    ])
+    s = cli.load_settings(args)
+    assert (s.host, s.port, s.allow_private_urls) == ("0.0.0.0", 9001, True)  # noqa: S104
+    assert s.api_keys == ("k1", "k2")
+    assert (s.header_timeout, s.demo, s.reasoning) == (2.5, False, "tags")
+    assert s.keepalive_timeout == 60.0  # not given: the default
+
+
+def test_flags_override_environment_and_file(
+    clean_env: None, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """--config FILE < RELAY_* < flags, through the real parser."""
+    path = tmp_path / "relay.toml"
+    path.write_text("port = 1111\nworkers = 3\nlog_format = \"json\"\n", encoding="utf-8")
+    monkeypatch.setenv("RELAY_PORT", "2222")
+    monkeypatch.setenv("RELAY_WORKERS", "2")
+    args = cli.build_parser().parse_args(["serve", "--config", str(path), "--port", "3333"])
+    s = cli.load_settings(args)
+    assert (s.port, s.workers, s.log_format) == (3333, 2, "json")
+
+
+def test_demo_command_turns_demo_on(clean_env: None) -> None:
+    """``relay demo`` is ``relay serve --demo``."""
+    assert cli.load_settings(cli.build_parser().parse_args(["demo"])).demo is True
+    assert cli.load_settings(cli.build_parser().parse_args(["serve"])).demo is False
+
+
+def test_bad_flag_value_exits_2_with_a_message(
+    clean_env: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A flag that does not convert stops the CLI with status 2 and names flag and source."""
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["serve", "--port", "eighty"])
+    assert exited.value.code == 2
+    assert "command line: port" in capsys.readouterr().err
+
+
+def test_check_token_with_a_bad_config_exits_2(
+    clean_env: None, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """check-token with an unusable config file gives a one-line error and status 2, not a
+    traceback."""
+    missing = str(tmp_path / "missing.toml")
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["check-token", "dev@tok", "--config", missing])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("relay: config file")
+    assert "missing.toml" in err
+
+
+def test_no_command_prints_help_and_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
+    """``relay`` alone prints the usage and exits 2."""
+    with pytest.raises(SystemExit) as exited:
+        cli.main([])
+    assert exited.value.code == 2
+    assert "serve" in capsys.readouterr().out
+
+
+def test_settings_command_prints_every_variable() -> None:
+    """``python -m relay settings`` lists every RELAY_ variable, one a line, and exits 0."""
+    done = subprocess.run(
+        [sys.executable, "-m", "relay", "settings"],
+        capture_output=True, text=True, timeout=PROCESS_TIMEOUT_S, env=child_env(), check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    listed = sorted(line.split()[0] for line in lines if line.startswith("RELAY_"))
+    assert listed == ENV_NAMES
+    port_line = next(line for line in lines if line.startswith("RELAY_PORT "))
+    assert "8000" in port_line
+
+
+# --- a real process -------------------------------------------------------------------------------
+
+
+@dataclass
+class Child:
+    """A ``relay serve`` child process and what it said so far."""
+
+    process: trio.Process
+    stderr: bytearray
+    scheme: str = ""
+    host: str = ""
+    port: int = 0
+
+    @property
+    def base_url(self) -> str:
+        return f"{self.scheme}://{self.host}:{self.port}"
+
+    async def read_stderr_until(self, pattern: re.Pattern[bytes]) -> re.Match[bytes]:
+        """Read the child's stderr until ``pattern`` matches; the match."""
+        assert self.process.stderr is not None
+        while (found := pattern.search(self.stderr)) is None:
+            chunk = await self.process.stderr.receive_some(65536)
+            assert chunk, f"relay exited early:\n{self.stderr.decode(errors='replace')}"
+            self.stderr += chunk
+        return found
+
+    async def drain_stderr(self) -> None:
+        """Read the rest of stderr (until the child closes it)."""
+        assert self.process.stderr is not None
+        while chunk := await self.process.stderr.receive_some(65536):
+            self.stderr += chunk
+
+
+@asynccontextmanager
+async def relay_process(*args: str) -> AsyncIterator[Child]:
+    """Start ``python -m relay serve --port 0 <args>``; report where it listens.
+
+    Killed on the way out if the test did not stop it.
+    """
+    process = await trio.lowlevel.open_process(
+        [sys.executable, "-m", "relay", "serve", "--port", "0", *args],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        env=child_env(RELAY_LOG_LEVEL="info", RELAY_GRACE_PERIOD="3"),
+    )
+    child = Child(process, bytearray())
+    try:
+        found = await child.read_stderr_until(LISTENING)
+        child.scheme, child.host, child.port = (
+            found[1].decode(), found[2].decode(), int(found[3]))
+        yield child
+    finally:
+        if process.returncode is None:
+            process.kill()
+            with trio.CancelScope(shield=True):
+                await process.wait()
+        if process.stderr is not None:
+            await process.stderr.aclose()
+
+
+async def stop(child: Child, signum: int) -> int:
+    """Send ``signum``, read the remaining log, and return the exit status."""
+    child.process.send_signal(signum)
+    await child.drain_stderr()
+    return await child.process.wait()
+
+
+async def test_demo_serves_and_sigint_exits_0() -> None:
+    """``relay serve --demo --port 0`` logs its address, answers /ping and a streamed demo
+    chat, and exits 0 on SIGINT after a graceful shutdown."""
+    with trio.fail_after(PROCESS_TIMEOUT_S):
+        async with relay_process("--demo") as child, httpcore.AsyncConnectionPool() as pool:
+            assert child.scheme == "http"
+            assert child.host == "127.0.0.1"
+            ping = await pool.request("GET", child.base_url + "/ping")
+            chat = await pool.request(
+                "POST", child.base_url + "/v1/chat/completions",
+                headers=[(b"content-type", b"application/json"),
+                         (b"authorization", b"Bearer demo")],
+                content=orjson.dumps({"model": "step", "stream": True,
+                                      "messages": [{"role": "user", "content": "Hello!"}]}),
+            )
+            await pool.aclose()  # no idle keep-alive connection for the shutdown to wait on
+            status = await stop(child, signal.SIGINT)
+    assert ping.content == b"pong"
+    assert chat.status == 200
+    assert sse_text(chat.content)
+    assert sse_events(chat.content)[-1] == b"[DONE]"
+    assert status == 0, child.stderr.decode(errors="replace")
+    assert b"shutting down" in child.stderr
+    assert b"Traceback" not in child.stderr
+
+
+async def test_sigterm_right_after_listening_exits_0() -> None:
+    """SIGTERM sent the moment the log says "listening on" is a graceful stop (status 0),
+    not a kill: the signals are caught before the address is reported."""
+    with trio.fail_after(PROCESS_TIMEOUT_S):
+        async with relay_process("--demo") as child:
+            status = await stop(child, signal.SIGTERM)
+    assert status == 0, child.stderr.decode(errors="replace")
+    assert b"signal %d: shutting down" % signal.SIGTERM in child.stderr
+
+
+
+async def test_sigterm_while_the_banner_is_still_being_written_exits_0() -> None:
+    """A supervisor that is slow to read stdout holds the demo banner back after "listening
+    on" was logged; SIGTERM then is still a graceful stop (status 0), not a kill (-15)."""
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(write_fd, False)
+    try:  # fill the pipe: the child's banner write blocks until we read
+        while True:
+            os.write(write_fd, b"x" * 65536)
+    except BlockingIOError:
+        pass
+    os.set_blocking(write_fd, True)
+    process = await trio.lowlevel.open_process(
+        [sys.executable, "-m", "relay", "serve", "--demo", "--port", "0"],
+        stdin=subprocess.DEVNULL, stdout=write_fd, stderr=subprocess.PIPE, env=child_env(),
+    )
+    os.close(write_fd)
+    child = Child(process, bytearray())
+    stdout = trio.lowlevel.FdStream(read_fd)
+    banner = bytearray()
+    try:
+        with trio.fail_after(PROCESS_TIMEOUT_S):
+            await child.read_stderr_until(LISTENING)
+            process.send_signal(signal.SIGTERM)
+            await trio.sleep(0.05)  # let the signal land while the child is blocked
+            while chunk := await stdout.receive_some(1 << 20):
+                banner += chunk
+            await child.drain_stderr()
+            status = await process.wait()
+    finally:
+        if process.returncode is None:
+            process.kill()
+            with trio.CancelScope(shield=True):
+                await process.wait()
+        await stdout.aclose()
+        if process.stderr is not None:
+            await process.stderr.aclose()
+    assert status == 0, child.stderr.decode(errors="replace")
+    assert b"Demo mode" in banner
