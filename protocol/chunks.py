@@ -99,6 +99,13 @@ DONE = b"data: [DONE]\n\n"
 KEEPALIVE = b": keep-alive\n\n"  # an SSE comment: clients ignore it, proxies see traffic
 
 
+def _own_line(content: list[str], markdown: str) -> str:
+    """``markdown`` starting on its own line after the content so far."""
+    if content and content[-1] and not content[-1].endswith("\n"):
+        return "\n" + markdown
+    return markdown
+
+
 def image_markdown(url: str) -> str:
     """The content text that shows a generated image."""
     return "![图像](" + url + ")\n"
@@ -199,6 +206,7 @@ class ChunkEncoder:
         "_head",
         "_id_used",
         "_include_usage",
+        "_line_open",
         "_model",
         "_other_chars",
         "_pending",
@@ -253,6 +261,7 @@ class ChunkEncoder:
         self._field = b""  # the prefix (delta field) of the chunk being built
         self._think_open = False  # tags mode: a <think> block is open
         self._content_sent = False  # answer content went out (think tags aside)
+        self._line_open = False  # the last content did not end with a newline
         self._ascii_chars = 0
         self._other_chars = 0
         self.citations: list[Citation] = []
@@ -368,9 +377,9 @@ class ChunkEncoder:
                     self._content(out, self._citation_line.format(title=title, url=url))
                     citing = True
                 case ImageResult(url=url):
-                    self._content(out, image_markdown(url))
+                    self._content(out, "\n" * self._line_open + image_markdown(url))
                 case VideoResult(video_url=url):
-                    self._content(out, video_markdown(url))
+                    self._content(out, "\n" * self._line_open + video_markdown(url))
                 case Finish(reason=reason, text=text):
                     self._finish(out, reason, text)
                     return b"".join(out)
@@ -395,6 +404,7 @@ class ChunkEncoder:
             self._think_open = False
             self._put(out, self._content_prefix, THINK_CLOSE)
         self._content_sent = True
+        self._line_open = not text.endswith("\n")
         self._put(out, self._content_prefix, text)
 
     def _put(self, out: list[bytes], field: bytes, text: str) -> None:
@@ -519,10 +529,10 @@ class CompletionAccumulator:
                     self.citations.append(delta)
                 case ImageResult(url=url):
                     self.images.append(url)
-                    content.append(image_markdown(url))
+                    content.append(_own_line(content, image_markdown(url)))
                 case VideoResult(video_url=url):
                     self.videos.append(delta)
-                    content.append(video_markdown(url))
+                    content.append(_own_line(content, video_markdown(url)))
                 case Finish(text=text):
                     if text:
                         # The same separator as the stream: a blank line only

@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING
 import trio
 
 from protocol.errors import AuthError, RelayError
+from providers.glm.client import DEFAULT_MODEL as GLM_DEFAULT_MODEL
+from providers.glm.client import GlmProvider
 from providers.step.client import StepProvider
 from relay import routes
 from relay.accounts import Account, AccountPool, PoolStatistics
@@ -74,6 +76,18 @@ class App:
             file_settle=settings.step_file_settle,
         )
         self.add_provider(step, settings.step_tokens, settings.step_max_streams, "step")
+        glm = GlmProvider(
+            HttpTransport(self._pool, settings, "ChatGLM"),
+            self.fetcher,
+            base_url=settings.glm_base_url,
+            secret=settings.glm_sign_secret,
+            system_tag=settings.glm_system_tag,
+            cleanup_timeout=settings.cleanup_timeout,
+            upload_timeout=settings.upload_timeout,
+            video_timeout=settings.video_timeout,
+            video_poll_interval=max(settings.video_poll_interval, 0.001),
+        )
+        self.add_provider(glm, settings.glm_tokens, settings.glm_max_streams, GLM_DEFAULT_MODEL)
         self.server = Server(settings, self.handle)
         self.metrics = Metrics(self.pool_statistics, self.server.statistics)
         self.addresses: list[str] = []

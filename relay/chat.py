@@ -43,7 +43,7 @@ import time
 import uuid
 from contextlib import aclosing
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import trio
 
@@ -59,7 +59,7 @@ from protocol.openai import ChunkEncoder, CompletionAccumulator, prompt_tokens
 from relay.server import ClientGone
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Sequence
+    from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
     from protocol.openai import ChatRequest
     from providers.contract import ChatStream
@@ -76,6 +76,8 @@ SSE_HEADERS = (
 )
 SSE_CONTENT_TYPE = b"text/event-stream; charset=utf-8"
 RETRY_STATUSES = (401, 429)
+
+T = TypeVar("T")
 
 
 def error_from_delta(delta: UpstreamError) -> RelayError:
@@ -296,56 +298,20 @@ async def complete(
 ) -> None:
     """Serve one chat completion request (stream or not) with account failover.
 
-    An account whose cached session is refused gets one fresh login and a
-    second try (its access token may simply have expired upstream); a
-    refused login, or a second refusal, rests it and moves on. A busy
-    account (429) moves on at once. Nothing moves on once bytes were sent.
+    See :func:`with_account` for the failover rules; nothing moves to another
+    account once bytes were sent to the client.
     """
     model = request.model or runtime.default_model
-    tried: set[Account] = set()
-    relogged: set[Account] = set()
-    last_error: RelayError | None = None
     started_at = trio.current_time()
+
+    async def attempt(session: object) -> None:
+        try:
+            await _attempt(ex, runtime, request, model, session, settings, outcome, started_at)
+        except _Retry as retry:
+            raise retry.error from None
+
     async with ex.watch_disconnect():
-        while True:
-            try:
-                lease = runtime.pool.lease(accounts, tried)
-                account = await lease.__aenter__()
-            except NoAccountFree:
-                if last_error is not None:
-                    raise last_error from None
-                raise
-            try:
-                outcome.account = account.id
-                outcome.attempts += 1
-                try:
-                    session = await runtime.pool.session(account)
-                except AuthError as exc:  # login refused: the pool rested the account
-                    tried.add(account)
-                    last_error = exc
-                    continue
-                try:
-                    await _attempt(
-                        ex, runtime, request, model, session, settings, outcome, started_at
-                    )
-                    return
-                except (_Retry, AuthError) as exc:
-                    if ex.started:
-                        raise
-                    error = exc.error if isinstance(exc, _Retry) else exc
-                    last_error = error
-                    if error.status == 401:
-                        runtime.pool.evict(account, session)
-                        if account not in relogged:
-                            relogged.add(account)  # same account, fresh login
-                            continue
-                        runtime.pool.rest(account, error.message)
-                    else:
-                        log.info("%s account %s is busy: %s", runtime.provider.name,
-                                 account.id, error.message)
-                    tried.add(account)
-            finally:
-                await lease.__aexit__(None, None, None)
+        await with_account(runtime, accounts, attempt, outcome, retryable=lambda: not ex.started)
 
 
 async def _attempt(
@@ -380,3 +346,75 @@ async def iterate(answer: ChatStream) -> AsyncIterator[list[Delta]]:
     """All batches of an answer (a typed helper for tests and tools)."""
     async for batch in answer:
         yield batch
+
+
+async def with_account(
+    runtime: ProviderRuntime,
+    accounts: Sequence[Account],
+    call: Callable[[object], Awaitable[T]],
+    outcome: Outcome,
+    *,
+    retryable: Callable[[], bool] = lambda: True,
+) -> T:
+    """Run ``call(session)`` on a leased account, failing over to others.
+
+    Chat, image and video generation all go through here: the account is
+    leased for the whole call (so per-account stream limits hold), its
+    session comes from the pool's cache (single-flight login). An auth
+    failure (401) evicts the session and tries the same account once more
+    with a fresh login, then rests it and moves on; a busy account (429)
+    moves on at once. Any other failure is raised as it is.
+
+    Args:
+        runtime: the provider and its account pool.
+        accounts: the candidate accounts (from :meth:`App.accounts_for`).
+        call: the work; it gets the session and may raise RelayError.
+        outcome: filled in for the access log.
+        retryable: False once the call has sent bytes to the client.
+
+    Returns:
+        What ``call`` returned.
+
+    Raises:
+        NoAccountFree: no account was free in time (or the last account's
+            failure, when every account was tried).
+        RelayError: ``call``'s failure.
+    """
+    tried: set[Account] = set()
+    relogged: set[Account] = set()
+    last_error: RelayError | None = None
+    while True:
+        try:
+            lease = runtime.pool.lease(accounts, tried)
+            account = await lease.__aenter__()
+        except NoAccountFree:
+            if last_error is not None:
+                raise last_error from None
+            raise
+        try:
+            outcome.account = account.id
+            outcome.attempts += 1
+            try:
+                session = await runtime.pool.session(account)
+            except AuthError as exc:  # login refused: the pool rested the account
+                tried.add(account)
+                last_error = exc
+                continue
+            try:
+                return await call(session)
+            except RelayError as exc:
+                if exc.status not in RETRY_STATUSES or not retryable():
+                    raise
+                last_error = exc
+                if exc.status == 401:
+                    runtime.pool.evict(account, session)
+                    if account not in relogged:
+                        relogged.add(account)  # same account, fresh login
+                        continue
+                    runtime.pool.rest(account, exc.message)
+                else:
+                    log.info("%s account %s is busy: %s", runtime.provider.name,
+                             account.id, exc.message)
+                tried.add(account)
+        finally:
+            await lease.__aexit__(None, None, None)

@@ -10,6 +10,7 @@ browser-based clients (LobeChat, ChatGPT-Next-Web) call the API directly.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -20,7 +21,9 @@ import trio
 
 from protocol.errors import MethodNotAllowed, NotFound, RelayError, RequestError
 from protocol.openai import error_from_exception, models_body, parse_chat_request
-from relay.chat import Outcome, complete
+from providers.glm.client import GlmProvider
+from providers.glm.media import parse_image_request, parse_video_request, videos_body
+from relay.chat import Outcome, complete, with_account
 from relay.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 
 if TYPE_CHECKING:
@@ -136,16 +139,47 @@ def _forced(name: str) -> RouteHandler:
     return handler
 
 
+def _glm(app: App) -> tuple[ProviderRuntime, GlmProvider]:
+    """The ChatGLM runtime and provider, which the media endpoints need."""
+    runtime = app.providers.get("glm")
+    if runtime is None or not isinstance(runtime.provider, GlmProvider):
+        raise RelayError("media generation needs the ChatGLM provider", status=501,
+                         code="not_implemented")
+    return runtime, runtime.provider
+
+
 async def images(app: App, ex: Exchange, body: bytes) -> None:
-    """``POST /v1/images/generations``: ChatGLM drawing."""
-    raise RelayError("image generation needs the ChatGLM provider", status=501,
-                     code="not_implemented")
+    """``POST /v1/images/generations``: ChatGLM drawing (PROTOCOLS.md 3.12).
+
+    The drawing runs on a leased GLM account (one stream per account, like
+    chat); a ``b64_json`` answer downloads the images after the lease.
+    """
+    request = parse_image_request(body)
+    runtime, glm = _glm(app)
+    accounts = app.accounts_for(ex, runtime)
+    outcome = Outcome()
+    ex.note = outcome
+    async with ex.watch_disconnect():
+        urls = await with_account(
+            runtime, accounts, functools.partial(glm.draw, request=request), outcome
+        )
+        payload = await glm.images_body(request, urls)
+        await ex.respond(200, payload)
 
 
 async def videos(app: App, ex: Exchange, body: bytes) -> None:
-    """``POST /v1/videos/generations``: ChatGLM video generation."""
-    raise RelayError("video generation needs the ChatGLM provider", status=501,
-                     code="not_implemented")
+    """``POST /v1/videos/generations``: ChatGLM video generation (PROTOCOLS.md 3.12)."""
+    request = parse_video_request(body)
+    runtime, glm = _glm(app)
+    accounts = app.accounts_for(ex, runtime)
+    outcome = Outcome()
+    ex.note = outcome
+    async with ex.watch_disconnect():
+        result = await with_account(
+            runtime, accounts, functools.partial(glm.make_video, request=request), outcome
+        )
+        outcome.conversation = result.conversation_id
+        await ex.respond(200, videos_body([result], created=int(time.time())))
 
 
 ROUTES: dict[str, dict[str, RouteHandler]] = {

@@ -847,7 +847,7 @@ def test_completion_images_and_finish_text() -> None:
     assert acc.videos == [VideoResult("c", "https://v")]
     assert (
         acc.text
-        == "Here:![图像](https://i/1)\n![图像](https://i/2)\n[video](https://v)\n\n\nStopped."
+        == "Here:\n![图像](https://i/1)\n![图像](https://i/2)\n[video](https://v)\n\n\nStopped."
     )
     only = CompletionAccumulator()
     only.add([Finish("content_filter", "Stopped.")])
@@ -968,3 +968,15 @@ def test_any_deltas_give_well_formed_events(
     if not any(isinstance(d, Citation) for d in deltas):
         # Only a citation block's closing blank line depends on the batching.
         assert content_of(wire) == content_of(whole)
+
+
+def test_stream_image_after_text_starts_its_own_line() -> None:
+    """An image that follows text without a newline is put on a line of its own."""
+    encoder = ChunkEncoder(completion_id="x", model="m", created=1)
+    out = encoder.encode([TextDelta("画好了："), ImageResult("https://i/1"), ImageResult("https://i/2")])
+    contents = [
+        orjson.loads(line[6:])["choices"][0]["delta"].get("content", "")
+        for line in out.split(b"\n")
+        if line.startswith(b"data: {")
+    ]
+    assert "".join(contents) == "画好了：\n![图像](https://i/1)\n![图像](https://i/2)\n"

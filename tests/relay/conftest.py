@@ -1,4 +1,4 @@
-"""Fixtures for end-to-end tests: a StepChat emulator and a relay, both on loopback.
+"""Fixtures for end-to-end tests: StepChat and ChatGLM emulators and a relay, on loopback.
 
 ``relay_factory(**settings)`` starts an :class:`relay.app.App` on
 127.0.0.1 port 0 in the test's nursery and returns a :class:`Running` with
@@ -18,6 +18,7 @@ import orjson
 import pytest
 import trio
 
+from providers.glm.emulator import GlmBehavior, GlmEmulator
 from providers.step.emulator import StepBehavior, StepEmulator
 from relay import config
 from relay.app import App
@@ -25,6 +26,10 @@ from relay.app import App
 STEP_TOKEN = "good-token"
 STEP_CREDENTIAL = f"device1@{STEP_TOKEN}"
 AUTH = [(b"authorization", f"Bearer {STEP_CREDENTIAL}".encode())]
+#: ChatGLM refresh tokens the `glm` emulator accepts.
+GLM_TOKEN = "glm-refresh-alice"
+GLM_TOKENS = (GLM_TOKEN, "glm-refresh-bob", "glm-refresh-carol")
+GLM_AUTH = [(b"authorization", f"Bearer {GLM_TOKEN}".encode())]
 
 
 @dataclass
@@ -54,10 +59,18 @@ async def step(nursery: trio.Nursery) -> StepEmulator:
 
 
 @pytest.fixture
+async def glm(nursery: trio.Nursery) -> GlmEmulator:
+    """A ChatGLM emulator that accepts GLM_TOKENS (signatures checked)."""
+    emulator = GlmEmulator(tokens=GLM_TOKENS, behavior=GlmBehavior(answer="你好，世界！"))
+    await nursery.start(emulator.serve)
+    return emulator
+
+
+@pytest.fixture
 async def relay_factory(
-    nursery: trio.Nursery, step: StepEmulator
+    nursery: trio.Nursery, step: StepEmulator, glm: GlmEmulator
 ) -> AsyncIterator[RelayFactory]:
-    """Start relays with given settings (pointed at the `step` emulator)."""
+    """Start relays with given settings (pointed at the `step` and `glm` emulators)."""
     apps: list[App] = []
 
     async def start(**overrides: Any) -> Running:
@@ -65,6 +78,7 @@ async def relay_factory(
             "host": "127.0.0.1",
             "port": 0,
             "step_base_url": step.base_url,
+            "glm_base_url": glm.base_url,
             "step_file_settle": 0.0,
             "commit_timeout": 2.0,
             "grace_period": 1.0,

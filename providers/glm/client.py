@@ -1,0 +1,702 @@
+"""ChatGLM client: the I/O half of the provider (PROTOCOLS.md section 3).
+
+Theory of operation
+-------------------
+Every decision about *what* goes on the wire lives in the sans-IO modules
+(``prompt.py`` for requests and envelopes, ``stream.py`` for the snapshot
+stream, ``media.py`` for the image and video flows, ``signing.py`` for the
+signature); this module only moves bytes through the relay's
+:class:`~providers.contract.Transport` and keeps the flows' order.
+
+Per chat request (3.7-3.10): fetch and upload the last message's files
+(concurrently, multipart), POST ``assistant/stream``, decode the SSE body
+with :class:`~protocol.sse.SSEDecoder` and translate the snapshots with
+:class:`~providers.glm.stream.GlmStream`, one list of deltas per upstream
+read, then delete the conversation the answer created.
+
+Every call is signed (3.4) with a fresh nonce and timestamp, the configured
+secret, a fresh ``X-Request-Id`` and a *stable* ``X-Device-Id`` per account,
+derived from a hash of its refresh token, as a browser keeps one per install
+(weakness 30). The reference leaves uploads and the video delete unsigned;
+``sign_every_call=False`` reproduces that.
+
+Where we differ from the reference, on purpose:
+
+- the stream endpoint's HTTP status and Content-Type are checked; anything
+  else is read as a 3.6 envelope: auth failures raise :class:`AuthError` (the
+  relay evicts the session and retries), a busy account ("a conversation is
+  in progress") becomes a leading 429 :class:`UpstreamError` so the relay
+  moves to another account, the rest :class:`UpstreamFailed`;
+- a conversation the relay created is deleted after *every* answer (success,
+  upstream error, client disconnect), shielded from cancellation and bounded
+  by ``cleanup_timeout`` (weakness 17); a conversation the client asked to
+  continue (a valid ``conversation_id``) is left alone (weakness 18);
+- the drawing flow only counts markdown *image* targets (weakness 38), a
+  content-filter stop is a 400 with the upstream's explanation, and
+  ``b64_json`` downloads go through the relay's size-limited, SSRF-guarded
+  fetcher (weakness 25);
+- a video job is polled within ``video_timeout`` and never re-run as a
+  whole (weakness 37); the job is deleted (signed, shielded) on every path.
+
+Known limits: the conversation id is only learnt from the first snapshot, so
+a client that leaves before any upstream byte arrived leaves a conversation
+behind (the stream is cancelled before it could name it). Without an image
+library the first-frame image of a video is uploaded as it is, not resized
+to 1440 px (3.8). ``n`` of an images request is not a loop: one drawing flow
+runs and every image it drew is returned.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import secrets
+import time
+import uuid
+from contextlib import aclosing, asynccontextmanager
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from protocol.deltas import Finish, ImageResult, TextDelta, UpstreamError
+from protocol.errors import (
+    AuthError,
+    RelayError,
+    RemoteProtocolError,
+    RequestError,
+    UpstreamFailed,
+    UpstreamTimeout,
+)
+from protocol.sse import SSEDecoder
+from providers.glm import media, prompt
+from providers.glm.signing import DEFAULT_SECRET, sign
+from providers.glm.stream import CITATION_LINE, GlmModes, GlmStream
+from providers.step.client import gather
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+
+    from protocol.deltas import Delta, VideoResult
+    from protocol.openai import ChatRequest, ContentPart
+    from providers.contract import Fetcher, Headers, StreamedResponse, Transport
+
+log = logging.getLogger("providers.glm")
+
+#: PROTOCOLS.md 3.2, 3.3: access tokens live 3600 s.
+SESSION_TTL_S = 3600.0
+#: PROTOCOLS.md 3.12: the video status is polled every second.
+VIDEO_POLL_S = 1.0
+#: PROTOCOLS.md 4: each video call is given 30 s.
+VIDEO_CALL_TIMEOUT_S = 30.0
+#: The model a request without one is answered by (README's default).
+DEFAULT_MODEL = "glm-4-plus"
+
+#: PROTOCOLS.md 3.7: what the stream call accepts, and the answer's media type.
+SSE_ACCEPT = b"text/event-stream"
+SSE_CONTENT_TYPE = b"text/event-stream"
+JSON_CONTENT_TYPE = b"application/json"
+#: The multipart form field of both upload endpoints (3.8).
+UPLOAD_FIELD = "file"
+#: Busy-account messages (3.13: "a conversation is in progress"; README: one
+#: stream per account). Matched as substrings of the envelope's message.
+BUSY_MARKERS = ("进行中", "in progress", "busy")
+#: How a refresh token becomes a stable device id (no secret, just a label).
+_DEVICE_LABEL = b"trio-llm-relay glm device\x00"
+
+
+def device_id_for(credential: str) -> str:
+    """The stable ``X-Device-Id`` of an account: 32 hex digits from its token's hash.
+
+    The same refresh token always gives the same id (a browser keeps one per
+    install); the token cannot be recovered from it.
+    """
+    return hashlib.sha256(_DEVICE_LABEL + credential.encode()).hexdigest()[:32]
+
+
+@dataclass(frozen=True, slots=True)
+class GlmSession:
+    """A logged-in account: the access token and what every call needs besides.
+
+    Attributes:
+        access_token: ``Authorization: Bearer`` of every call but the refresh.
+        device_id: the account's stable ``X-Device-Id``.
+        refresh_token: the refresh token to log in again with: the rotated one
+            when the refresh answer carried one (weakness 22), else the
+            original. Kept in memory only, never logged.
+    """
+
+    access_token: str = field(repr=False)
+    device_id: str
+    refresh_token: str = field(repr=False)
+
+
+def _check_header_token(token: str, what: str) -> None:
+    """Refuse a token that cannot go into a header (never echoing it)."""
+    if not token.isascii() or not token.isprintable() or any(c.isspace() for c in token):
+        raise RemoteProtocolError(f"ChatGLM sent a malformed {what}")
+
+
+def _busy(body: bytes) -> bool:
+    """Whether a non-SSE stream answer says the account is busy."""
+    text = body.decode("utf-8", errors="replace").lower()
+    return any(marker in text for marker in BUSY_MARKERS)
+
+
+def _raise_for(error: UpstreamError) -> None:
+    """Raise the exception an upstream error delta stands for."""
+    message = f"ChatGLM: {error.message}" if error.message else "ChatGLM failed"
+    if error.status == 401:
+        raise AuthError(message, code=error.code)
+    if error.status == 504:
+        raise UpstreamTimeout(message, code=error.code)
+    raise UpstreamFailed(message, code=error.code, status=error.status)
+
+
+class GlmAnswer:
+    """One ``assistant/stream`` response as lists of deltas (providers.contract.ChatStream)."""
+
+    def __init__(
+        self, response: StreamedResponse, modes: GlmModes, conversation_id: str = ""
+    ) -> None:
+        """
+        Args:
+            response: the open SSE response (status and type already checked).
+            modes: how to render the model's answer.
+            conversation_id: the continued conversation, "" for a new one.
+        """
+        self._response = response
+        self._translator = GlmStream(modes)
+        self._given = conversation_id
+
+    @property
+    def conversation_id(self) -> str:
+        """The conversation: the first one a snapshot named, else the continued one."""
+        return self._translator.conversation_id or self._given
+
+    async def __aiter__(self) -> AsyncGenerator[list[Delta], None]:
+        decoder = SSEDecoder()
+        translator = self._translator
+        async with aclosing(self._response.chunks()) as chunks:
+            async for chunk in chunks:
+                deltas: list[Delta] = []
+                for event in decoder.feed(chunk):
+                    deltas += translator.feed(event.data)
+                if deltas:
+                    yield deltas
+                if translator.finished:
+                    return
+        decoder.close()
+        tail = translator.close()
+        if tail:
+            yield tail
+
+
+class GlmRefusal:
+    """An answer that is only an error: the account was busy (a ChatStream).
+
+    The relay retries on another account when an answer *begins* with a 429
+    error, which is how a busy account is reported (raising at entry would
+    end the request instead).
+    """
+
+    conversation_id = ""
+
+    def __init__(self, error: UpstreamError) -> None:
+        self._error = error
+
+    async def __aiter__(self) -> AsyncGenerator[list[Delta], None]:
+        yield [self._error]
+
+
+class GlmProvider:
+    """ChatGLM as a provider (providers.contract.Provider), plus images and videos."""
+
+    name = "glm"
+    session_ttl = SESSION_TTL_S
+    citation_line = CITATION_LINE
+
+    def __init__(
+        self,
+        transport: Transport,
+        fetcher: Fetcher,
+        *,
+        base_url: str,
+        secret: str = DEFAULT_SECRET,
+        system_tag: str = prompt.SYSTEM_TAG,
+        cleanup_timeout: float = 10.0,
+        upload_timeout: float = 60.0,
+        video_timeout: float = 600.0,
+        video_poll_interval: float = VIDEO_POLL_S,
+        sign_every_call: bool = True,
+        default_assistant: str = prompt.DEFAULT_ASSISTANT,
+        drawing_assistant: str = prompt.DRAWING_ASSISTANT,
+    ) -> None:
+        """
+        Args:
+            transport: unary and streamed calls to chatglm.cn.
+            fetcher: resolves client file URLs (and generated images for b64_json).
+            base_url: the site (3.2), e.g. ``https://chatglm.cn``.
+            secret: the signing secret (3.4); the site changes it.
+            system_tag: role tag of system messages in merged prompts (3.10).
+            cleanup_timeout: bound on deleting a conversation or video job.
+            upload_timeout: bound on one file upload call.
+            video_timeout: longest wait for a video to be made.
+            video_poll_interval: seconds between video status polls.
+            sign_every_call: sign uploads and the video delete too (the
+                reference does not).
+            default_assistant: the chat assistant for non-agent model names.
+            drawing_assistant: the assistant that draws.
+        """
+        self._transport = transport
+        self._fetcher = fetcher
+        self._base = base_url.rstrip("/")
+        prompt.origin(self._base)  # fail early on a base URL that is not http(s)
+        self._secret = secret
+        self._system_tag = system_tag
+        self._cleanup_timeout = cleanup_timeout
+        self._upload_timeout = upload_timeout
+        self._video_timeout = video_timeout
+        self._sign_every_call = sign_every_call
+        self._default_assistant = default_assistant
+        self._drawing_assistant = drawing_assistant
+        #: seconds between video status polls (public: tests shorten it)
+        self.video_poll_interval = video_poll_interval
+
+    def models(self) -> list[str]:
+        return list(prompt.MODELS)
+
+    def validate_credential(self, credential: str) -> None:
+        """A refresh token: non-empty ASCII, no whitespace, comma or control character.
+
+        Raises:
+            AuthError: it cannot be one (the credential is never echoed).
+        """
+        if (
+            not credential
+            or not credential.isascii()
+            or "," in credential
+            or not credential.isprintable()
+            or any(c.isspace() for c in credential)
+        ):
+            raise AuthError(
+                "the ChatGLM credential is not a refresh token (chatglm_refresh_token cookie)",
+                code="invalid_credential",
+            )
+
+    # --- calls ---------------------------------------------------------------------------
+
+    def _headers(
+        self,
+        bearer: str,
+        device_id: str,
+        referer: bytes | None,
+        content_type: bytes | None = JSON_CONTENT_TYPE,
+        *,
+        signed: bool = True,
+        accept: bytes | None = None,
+    ) -> list[tuple[bytes, bytes]]:
+        """The browser set (3.5) plus this call's auth, referer and ids (3.4)."""
+        headers = prompt.browser_headers(self._base)
+        if accept is not None:
+            headers = [(k, accept) if k == b"Accept" else (k, v) for k, v in headers]
+        headers.append((b"Authorization", b"Bearer " + bearer.encode()))
+        if referer is not None:
+            headers.append((b"Referer", referer))
+        if content_type is not None:
+            headers.append((b"Content-Type", content_type))
+        headers.append((b"X-Device-Id", device_id.encode()))
+        headers.append((b"X-Request-Id", uuid.uuid4().hex.encode()))
+        if signed or self._sign_every_call:
+            headers += sign(int(time.time() * 1000), self._secret).headers()
+        return headers
+
+    def _session_headers(
+        self,
+        session: GlmSession,
+        referer: bytes | None,
+        content_type: bytes | None = JSON_CONTENT_TYPE,
+        *,
+        signed: bool = True,
+        accept: bytes | None = None,
+    ) -> list[tuple[bytes, bytes]]:
+        return self._headers(
+            session.access_token, session.device_id, referer, content_type,
+            signed=signed, accept=accept,
+        )
+
+    async def _call(
+        self,
+        method: bytes,
+        path: str,
+        headers: Headers,
+        body: bytes = b"",
+        *,
+        limit_s: float | None = None,
+    ) -> Any:  # noqa: ANN401 - the JSON result, narrowed by the parsers
+        """One unary call; the 3.6 envelope's ``result``.
+
+        Raises:
+            AuthError: the credential was refused (401, 40102).
+            UpstreamFailed, UpstreamTimeout: anything else went wrong.
+        """
+        response = await self._transport.request(
+            method, prompt.url_for(self._base, path), headers, body, limit_s=limit_s
+        )
+        return prompt.parse_envelope(response.status, response.body)
+
+    async def _refresh(self, credential: str, referer: bytes | None) -> GlmSession:
+        self.validate_credential(credential)
+        device_id = device_id_for(credential)
+        headers = self._headers(credential, device_id, referer)
+        result = await self._call(b"POST", prompt.REFRESH_PATH, headers, b"{}")
+        access, rotated = prompt.parse_refresh(result)
+        _check_header_token(access, "access token")
+        if rotated is not None:
+            try:
+                _check_header_token(rotated, "refresh token")
+            except RemoteProtocolError:
+                rotated = None
+        return GlmSession(access, device_id, rotated or credential)
+
+    async def login(self, credential: str) -> GlmSession:
+        """Exchange a refresh token for an access token (3.3).
+
+        Raises:
+            AuthError: refused; code ``refresh_token_expired`` for 40102.
+            UpstreamFailed, UpstreamTimeout: the call failed.
+        """
+        return await self._refresh(credential, None)
+
+    async def check(self, credential: str) -> bool:
+        """Liveness (3.3): the refresh call with the liveness referer; True if it worked."""
+        try:
+            await self._refresh(
+                credential, prompt.url_for(self._base, prompt.REFERER_ALLTOOLS_PATH).encode()
+            )
+        except RelayError:
+            return False
+        return True
+
+    async def _delete_conversation(
+        self, session: GlmSession, assistant_id: str, conversation_id: str
+    ) -> None:
+        referer = prompt.url_for(self._base, prompt.REFERER_ALLTOOLS_PATH).encode()
+        await self._call(
+            b"POST",
+            prompt.DELETE_PATH,
+            self._session_headers(session, referer),
+            prompt.delete_body(assistant_id, conversation_id),
+        )
+
+    async def _cleanup(self, session: GlmSession, assistant_id: str, conversation_id: str) -> None:
+        """Delete a conversation: shielded, bounded, retried once, never raising."""
+        with trio.move_on_after(self._cleanup_timeout, shield=True) as scope:
+            for attempt in (1, 2):
+                try:
+                    await self._delete_conversation(session, assistant_id, conversation_id)
+                    log.debug("deleted conversation %s", conversation_id)
+                    return
+                except RelayError as exc:
+                    log.warning("deleting conversation %s failed (attempt %d): %s",
+                                conversation_id, attempt, exc)
+                    if exc.status == 401:
+                        return
+        if scope.cancelled_caught:
+            log.warning("deleting conversation %s timed out", conversation_id)
+
+    # --- files ----------------------------------------------------------------------------
+
+    async def _upload(self, session: GlmSession, url: str, name: str, path: str,
+                      referer: bytes) -> dict[str, Any]:
+        """Fetch a client's file and upload it as multipart (3.8); the ``result``."""
+        file = await self._fetcher.fetch(url)
+        boundary = _boundary(file.data)
+        body = prompt.multipart_body(UPLOAD_FIELD, name or file.name, file.mime, file.data,
+                                     boundary)
+        headers = self._session_headers(
+            session, referer, prompt.multipart_content_type(boundary), signed=False
+        )
+        result = await self._call(b"POST", path, headers, body, limit_s=self._upload_timeout)
+        if not isinstance(result, dict):
+            raise RemoteProtocolError("ChatGLM upload answer is not an object")
+        return result
+
+    async def _chat_upload(self, session: GlmSession, part: ContentPart) -> dict[str, Any]:
+        result = await self._upload(
+            session, part.url, part.name, prompt.UPLOAD_PATH, prompt.upload_referer(self._base)
+        )
+        if not isinstance(result.get("file_url"), str):
+            raise RemoteProtocolError("ChatGLM upload answer has no file_url")
+        return result
+
+    async def _attachments(
+        self, session: GlmSession, parts: Sequence[ContentPart]
+    ) -> list[dict[str, Any]]:
+        if not parts:
+            return []
+        return await gather(*[lambda p=p: self._chat_upload(session, p) for p in parts])
+
+    # --- the stream -----------------------------------------------------------------------
+
+    def _stream_headers(self, session: GlmSession, assistant_id: str) -> list[tuple[bytes, bytes]]:
+        referer = prompt.referer(self._base, assistant_id,
+                                 default_assistant=self._default_assistant)
+        return self._session_headers(session, referer, accept=SSE_ACCEPT)
+
+    async def _check_stream_response(self, response: StreamedResponse) -> None:
+        """Return if the response is an SSE stream; else raise what its body says.
+
+        Raises:
+            AuthError: 401/403, or an auth envelope (3.6).
+            UpstreamFailed: status 429 for a busy account; 502 otherwise.
+        """
+        content_type = (response.header(b"content-type") or b"").split(b";")[0].strip().lower()
+        if response.status == 200 and content_type == SSE_CONTENT_TYPE:
+            return
+        body = await response.read()
+        try:
+            prompt.parse_envelope(response.status, body)  # raises for every error envelope
+        except AuthError:
+            raise
+        except UpstreamFailed as exc:
+            if _busy(body):
+                raise UpstreamFailed(
+                    "the ChatGLM account is busy with another answer", status=429,
+                    code="account_busy",
+                ) from exc
+            raise
+        shown = content_type.decode("latin-1") or "no content type"
+        raise UpstreamFailed(
+            f"ChatGLM answered HTTP {response.status} ({shown}) instead of a stream"
+        )
+
+    @asynccontextmanager
+    async def chat(
+        self, session: object, request: ChatRequest
+    ) -> AsyncIterator[GlmAnswer | GlmRefusal]:
+        """Open an answer (3.7-3.10); leaving deletes the conversation we created.
+
+        Raises (on entering):
+            AuthError: the access token was refused (the relay evicts it).
+            RequestError: a file could not be fetched.
+            UpstreamFailed, UpstreamTimeout: upstream trouble. A busy account
+                is not raised: the answer then begins with a 429 error.
+        """
+        if not isinstance(session, GlmSession):
+            raise TypeError("not a ChatGLM session")
+        choice = prompt.resolve_model(request.model or DEFAULT_MODEL, self._default_assistant)
+        reuse = prompt.valid_conversation_id(request.conversation_id)
+        last = request.messages[-1]
+        parts = [part for part in last.parts if part.type in ("image_url", "file")]
+        files, images = prompt.attachment_items(await self._attachments(session, parts))
+        body = prompt.stream_body(
+            assistant_id=choice.assistant_id,
+            conversation_id=reuse or "",
+            prompt=prompt.build_prompt(
+                request.messages, reuse=reuse is not None, system_tag=self._system_tag
+            ),
+            files=files,
+            images=images,
+            chat_mode=choice.chat_mode,
+        )
+        answer: GlmAnswer | None = None
+        try:
+            async with self._transport.stream(
+                b"POST",
+                prompt.url_for(self._base, prompt.STREAM_PATH),
+                self._stream_headers(session, choice.assistant_id),
+                body,
+            ) as response:
+                try:
+                    await self._check_stream_response(response)
+                except UpstreamFailed as exc:
+                    if exc.status != 429:
+                        raise
+                    yield GlmRefusal(UpstreamError(exc.code or "account_busy", exc.message, 429))
+                    return
+                answer = GlmAnswer(response, GlmModes(think=choice.think, silent=choice.silent),
+                                   reuse or "")
+                yield answer
+        finally:
+            created = answer.conversation_id if answer is not None and reuse is None else ""
+            if created:
+                await self._cleanup(session, choice.assistant_id, created)
+
+    # --- images (3.12) -------------------------------------------------------------------
+
+    async def draw(self, session: object, request: media.ImageRequest) -> list[str]:
+        """Run the drawing flow once; the URLs of the images drawn, first seen first.
+
+        Raises:
+            RequestError: (400, code ``content_filter``) the content filter
+                stopped it; the message is the upstream's explanation.
+            AuthError: the access token was refused.
+            UpstreamFailed: 429 for a busy account; 502 when nothing was
+                drawn or the stream failed. UpstreamTimeout: it was too slow.
+        """
+        if not isinstance(session, GlmSession):
+            raise TypeError("not a ChatGLM session")
+        assistant_id = media.drawing_assistant(request.model, self._drawing_assistant)
+        body = prompt.stream_body(
+            assistant_id=assistant_id,
+            conversation_id="",
+            prompt=media.drawing_prompt(request.prompt),
+            is_networking=False,
+        )
+        answer: GlmAnswer | None = None
+        urls: dict[str, None] = {}
+        texts: list[str] = []
+        try:
+            async with self._transport.stream(
+                b"POST",
+                prompt.url_for(self._base, prompt.STREAM_PATH),
+                self._stream_headers(session, assistant_id),
+                body,
+            ) as response:
+                await self._check_stream_response(response)
+                answer = GlmAnswer(response, GlmModes())
+                async with aclosing(answer.__aiter__()) as batches:
+                    async for batch in batches:
+                        for delta in batch:
+                            if isinstance(delta, ImageResult):
+                                urls[delta.url] = None
+                            elif isinstance(delta, TextDelta):
+                                texts.append(delta.text)
+                            elif isinstance(delta, UpstreamError):
+                                _raise_for(delta)
+                            elif isinstance(delta, Finish) and delta.reason == "content_filter":
+                                raise RequestError(
+                                    delta.text or "ChatGLM's content filter refused the prompt",
+                                    param="prompt", code="content_filter",
+                                )
+        finally:
+            if answer is not None and answer.conversation_id:
+                await self._cleanup(session, assistant_id, answer.conversation_id)
+        for url in media.image_urls_from_text("".join(texts)):
+            urls[url] = None
+        if not urls:
+            raise UpstreamFailed("ChatGLM drew no image for this prompt", code="no_images")
+        return list(urls)
+
+    async def images_body(self, request: media.ImageRequest, urls: Sequence[str]) -> bytes:
+        """The OpenAI images response for drawn ``urls``; downloads them for ``b64_json``.
+
+        Downloads go through the fetcher (size limit, address guard).
+
+        Raises:
+            UpstreamFailed: a generated image could not be downloaded.
+        """
+        created = int(time.time())
+        if request.response_format != "b64_json":
+            return media.images_body(urls, created)
+
+        async def download(url: str) -> bytes:
+            try:
+                return (await self._fetcher.fetch(url)).data
+            except RequestError as exc:
+                raise UpstreamFailed(
+                    f"could not download a generated image: {exc.message}", code="image_download"
+                ) from exc
+
+        images = await gather(*[lambda u=u: download(u) for u in urls])
+        return media.images_b64_body(images, created)
+
+    # --- videos (3.12) -------------------------------------------------------------------
+
+    async def make_video(self, session: object, request: media.VideoRequest) -> VideoResult:
+        """Make one video: optional first frame, submit, poll, optional sound, delete.
+
+        ``cogvideox-pro`` without an ``image_url`` draws its first frame
+        first. The job is deleted on every path (shielded, bounded); it is
+        never re-submitted.
+
+        Raises:
+            RequestError: the first-frame image could not be fetched, or the
+                drawing was refused by the content filter.
+            AuthError: the access token was refused.
+            UpstreamFailed: the job failed; UpstreamTimeout: not done within
+                ``video_timeout``.
+        """
+        if not isinstance(session, GlmSession):
+            raise TypeError("not a ChatGLM session")
+        referer = media.video_referer(self._base)
+        image_url = request.image_url
+        if image_url is None and request.model == "cogvideox-pro":
+            image_url = (await self.draw(session, media.ImageRequest(prompt=request.prompt)))[0]
+        source_ids: list[str] = []
+        if image_url is not None:
+            result = await self._upload(session, image_url, "", media.VIDEO_UPLOAD_PATH, referer)
+            source_ids.append(media.parse_upload_source(result))
+        result = await self._call(
+            b"POST",
+            media.VIDEO_CHAT_PATH,
+            self._session_headers(session, referer),
+            media.video_chat_body(request, source_ids),
+            limit_s=VIDEO_CALL_TIMEOUT_S,
+        )
+        chat_id, conversation_id = media.parse_video_chat(result)
+        try:
+            status = await self._wait_video(session, chat_id, referer)
+            video_url = None
+            if request.audio_id is not None:
+                video_url = media.parse_composite(
+                    await self._call(
+                        b"POST",
+                        media.VIDEO_COMPOSITE_PATH,
+                        self._session_headers(session, referer),
+                        media.composite_body(chat_id, request.audio_id),
+                        limit_s=VIDEO_CALL_TIMEOUT_S,
+                    )
+                )
+            return status.to_result(conversation_id, video_url)
+        finally:
+            await self._delete_video(session, chat_id, referer)
+
+    async def _wait_video(
+        self, session: GlmSession, chat_id: str, referer: bytes
+    ) -> media.VideoStatus:
+        """Poll until the job is done (bounded by ``video_timeout``)."""
+        path = media.video_status_path(chat_id)
+        with trio.move_on_after(self._video_timeout):
+            while True:
+                status = media.parse_video_status(
+                    await self._call(
+                        b"GET", path, self._session_headers(session, referer, None),
+                        limit_s=VIDEO_CALL_TIMEOUT_S,
+                    )
+                )
+                if status.done:
+                    return status
+                if status.failed:
+                    detail = status.msg or f"status {status.status or 'missing'}"
+                    raise UpstreamFailed(f"ChatGLM could not make the video: {detail}",
+                                         code="video_failed")
+                await trio.sleep(self.video_poll_interval)
+        raise UpstreamTimeout(
+            f"ChatGLM did not finish the video within {self._video_timeout:g} s",
+            code="video_timeout",
+        )
+
+    async def _delete_video(self, session: GlmSession, chat_id: str, referer: bytes) -> None:
+        """DELETE a video job: shielded, bounded, never raising."""
+        with trio.move_on_after(self._cleanup_timeout, shield=True) as scope:
+            try:
+                await self._call(
+                    b"DELETE",
+                    media.video_delete_path(chat_id),
+                    self._session_headers(session, referer, None, signed=False),
+                )
+                log.debug("deleted video job %s", chat_id)
+            except RelayError as exc:
+                log.warning("deleting video job %s failed: %s", chat_id, exc)
+        if scope.cancelled_caught:
+            log.warning("deleting video job %s timed out", chat_id)
+
+
+def _boundary(data: bytes) -> str:
+    """A random multipart boundary that does not occur in ``data``."""
+    while True:
+        boundary = "----TrioRelayBoundary" + secrets.token_hex(16)
+        if b"--" + boundary.encode() not in data:
+            return boundary
