@@ -136,7 +136,9 @@ class ChatRequest:
         stream: answer as server-sent events.
         include_usage: ``stream_options.include_usage``: end the stream with
             a usage chunk.
-        conversation_id: the ChatGLM extension field (continue a conversation).
+        conversation_id: the ChatGLM extension field: ``None`` when the body
+            has no such key; ``""`` when it is null or empty (start a new
+            conversation and keep it); else the conversation to continue.
         use_search: the StepChat extension field (may be ignored).
     """
 
@@ -331,6 +333,8 @@ def parse_chat_request(body: bytes) -> ChatRequest:
     else:
         raise _invalid_type("stream_options", "an object or null")
     conversation_id = _optional_str(data, "conversation_id", "conversation_id")
+    if conversation_id is None and "conversation_id" in data:
+        conversation_id = ""  # present but null: a conversation-aware client, new conversation
     use_search = _optional_bool(data, "use_search", "use_search")
     _check_ignored_params(data)
     return ChatRequest(

@@ -519,7 +519,11 @@ class GlmProvider:
                                    reuse or "")
                 yield answer
         finally:
-            created = answer.conversation_id if answer is not None and reuse is None else ""
+            # A client that sent `conversation_id` (even null or "") manages its
+            # conversations: keep them so it can continue (weakness 18). Others
+            # leave nothing behind.
+            keep = request.conversation_id is not None
+            created = answer.conversation_id if answer is not None and not keep else ""
             if created:
                 await self._cleanup(session, choice.assistant_id, created)
 

@@ -176,7 +176,9 @@ def test_null_optional_fields_mean_absent() -> None:
     ]
     request = parse_chat_request(body_of(**dict.fromkeys(nulls)))
     assert (request.model, request.stream, request.include_usage) == ("", False, False)
-    assert request.conversation_id is None
+    # conversation_id is the exception: null says "new conversation, keep it"
+    assert request.conversation_id == ""
+    assert parse_chat_request(body_of()).conversation_id is None
     assert parse_chat_request(body_of(stream_options={})).include_usage is False
     assert (
         parse_chat_request(body_of(stream_options={"include_usage": None})).include_usage is False

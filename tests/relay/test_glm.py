@@ -601,6 +601,29 @@ async def test_conversation_id_reuse_continues_and_keeps_it(
     assert glm.record.conversations_deleted == []
 
 
+async def test_empty_conversation_id_keeps_the_new_conversation_for_the_next_turn(
+    relay: Running, glm: GlmEmulator
+) -> None:
+    """`conversation_id: ""` starts a conversation that is kept; its id continues it next turn."""
+    first = await _sdk_complete(relay, "glm-4-plus", conversation_id="")
+    [created] = glm.record.conversations_created
+    assert first.id == created
+    second = await _sdk_complete(relay, "glm-4-plus", conversation_id=first.id)
+    assert second.id == created
+    assert glm.record.streams[-1]["conversation_id"] == created
+    assert glm.record.conversations_created == [created]
+    assert glm.record.conversations_deleted == []
+
+
+async def test_without_conversation_id_the_conversation_is_deleted(
+    relay: Running, glm: GlmEmulator
+) -> None:
+    """A client that never mentions conversation_id leaves no conversation behind."""
+    await _sdk_complete(relay, "glm-4-plus")
+    await _all_deleted(glm)
+    assert len(glm.record.conversations_deleted) == 1
+
+
 # ---------------------------------------------------------------- accounts
 
 
