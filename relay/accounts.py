@@ -32,7 +32,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import logging
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -66,6 +66,18 @@ class _Flight:
         self.done = trio.Event()
         self.session: object | None = None
         self.error: BaseException | None = None
+
+
+class _Waiter:
+    """One caller queued for an account; a release hands it one directly."""
+
+    __slots__ = ("account", "candidates", "exclude", "granted")
+
+    def __init__(self, candidates: Sequence[Account], exclude: set[Account]) -> None:
+        self.candidates = candidates
+        self.exclude = exclude
+        self.granted = trio.Event()
+        self.account: Account | None = None
 
 
 @dataclass(eq=False)
@@ -116,8 +128,9 @@ class AccountPool:
         self._max_streams = max_streams
         self._server: dict[str, Account] = {}
         self._clients: OrderedDict[str, Account] = OrderedDict()
-        self._released = trio.Event()
-        self._waiting = 0
+        # FIFO: a release hands the freed slot to the first waiter that can use it,
+        # so a newcomer never overtakes a caller that was already waiting
+        self._queue: deque[_Waiter] = deque()
         self._logins = 0
 
     # --- which accounts ------------------------------------------------------------
@@ -183,29 +196,63 @@ class AccountPool:
         exclude = exclude or set()
         if not [c for c in candidates if c not in exclude]:
             raise NoAccountFree(f"no {self.provider.name} account left to try")
+        # Pickable accounts are never wanted by a queued waiter (each release is
+        # handed off at once), so taking one here does not overtake anybody.
         acc = self._pick(candidates, exclude)
         if acc is None:
-            self._waiting += 1
-            try:
-                with trio.move_on_after(self._settings.account_wait_timeout):
-                    while acc is None:
-                        await self._released.wait()
-                        acc = self._pick(candidates, exclude)
-            finally:
-                self._waiting -= 1
-            if acc is None:
-                raise NoAccountFree(
-                    f"every {self.provider.name} account is busy; try again shortly",
-                    code="accounts_busy",
-                )
-        acc.active += 1
-        acc.served += 1
+            acc = await self._wait_for_account(candidates, exclude)
+        else:
+            self._take(acc)
         try:
             yield acc
         finally:
-            acc.active -= 1
-            released, self._released = self._released, trio.Event()
-            released.set()
+            self._release(acc)
+
+    async def _wait_for_account(
+        self, candidates: Sequence[Account], exclude: set[Account]
+    ) -> Account:
+        waiter = _Waiter(candidates, exclude)
+        self._queue.append(waiter)
+        try:
+            with trio.move_on_after(self._settings.account_wait_timeout):
+                await waiter.granted.wait()
+        except BaseException:
+            self._withdraw(waiter)
+            raise
+        if waiter.account is None:
+            self._withdraw(waiter)
+            raise NoAccountFree(
+                f"every {self.provider.name} account is busy; try again shortly",
+                code="accounts_busy",
+            )
+        return waiter.account
+
+    def _withdraw(self, waiter: _Waiter) -> None:
+        """Take ``waiter`` off the queue, or give back what it was handed."""
+        if waiter.account is None:
+            self._queue.remove(waiter)
+        else:
+            # handed an account while its cancellation was already on the way
+            acc, waiter.account = waiter.account, None
+            self._release(acc)
+
+    @staticmethod
+    def _take(acc: Account) -> None:
+        acc.active += 1
+        acc.served += 1
+
+    def _release(self, acc: Account) -> None:
+        """Free one slot of ``acc`` and hand it to the first waiter that can use it."""
+        acc.active -= 1
+        # One slot was freed, so at most one waiter can be served by it.
+        for waiter in self._queue:
+            chosen = self._pick(waiter.candidates, waiter.exclude)
+            if chosen is not None:
+                self._queue.remove(waiter)
+                self._take(chosen)
+                waiter.account = chosen
+                waiter.granted.set()
+                return
 
     # --- sessions ------------------------------------------------------------------------
 
@@ -274,6 +321,6 @@ class AccountPool:
             accounts=len(accounts),
             active_streams=sum(a.active for a in accounts),
             resting=sum(1 for a in accounts if a.resting_until > now),
-            waiting=self._waiting,
+            waiting=len(self._queue),
             logins=self._logins,
         )
