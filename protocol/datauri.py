@@ -59,13 +59,18 @@ def parse_data_url(url: str, max_bytes: int) -> DataURL:
         params.pop()
     mime = params[0].lower() if params and "/" in params[0] else DEFAULT_MIME
     if is_b64:
-        payload = "".join(payload.split())  # some clients wrap base64 lines
+        # WHATWG Fetch, "data: URL processor": percent-decode, then forgiving-base64
+        # (whitespace dropped, padding optional, any other non-base64 character an
+        # error). Non-strict binascii silently dropped such characters and stopped at
+        # the first padding, handing on a corrupt or truncated file.
+        payload = "".join(urllib.parse.unquote(payload).split())
         if len(payload) // 4 * 3 > max_bytes + 3:
             raise RequestError(
                 f"file in data URL is over the {max_bytes}-byte limit", code="file_too_large"
             )
+        payload += "=" * (-len(payload) % 4)
         try:
-            data = binascii.a2b_base64(payload.encode("ascii"), strict_mode=False)
+            data = binascii.a2b_base64(payload.encode("ascii"), strict_mode=True)
         except (binascii.Error, UnicodeEncodeError) as exc:
             raise RequestError("data URL is not valid base64", code="invalid_file_url") from exc
     else:
