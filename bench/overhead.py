@@ -1,0 +1,438 @@
+"""``python -m bench overhead``: what the relay adds, measured against the wire.
+
+Theory of operation
+-------------------
+Per scenario (:func:`bench.scenarios.scenarios`) this module starts the provider's emulator
+as a process, in stamp mode, and a relay as another process pointed at it
+(ours by default; ``--relay-cmd`` runs any other). Then, for each repeat, it
+runs the scenario twice: *direct*, where the benchmark client reads the
+emulator's native stream itself (the floor: loopback plus parsing), and
+*relay*, where it reads the relay's OpenAI stream. Every frame carries the
+emulator's ``monotonic_ns`` at write time, so each chunk's delivery latency
+is exact (:mod:`bench.measure`). Around each run the CPU time of the relay,
+the emulator and the client itself is read (:mod:`bench.procs`), so the
+report can say which process was busy. The median of the repeats is
+reported, with the difference, the ratio, the issue's targets and warnings
+where the harness rather than the relay decides a figure.
+
+Scenarios (full size; ``--quick`` and ``--frames/--streams/--idle-streams``
+scale them down):
+
+- ``latency``: 1 stream, 200 frames 2 ms apart: TTFT (chat creation
+  included) and per-chunk latency;
+- ``throughput-1``, ``throughput-16``: frames as fast as the emulator can
+  write: chunks/s and relay CPU per delivered chunk;
+- ``concurrency-500`` (100 frames 20 ms apart) and ``concurrency-200`` (10 ms):
+  per-chunk latency, the largest gap between two frames of a stream, frames
+  lost. Stream starts are spread evenly over one frame interval
+  (:attr:`bench.scenarios.Scenario.start_spacing_s`), and the first frame is delayed
+  (``--first-delay-s`` of the emulator) so that every stream is set up
+  before the paced frames start: the figures are the steady state, not the
+  connection storm;
+- ``idle``: 1,000 streams whose upstream holds after the first frame: relay
+  RSS growth per open stream (direct mode shows the emulator's, for scale).
+  The relay is restarted for every repeat, since freed memory stays in the
+  process and would flatter later repeats.
+
+Bounds: every run is inside ``trio.move_on_after`` (a run that overruns
+marks its unfinished streams ``timeout``), every stream has the same bound,
+start-up waits are bounded, and the processes are stopped in ``finally``
+blocks, shielded, so Ctrl-C and errors also stop them.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import shlex
+import signal
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass, field, replace
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from bench import procs
+from bench.measure import Figures, combine_runs, floor_warnings, judge, merge_errors, run_figures
+from bench.progress import NoProgress, Progress
+from bench.readers import StreamRecord
+from bench.runners import chat_body, request_headers, run_openai_stream
+from bench.scenarios import Scenario, scenarios, select
+from bench.upstreams import BENCH_PROMPT, PROVIDERS, DirectClient, Provider
+from bench.wire import Endpoint
+from protocol.errors import RelayError, RequestError, UpstreamFailed
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
+
+#: Pause between runs, so that the previous run's cleanup (chat deletion) is over.
+SETTLE_S = 0.3
+
+
+@dataclass(frozen=True, slots=True)
+class OverheadOptions:
+    """What ``bench overhead`` was asked to do (see ``--help``)."""
+
+    provider: str = "step"
+    scenario: str | None = None
+    repeats: int = 3
+    quick: bool = False
+    frames: int | None = None
+    streams: int | None = None
+    idle_streams: int | None = None
+    first_delay_s: float | None = None
+    relay_cmd: str | None = None
+    api_key: str | None = None
+    relay_path: str = "/v1/chat/completions"
+    python: str = sys.executable
+    settle_s: float = SETTLE_S
+    log_dir: str | None = None
+
+
+@dataclass(slots=True)
+class ScenarioResult:
+    """Figures of one scenario in both modes, with verdicts and warnings."""
+
+    key: str
+    label: str
+    params: dict[str, Any]
+    streams: int
+    repeats: int = 0
+    direct: Figures = field(default_factory=dict)
+    relay: Figures = field(default_factory=dict)
+    direct_errors: dict[str, int] = field(default_factory=dict)
+    relay_errors: dict[str, int] = field(default_factory=dict)
+    error_samples: list[str] = field(default_factory=list)
+    direct_runs: list[Figures] = field(default_factory=list)
+    relay_runs: list[Figures] = field(default_factory=list)
+    verdicts: list[dict[str, Any]] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    failure: str | None = None
+
+
+def relay_argv(template: str, **values: object) -> list[str]:
+    """Split a relay command template and fill its placeholders.
+
+    Args:
+        template: e.g. ``"{python} -m relay serve --port {port} ..."``.
+        values: ``python``, ``host``, ``port``, ``upstream``, ``token``.
+
+    Raises:
+        RequestError: an unknown placeholder (write ``{{`` for a literal brace).
+    """
+    try:
+        return [part.format_map(values) for part in shlex.split(template)]
+    except (KeyError, IndexError, ValueError) as exc:
+        raise RequestError(
+            f"relay command: bad placeholder {exc}; known: {', '.join(sorted(values))}",
+            param="relay_cmd",
+        ) from exc
+
+
+class _Harness:
+    """The processes and clients of one scenario."""
+
+    def __init__(self, options: OverheadOptions, provider: Provider, log_dir: str) -> None:
+        self.options = options
+        self.provider = provider
+        self.log_dir = log_dir
+        self.emulator: procs.Child | None = None
+        self.relay: procs.Child | None = None
+        self.upstream = ""
+        self.direct: DirectClient | None = None
+        self.relay_endpoint: Endpoint | None = None
+        self._body = chat_body(provider.model, BENCH_PROMPT)
+        key = options.api_key.replace("{token}", provider.credential) if options.api_key else None
+        self._headers = request_headers(key)
+        self._starts = 0
+
+    async def start_emulator(self, scenario: Scenario) -> None:
+        argv = self.provider.emulator_command(self.options.python, scenario.params)
+        log = os.path.join(self.log_dir, f"{scenario.key}-emulator.log")
+        self.emulator = await procs.start_child("emulator", argv, log, capture_stdout=True)
+        self.upstream = await procs.wait_listening(self.emulator)
+        self.direct = await self.provider.open_direct(self.upstream)
+        record = await self.first_frame(self.direct_stream, scenario.bound_s)
+        if record.error is not None or not record.stamps:
+            raise UpstreamFailed(
+                f"warm-up stream from the emulator failed: {record.error}: {record.detail}\n"
+                + self.emulator.log_tail()
+            )
+
+    async def start_relay(self, scenario: Scenario) -> None:
+        if self.relay is not None:
+            await procs.stop_child(self.relay)
+            self.relay = None
+        port = procs.free_port()
+        template = self.options.relay_cmd or self.provider.relay_cmd
+        argv = relay_argv(
+            template,
+            python=self.options.python,
+            host="127.0.0.1",
+            port=port,
+            upstream=self.upstream,
+            token=self.provider.credential,
+        )
+        self._starts += 1
+        log = os.path.join(self.log_dir, f"{scenario.key}-relay-{self._starts}.log")
+        self.relay = await procs.start_child("relay", argv, log)
+        await procs.wait_port(self.relay, "127.0.0.1", port)
+        self.relay_endpoint = Endpoint("http", "127.0.0.1", port, "")
+        record = await self.first_frame(self.relay_stream, scenario.bound_s)
+        if record.error is not None or not record.stamps:
+            raise UpstreamFailed(
+                f"warm-up stream through the relay failed: {record.error}: {record.detail}\n"
+                + self.relay.log_tail()
+            )
+
+    async def stop(self) -> None:
+        for child in (self.relay, self.emulator):
+            if child is not None:
+                await procs.stop_child(child)
+        self.relay = self.emulator = None
+
+    async def direct_stream(self, record: StreamRecord, bound_s: float = 60.0) -> None:
+        assert self.direct is not None
+        await self.direct.run_stream(record, timeout_s=bound_s)
+
+    async def relay_stream(self, record: StreamRecord, bound_s: float = 60.0) -> None:
+        assert self.relay_endpoint is not None
+        await run_openai_stream(
+            self.relay_endpoint,
+            self._body,
+            self._headers,
+            record,
+            timeout_s=bound_s,
+            stamps=True,
+            path=self.options.relay_path,
+        )
+
+    async def first_frame(
+        self, stream: Callable[[StreamRecord, float], Awaitable[None]], bound_s: float
+    ) -> StreamRecord:
+        """Run one stream until its first stamp (or its end), then close it."""
+        arrived = trio.Event()
+        record = StreamRecord(notify=arrived.set)
+        with trio.move_on_after(bound_s):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(stream, record, bound_s)
+                await arrived.wait()
+                nursery.cancel_scope.cancel()
+        return record
+
+    def pids(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        if self.emulator is not None:
+            out["emulator"] = self.emulator.pid
+        if self.relay is not None:
+            out["relay"] = self.relay.pid
+        return out
+
+
+def _cpu(pids: dict[str, int]) -> dict[str, float | None]:
+    sample: dict[str, float | None] = {name: procs.cpu_seconds(pid) for name, pid in pids.items()}
+    sample["client"] = procs.own_cpu_seconds()
+    return sample
+
+
+async def _run_mode(
+    harness: _Harness, scenario: Scenario, mode: str, progress: Progress
+) -> tuple[Figures, dict[str, int], list[str]]:
+    """One run of ``scenario`` in ``mode`` (``direct`` or ``relay``)."""
+    stream = harness.direct_stream if mode == "direct" else harness.relay_stream
+    pids = harness.pids()
+    if mode == "direct":
+        pids.pop("relay", None)
+    measured_pid = pids.get("relay" if mode == "relay" else "emulator")
+    bound = scenario.bound_s
+    all_in = trio.Event()
+    waiting = scenario.streams
+
+    def arrived() -> None:  # a stream's first chunk, end or error
+        nonlocal waiting
+        waiting -= 1
+        if waiting == 0:
+            all_in.set()
+
+    records = [StreamRecord(notify=arrived) for _ in range(scenario.streams)]
+    rss_base = procs.rss_kib(measured_pid) if scenario.idle and measured_pid else None
+    rss_open: int | None = None
+
+    async def one(record: StreamRecord, delay_s: float) -> None:
+        try:
+            if delay_s:
+                await trio.sleep(delay_s)
+            await stream(record, bound)
+        finally:
+            progress.advance()
+
+    cpu_before = _cpu(pids)
+    started = time.perf_counter()
+    with trio.move_on_after(bound):
+        async with trio.open_nursery() as nursery:
+            spacing = scenario.start_spacing_s
+            for index, record in enumerate(records):
+                nursery.start_soon(one, record, index * spacing)
+            if scenario.idle:
+                await all_in.wait()
+                await trio.sleep(min(harness.options.settle_s, 0.1))
+                if measured_pid:
+                    rss_open = procs.rss_kib(measured_pid)
+                nursery.cancel_scope.cancel()
+    wall_s = time.perf_counter() - started
+    cpu_after = _cpu(pids)
+    now = time.monotonic_ns()
+    for record in records:  # what the bound cut short
+        unfinished = not record.stamps if scenario.idle else not record.done
+        if unfinished and record.error is None:
+            record.fail("timeout", f"the run did not end within {bound:g} s", now)
+    figures, errors = run_figures(
+        records, frames_per_stream=scenario.frames_per_stream, wall_s=wall_s
+    )
+    for name in cpu_before:
+        before, after = cpu_before[name], cpu_after.get(name)
+        if before is not None and after is not None and wall_s > 0:
+            figures[f"{name}_cpu_pct"] = (after - before) / wall_s * 100
+            if name == "relay" and figures["frames_received"]:
+                received = figures["frames_received"] or 1.0
+                figures["cpu_us_per_chunk"] = (after - before) * 1e6 / received
+    if rss_base is not None and rss_open is not None and scenario.streams:
+        figures["rss_kib_base"] = float(rss_base)
+        figures["rss_kib_open"] = float(rss_open)
+        figures["rss_kib_per_stream"] = (rss_open - rss_base) / scenario.streams
+    samples = [f"{mode}: {r.error}: {r.detail}" for r in records if r.error is not None][:3]
+    return figures, errors, samples
+
+
+async def run_scenario(
+    options: OverheadOptions, provider: Provider, scenario: Scenario, progress: Progress
+) -> ScenarioResult:
+    """Start the processes, run every repeat in both modes, stop the processes."""
+    result = ScenarioResult(scenario.key, scenario.label, asdict(scenario.params), scenario.streams)
+    log_dir = options.log_dir or tempfile.mkdtemp(prefix="bench-overhead-")
+    os.makedirs(log_dir, exist_ok=True)
+    harness = _Harness(options, provider, log_dir)
+    direct_errors: list[dict[str, int]] = []
+    relay_errors: list[dict[str, int]] = []
+    try:
+        await harness.start_emulator(scenario)
+        for repeat in range(options.repeats):
+            if harness.relay is None or scenario.idle:
+                await harness.start_relay(scenario)
+            for mode in ("direct", "relay"):
+                progress.begin(
+                    f"{scenario.key} {mode} {repeat + 1}/{options.repeats}", scenario.streams
+                )
+                try:
+                    figures, errors, samples = await _run_mode(harness, scenario, mode, progress)
+                finally:
+                    progress.end()
+                (result.direct_runs if mode == "direct" else result.relay_runs).append(figures)
+                (direct_errors if mode == "direct" else relay_errors).append(errors)
+                result.error_samples.extend(samples[: 3 - len(result.error_samples)])
+                await trio.sleep(options.settle_s)
+            result.repeats = repeat + 1
+    except RelayError as exc:
+        result.failure = exc.message
+    finally:
+        await harness.stop()
+    result.direct = combine_runs(result.direct_runs)
+    result.relay = combine_runs(result.relay_runs)
+    result.direct_errors = merge_errors(direct_errors)
+    result.relay_errors = merge_errors(relay_errors)
+    if result.relay_runs:
+        result.verdicts = [
+            {
+                "target": v.target.text,
+                "figure": v.target.figure,
+                "basis": v.target.basis,
+                "limit": v.target.limit,
+                "value": v.value,
+                "result": v.result,
+            }
+            for v in judge(scenario.key, result.direct, result.relay)
+        ]
+        result.warnings = floor_warnings(scenario.key, scenario.group, result.direct, result.relay)
+    return result
+
+
+async def _cancel_on_sigterm(scope: trio.CancelScope) -> None:
+    """Turn SIGTERM into a cancellation, so that ``finally`` blocks stop the children."""
+    with trio.open_signal_receiver(signal.SIGTERM) as signals:
+        async for _ in signals:
+            scope.cancel()
+            return
+
+
+def machine_info() -> dict[str, Any]:
+    """Where the figures come from: CPU count, load, Python and trio versions."""
+    try:
+        load: list[float] | None = list(os.getloadavg())
+    except OSError:  # pragma: no cover - not available
+        load = None
+    return {
+        "cpus": os.cpu_count(),
+        "loadavg": load,
+        "platform": platform.platform(),
+        "python": sys.version.split()[0],
+        "trio": trio.__version__,
+        "when": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+    }
+
+
+async def run_overhead(
+    options: OverheadOptions, progress: Progress | None = None
+) -> dict[str, Any]:
+    """Run the selected scenarios; the report as a JSON-ready mapping.
+
+    Raises:
+        RequestError: an unknown provider or scenario, or a bad relay command.
+    """
+    provider = PROVIDERS.get(options.provider)
+    if provider is None:
+        raise RequestError(
+            f"unknown provider {options.provider!r}; available: {', '.join(PROVIDERS)}",
+            param="provider",
+        )
+    if options.repeats < 1:
+        raise RequestError("--repeats must be at least 1", param="repeats")
+    if options.relay_cmd:
+        relay_argv(options.relay_cmd, python="", host="", port=0, upstream="", token="")
+    chosen = select(
+        scenarios(
+            quick=options.quick,
+            frames=options.frames,
+            streams=options.streams,
+            idle_streams=options.idle_streams,
+            first_delay_s=options.first_delay_s,
+        ),
+        options.scenario,
+    )
+    limits = procs.raise_fd_limit()
+    results: list[ScenarioResult] = []
+    failure: Exception | None = None  # raised outside the nursery: no exception group
+    async with trio.open_nursery() as nursery:
+        if threading.current_thread() is threading.main_thread():
+            nursery.start_soon(_cancel_on_sigterm, nursery.cancel_scope)
+        try:
+            for scenario in chosen:
+                result = await run_scenario(options, provider, scenario, progress or NoProgress())
+                results.append(result)
+        except Exception as exc:
+            failure = exc
+        nursery.cancel_scope.cancel()
+    if failure is not None:
+        raise failure
+    terminated = len(results) < len(chosen)
+    if terminated:
+        raise UpstreamFailed("terminated by SIGTERM; the child processes were stopped")
+    return {
+        "tool": "bench overhead",
+        "options": asdict(replace(options, api_key="***" if options.api_key else None)),
+        "machine": {**machine_info(), "fd_limit": list(limits)},
+        "relay_cmd": options.relay_cmd or provider.relay_cmd,
+        "scenarios": [asdict(r) for r in results],
+    }

@@ -1,0 +1,269 @@
+"""Human output of both benchmarks: a rich progress bar and readable tables.
+
+Everything here reads the JSON-ready reports that :mod:`bench.stream` and
+:mod:`bench.overhead` build, so what is printed and what ``--json`` writes
+are the same numbers. rich is the ``bench`` extra
+(``pip install trio-llm-relay[bench]``); it is imported when a report is
+drawn, not when the package is.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from protocol.errors import RequestError
+
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.progress import Progress as RichProgressBar
+    from rich.progress import TaskID
+
+INSTALL_HINT = "pip install trio-llm-relay[bench]"
+#: Columns of the report when the output is not a terminal.
+REPORT_WIDTH = 120
+
+#: Figures shown per scenario group of ``bench overhead``: (figure, label, unit format).
+OVERHEAD_ROWS: dict[str, tuple[tuple[str, str, str], ...]] = {
+    "latency": (
+        ("ttft_ms_p50", "TTFT p50 (ms)", "{:.3f}"),
+        ("latency_ms_p50", "chunk latency p50 (ms)", "{:.3f}"),
+        ("latency_ms_p99", "chunk latency p99 (ms)", "{:.3f}"),
+        ("latency_ms_max", "chunk latency max (ms)", "{:.3f}"),
+        ("frames_lost", "frames lost (sum)", "{:.0f}"),
+    ),
+    "throughput": (
+        ("chunks_per_s", "chunks/s", "{:,.0f}"),
+        ("cpu_us_per_chunk", "relay CPU/chunk (us)", "{:.2f}"),
+        ("frames_lost", "frames lost (sum)", "{:.0f}"),
+    ),
+    "concurrency": (
+        ("latency_ms_p50", "chunk latency p50 (ms)", "{:.3f}"),
+        ("latency_ms_p99", "chunk latency p99 (ms)", "{:.3f}"),
+        ("max_gap_ms", "largest gap (ms)", "{:.2f}"),
+        ("max_send_gap_ms", "gap at emulator (ms)", "{:.2f}"),
+        ("cpu_us_per_chunk", "relay CPU/chunk (us)", "{:.2f}"),
+        ("frames_lost", "frames lost (sum)", "{:.0f}"),
+    ),
+    "idle": (
+        ("streams_ok", "streams held open", "{:.0f}"),
+        ("rss_kib_per_stream", "RSS/open stream (KiB)", "{:.2f}"),
+        ("rss_kib_open", "RSS, all open (KiB)", "{:,.0f}"),
+        ("frames_lost", "first frames lost", "{:.0f}"),
+    ),
+}
+_HARNESS = (("relay", "relay"), ("emulator", "emulator"), ("client", "bench client"))
+
+
+def _import_rich(module: str) -> Any:  # noqa: ANN401 - a module object
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise RequestError(f"the benchmarks need rich: {INSTALL_HINT}") from exc
+
+
+def console(stderr: bool = False) -> Console:
+    """A rich console (raises :class:`RequestError` naming the extra if rich is missing)."""
+    module = _import_rich("rich.console")
+    made: Console = module.Console(stderr=stderr, highlight=False)
+    if not made.is_terminal:
+        made.width = max(made.width, REPORT_WIDTH)  # a log file: do not wrap the tables
+    return made
+
+
+class RichProgress:
+    """Draws :class:`bench.progress.Progress` calls as a rich progress bar.
+
+    Use as a context manager; the bar is removed when it ends.
+    """
+
+    def __init__(self, out: Console) -> None:
+        progress = _import_rich("rich.progress")
+        self._bar: RichProgressBar = progress.Progress(
+            progress.SpinnerColumn(),
+            progress.TextColumn("{task.description}"),
+            progress.BarColumn(),
+            progress.MofNCompleteColumn(),
+            progress.TimeElapsedColumn(),
+            console=out,
+            transient=True,
+        )
+        self._task: TaskID | None = None
+
+    def __enter__(self) -> RichProgress:
+        self._bar.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._bar.stop()
+
+    def begin(self, description: str, total: int) -> None:
+        """Show a new bar for a run of ``total`` streams (0: unknown)."""
+        self._task = self._bar.add_task(description, total=total or None)
+
+    def advance(self) -> None:
+        """One stream ended."""
+        if self._task is not None:
+            self._bar.advance(self._task)
+
+    def end(self) -> None:
+        """Remove the current bar."""
+        if self._task is not None:
+            self._bar.remove_task(self._task)
+            self._task = None
+
+
+def _escape(text: str) -> str:
+    escaped: str = _import_rich("rich.markup").escape(text)
+    return escaped
+
+
+def _fmt(value: float | None, spec: str = "{:.3f}") -> str:
+    return "-" if value is None else spec.format(value)
+
+
+def _table(title: str | None = None) -> Any:  # noqa: ANN401 - rich.table.Table
+    table_module = _import_rich("rich.table")
+    box = _import_rich("rich.box")
+    return table_module.Table(title=title, box=box.SIMPLE_HEAD, title_justify="left")
+
+
+# --- bench stream --------------------------------------------------------------
+
+
+def print_stream_report(report: dict[str, Any], out: Console) -> None:
+    """The ``bench stream`` table: figures as p50/p90/p99/max, aggregate, errors."""
+    summary = report["summary"]
+    options = report["options"]
+    out.print(
+        f"[bold]bench stream[/bold] {options['base_url']}  model={options['model']}"
+        f"  concurrency={options['concurrency']}"
+    )
+    table = _table()
+    for name in ("figure", "n", "p50", "p90", "p99", "max", "mean"):
+        table.add_column(name, justify="left" if name == "figure" else "right")
+    rows = (
+        ("ttft_ms", "time to first token (ms)", "{:.1f}"),
+        ("inter_chunk_ms", "inter-chunk latency (ms)", "{:.2f}"),
+        ("stream_chunks_per_s", "chunks/s per stream", "{:.1f}"),
+        ("stream_chars_per_s", "characters/s per stream", "{:.1f}"),
+        ("total_s", "total time per stream (s)", "{:.3f}"),
+    )
+    for key, label, spec in rows:
+        figure = summary["figures"][key]
+        table.add_row(
+            label,
+            str(figure["n"]),
+            *(_fmt(figure[q], spec) for q in ("p50", "p90", "p99", "max", "mean")),
+        )
+    out.print(table)
+    aggregate = summary["aggregate"]
+    out.print(
+        f"requests {summary['requests']}: ok {summary['ok']}, failed {summary['failed']}"
+        f" in {summary['wall_s']:.2f} s;  aggregate {_fmt(aggregate['chunks_per_s'], '{:,.1f}')}"
+        f" chunks/s, {_fmt(aggregate['chars_per_s'], '{:,.0f}')} chars/s,"
+        f" {_fmt(aggregate['requests_per_s'], '{:.2f}')} req/s"
+    )
+    if summary["empty_answers"]:
+        out.print(f"[yellow]{summary['empty_answers']} stream(s) completed with no text[/yellow]")
+    if summary["errors"]:
+        errors = _table("errors by kind")
+        errors.add_column("kind")
+        errors.add_column("count", justify="right")
+        for kind, count in sorted(summary["errors"].items(), key=lambda item: -item[1]):
+            errors.add_row(kind, str(count))
+        out.print(errors)
+        for sample in summary["error_samples"]:
+            out.print(f"  [dim]{_escape(sample)}[/dim]")
+
+
+# --- bench overhead ------------------------------------------------------------
+
+
+def _errors_text(errors: dict[str, int]) -> str:
+    return ", ".join(f"{kind} {count}" for kind, count in sorted(errors.items())) or "-"
+
+
+def _verdict_for(scenario: dict[str, Any], figure: str) -> tuple[str, str]:
+    for verdict in scenario["verdicts"]:
+        if verdict["figure"] == figure:
+            colour = {"PASS": "green", "MISS": "red"}.get(verdict["result"], "yellow")
+            goal = f"{verdict['basis']} <= {verdict['limit']:g}"
+            return goal, f"[{colour}]{verdict['result']}[/{colour}]"
+    return "", ""
+
+
+def print_overhead_report(report: dict[str, Any], out: Console) -> None:
+    """One table per scenario: direct, relay, added, ratio, target and verdict."""
+    machine = report["machine"]
+    out.print(
+        f"[bold]bench overhead[/bold]: {machine['cpus']} CPUs, Python {machine['python']},"
+        f" trio {machine['trio']}, load {machine['loadavg']}, {machine['when']}"
+    )
+    out.print(f"relay command: {report['relay_cmd']}", markup=False)
+    out.print(
+        "[dim]direct: the bench client reads the emulator itself (the floor); relay: through"
+        " the relay; added = relay - direct; medians of the repeats; counts summed[/dim]"
+    )
+    quick = report["options"]["quick"]
+    if quick:
+        out.print("[yellow]--quick: smaller counts than the targets assume[/yellow]")
+    misses = 0
+    for scenario in report["scenarios"]:
+        group = scenario["key"].split("-")[0]
+        title = f"{scenario['key']}: {scenario['label']}, median of {scenario['repeats']}"
+        table = _table(title)
+        for name in ("figure", "direct", "relay", "added", "ratio", "target", "verdict"):
+            table.add_column(
+                name,
+                justify="left" if name in ("figure", "target") else "right",
+                no_wrap=name in ("figure", "verdict"),
+            )
+        direct, relay = scenario["direct"], scenario["relay"]
+        for figure, label, spec in OVERHEAD_ROWS.get(group, ()):
+            a, b = direct.get(figure), relay.get(figure)
+            diff = None if a is None or b is None else b - a
+            ratio = None if a is None or b is None or not a else b / a
+            target, verdict = _verdict_for(scenario, figure)
+            misses += "MISS" in verdict
+            shown_a = _fmt(a, spec) if figure != "cpu_us_per_chunk" else "-"
+            table.add_row(
+                label,
+                shown_a,
+                _fmt(b, spec),
+                _fmt(diff, spec),
+                _fmt(ratio, "{:.2f}x"),
+                target,
+                verdict,
+            )
+        load = ", ".join(
+            f"{name} {_fmt(relay.get(f'{key}_cpu_pct'), '{:.0f}')}%" for key, name in _HARNESS
+        )
+        table.caption = (
+            f"CPU busy during the relay run (100% = one core): {load};"
+            f" errors direct: {_errors_text(scenario['direct_errors'])},"
+            f" relay: {_errors_text(scenario['relay_errors'])}"
+        )
+        out.print(table)
+        if scenario["failure"]:
+            out.print(f"[red]scenario failed:[/red] {_escape(scenario['failure'])}")
+        for sample in scenario["error_samples"]:
+            out.print(f"  [dim]{_escape(sample)}[/dim]")
+        for warning in scenario["warnings"]:
+            out.print(f"  [yellow]note:[/yellow] {_escape(warning)}")
+    if any(s["key"] == "idle" for s in report["scenarios"]):
+        out.print("[dim]idle, direct column: the emulator's RSS per open stream, for scale[/dim]")
+    verdicts = [(s["key"], v) for s in report["scenarios"] for v in s["verdicts"]]
+    summary = _table("targets (from the issue)")
+    for name in ("scenario", "target", "value", "verdict"):
+        summary.add_column(name, justify="right" if name in ("value", "verdict") else "left")
+    for key, verdict in verdicts:
+        colour = {"PASS": "green", "MISS": "red"}.get(verdict["result"], "yellow")
+        summary.add_row(
+            key, verdict["target"], _fmt(verdict["value"], "{:.3g}"),
+            f"[{colour}]{verdict['result']}[/{colour}]",
+        )  # fmt: skip
+    if verdicts:
+        out.print(summary)
+    passed = sum(1 for _, v in verdicts if v["result"] == "PASS")
+    out.print(f"targets: {passed} PASS, {misses} MISS of {len(verdicts)}")

@@ -1,0 +1,143 @@
+"""The scenarios of ``bench overhead``: what each runs, at full size or scaled down.
+
+Full size follows the issue: ``latency`` (1 stream, 200 frames 2 ms apart),
+``throughput-1`` and ``throughput-16`` (frames as fast as the emulator can
+write), ``concurrency-500`` (100 frames 20 ms apart) and ``concurrency-200``
+(10 ms apart), ``idle`` (1,000 streams whose upstream holds after the first
+frame). ``--quick`` and the ``--frames/--streams/--idle-streams`` overrides
+scale them down; the keys stay the same, the labels say what actually ran.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from bench.upstreams import EmulatorParams
+from protocol.errors import RequestError
+
+#: Scenario groups, in the order they run.
+GROUPS = ("latency", "throughput", "concurrency", "idle")
+#: Base bound of one run, on top of its streaming time.
+RUN_SLACK_S = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class Scenario:
+    """One scenario: its key, how many streams, what the emulator sends."""
+
+    key: str
+    group: str
+    streams: int
+    params: EmulatorParams
+    idle: bool = False
+
+    @property
+    def label(self) -> str:
+        """A short human description of the actual parameters."""
+        p = self.params
+        noun = "stream" if self.streams == 1 else "streams"
+        if self.idle:
+            return f"{self.streams} open {noun}, upstream holds after frame 1"
+        pace = f"{p.frame_delay_s * 1000:g} ms apart" if p.frame_delay_s else "full speed"
+        return f"{self.streams} {noun} x {p.frames} frames, {pace}"
+
+    @property
+    def start_spacing_s(self) -> float:
+        """Delay between the starts of two streams of a paced scenario.
+
+        The starts are spread evenly over one frame interval, so that the
+        streams' frames are spread over it too, in both modes alike, as
+        independent clients' would be. Started all at once, direct streams
+        (set up in microseconds) would tick in lockstep and queue behind
+        each other in the client, while relayed ones (set up in
+        milliseconds) would not: the floor would be higher than the relay.
+        """
+        if self.idle or self.streams < 2 or not self.params.frame_delay_s:
+            return 0.0
+        return self.params.frame_delay_s / self.streams
+
+    @property
+    def frames_per_stream(self) -> int:
+        """Stamped frames each stream must deliver in this scenario."""
+        return 1 if self.idle else self.params.frames
+
+    @property
+    def bound_s(self) -> float:
+        """Upper bound of one run (and of each of its streams)."""
+        p = self.params
+        streaming = p.first_delay_s + p.frames * p.frame_delay_s
+        return RUN_SLACK_S + 3 * streaming + 0.05 * self.streams
+
+
+def scenarios(
+    *,
+    quick: bool = False,
+    frames: int | None = None,
+    streams: int | None = None,
+    idle_streams: int | None = None,
+    first_delay_s: float | None = None,
+) -> list[Scenario]:
+    """Every scenario, full size or ``quick``, with optional overrides.
+
+    Args:
+        quick: small counts (50 frames, 50 streams, 100 idle streams).
+        frames: frames per stream in every streaming scenario.
+        streams: streams in every multi-stream scenario.
+        idle_streams: open streams of the idle scenario.
+        first_delay_s: the emulator's delay before the first frame of the
+            paced scenarios (default: 0.5 s plus 4 ms per stream).
+    """
+    if quick:
+        lat, tp1, tp16, c500, c200, idle_n, many = 50, 2_000, 200, 50, 50, 100, 50
+    else:
+        lat, tp1, tp16, c500, c200, idle_n, many = 200, 20_000, 2_000, 100, 100, 1_000, 0
+
+    def fr(default: int) -> int:
+        return frames if frames is not None else default
+
+    def st(default: int) -> int:
+        return streams if streams is not None else (min(default, many) if many else default)
+
+    def first(n: int) -> float:
+        if first_delay_s is not None:
+            return first_delay_s
+        return round(0.5 + 0.004 * n, 3)  # every stream set up before paced frames start
+
+    n500, n200 = st(500), st(200)
+    return [
+        Scenario("latency", "latency", 1, EmulatorParams(fr(lat), 0.002)),
+        Scenario("throughput-1", "throughput", 1, EmulatorParams(fr(tp1))),
+        Scenario("throughput-16", "throughput", st(16), EmulatorParams(fr(tp16))),
+        Scenario(
+            "concurrency-500", "concurrency", n500, EmulatorParams(fr(c500), 0.020, first(n500))
+        ),
+        Scenario(
+            "concurrency-200", "concurrency", n200, EmulatorParams(fr(c200), 0.010, first(n200))
+        ),
+        Scenario(
+            "idle",
+            "idle",
+            idle_streams if idle_streams is not None else idle_n,
+            EmulatorParams(frames=2, stall_after=1),
+            idle=True,
+        ),
+    ]
+
+
+def select(all_scenarios: list[Scenario], names: str | None) -> list[Scenario]:
+    """The scenarios a ``--scenario`` list names (keys or groups; all if empty).
+
+    Raises:
+        RequestError: an unknown name.
+    """
+    if not names:
+        return all_scenarios
+    wanted = [name.strip() for name in names.split(",") if name.strip()]
+    known = {s.key for s in all_scenarios} | {s.group for s in all_scenarios}
+    unknown = [name for name in wanted if name not in known]
+    if unknown:
+        raise RequestError(
+            f"unknown scenario {unknown[0]!r}; choose from {', '.join(sorted(known))}",
+            param="scenario",
+        )
+    return [s for s in all_scenarios if s.key in wanted or s.group in wanted]

@@ -1,0 +1,271 @@
+"""Upstream providers of ``bench overhead``: their emulator, relay flags and direct client.
+
+Theory of operation
+-------------------
+``bench overhead`` measures the relay against *the wire*: the same emulated
+upstream read once by the benchmark client itself (direct mode, the floor:
+loopback plus parsing) and once through the relay. What depends on the
+upstream is gathered in one :class:`Provider`:
+
+- how to start its emulator as a process, in stamp mode
+  (:meth:`Provider.emulator_command`; the emulator prints
+  ``listening on <base url>`` once bound);
+- the default relay command that points a relay at that emulator
+  (:attr:`Provider.relay_cmd`, with ``{python}``, ``{host}``, ``{port}``,
+  ``{upstream}`` and ``{token}`` placeholders) and the model name to ask for;
+- a direct client (:meth:`Provider.open_direct`) that speaks the upstream's
+  native protocol and fills the same :class:`~bench.readers.StreamRecord` as
+  the relay half does, stamps included.
+
+StepChat (:data:`STEP`) is complete: RegisterDevice once per scenario (the
+relay, too, caches its session), then per stream CreateChat and
+SendMessageStream on one keep-alive connection, the Connect envelopes read
+by :class:`~bench.readers.ConnectStreamReader`, and DelChat after the stream
+has ended (not timed: the relay deletes after the answer as well). Chat
+creation is inside time to first token in both modes.
+
+Adding ChatGLM: its emulator (``python -m providers.glm.emulator --stamp``)
+streams SSE *snapshots* whose text is cumulative (PROTOCOLS.md 3.9). A
+``GlmProvider`` needs a direct client that signs requests
+(``providers.glm.signing``), exchanges the refresh token, reads the SSE with
+:class:`protocol.sse.SSEDecoder` and extracts stamps from the new suffix of
+each snapshot only; then it goes into :data:`PROVIDERS`. The relay must be
+started with ``--glm-max-streams 0`` (one stream per account is the default).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Protocol
+
+import trio
+
+from bench.readers import ConnectStreamReader, StreamRecord
+from bench.wire import Endpoint, HttpConnection, header
+from protocol.errors import RelayError, RemoteProtocolError
+from protocol.openai import ContentPart, Message
+from providers.step import prompt as step
+
+#: The prompt both modes send (its content does not matter to the emulator).
+BENCH_PROMPT = "Say something, benchmark."
+#: Bound on the untimed DelChat after a direct stream.
+DELETE_TIMEOUT_S = 2.0
+_CONNECT_TYPE = step.CONNECT_CONTENT_TYPE
+
+
+@dataclass(frozen=True, slots=True)
+class EmulatorParams:
+    """What the emulator streams in one scenario (its command-line knobs).
+
+    Attributes:
+        frames: stamped text frames per stream.
+        frame_delay_s: pause before each frame after the first write.
+        first_delay_s: pause before the first frame of a stream.
+        stall_after: go silent (hold the stream open) after this many text frames.
+    """
+
+    frames: int
+    frame_delay_s: float = 0.0
+    first_delay_s: float = 0.0
+    stall_after: int | None = None
+
+
+class DirectClient(Protocol):
+    """Reads the emulator's native stream itself: the floor of every figure."""
+
+    async def run_stream(self, record: StreamRecord, *, timeout_s: float) -> None:
+        """Run one stream and fill ``record``; never raises except on cancellation."""
+
+
+class Provider(Protocol):
+    """Everything ``bench overhead`` needs to know about one upstream."""
+
+    @property
+    def name(self) -> str:
+        """The ``--provider`` name."""
+
+    @property
+    def model(self) -> str:
+        """The ``model`` to ask the relay for."""
+
+    @property
+    def credential(self) -> str:
+        """The upstream credential the relay and the direct client use."""
+
+    @property
+    def relay_cmd(self) -> str:
+        """The default relay command template (see the module docstring)."""
+
+    def emulator_command(self, python: str, params: EmulatorParams) -> list[str]:
+        """argv of the emulator process for ``params``, binding a free port."""
+
+    async def open_direct(self, base_url: str) -> DirectClient:
+        """A direct client of the emulator at ``base_url`` (sessions set up).
+
+        Raises:
+            RelayError: the emulator refused the setup.
+        """
+
+
+# --- StepChat -------------------------------------------------------------
+
+
+class StepDirect:
+    """A direct StepChat client for one registered device (PROTOCOLS.md 2.3-2.6)."""
+
+    def __init__(self, endpoint: Endpoint, device_id: str, access: str, refresh: str) -> None:
+        self._endpoint = endpoint
+        self._base = endpoint.base_url
+        self._device = device_id
+        self._cookie = step.session_cookie(access, refresh, device_id)
+        self._prompt = step.build_prompt(
+            [Message("user", (ContentPart("text", BENCH_PROMPT),), False)]
+        )
+        self._create_headers = self._headers(step.new_chat_referer(self._base), b"application/json")
+
+    @classmethod
+    async def register(cls, base_url: str, credential: str) -> StepDirect:
+        """RegisterDevice with ``deviceId@Oasis-Token`` ``credential``; a client for its session.
+
+        Raises:
+            RelayError: the call failed (``AuthError`` when refused).
+        """
+        endpoint = Endpoint.parse(base_url)
+        device_id, token = step.parse_credential(credential)
+        headers = step.session_headers(
+            endpoint.base_url,
+            step.register_cookie(token),
+            device_id,
+            step.new_chat_referer(endpoint.base_url),
+            step.JSON_CONTENT_TYPE,
+        )
+        connection = await HttpConnection.open(endpoint)
+        try:
+            await connection.send_request(
+                b"POST", step.REGISTER_DEVICE_PATH, headers, step.register_body()
+            )
+            response = await connection.read_response()
+            body = await connection.read_body()
+        finally:
+            await connection.aclose()
+        error = step.parse_unary_error(response.status_code, body)
+        if error is not None:
+            raise error
+        access, refresh = step.parse_register(body)
+        return cls(endpoint, device_id, access, refresh)
+
+    def _headers(self, referer: str, content_type: bytes) -> list[tuple[bytes, bytes]]:
+        return step.session_headers(self._base, self._cookie, self._device, referer, content_type)
+
+    async def _unary(
+        self, connection: HttpConnection, path: str, body: bytes, referer: str
+    ) -> bytes:
+        headers = (
+            self._create_headers
+            if path == step.CREATE_CHAT_PATH
+            else self._headers(referer, step.JSON_CONTENT_TYPE)
+        )
+        await connection.send_request(b"POST", path, headers, body)
+        response = await connection.read_response()
+        answer = await connection.read_body()
+        error = step.parse_unary_error(response.status_code, answer)
+        if error is not None:
+            status = response.status_code
+            raise RelayError(error.message, code=f"http_{status}" if status != 200 else "bad_http")
+        return answer
+
+    async def run_stream(self, record: StreamRecord, *, timeout_s: float) -> None:
+        """CreateChat, SendMessageStream (timed and checked), then DelChat (untimed)."""
+        record.start_ns = time.monotonic_ns()
+        connection: HttpConnection | None = None
+        try:
+            with trio.move_on_after(timeout_s) as scope:
+                connection = await HttpConnection.open(self._endpoint)
+                answer = await self._unary(
+                    connection, step.CREATE_CHAT_PATH, step.create_chat_body(), ""
+                )
+                chat_id = step.parse_create_chat(answer)
+                if not connection.next_cycle():
+                    await connection.aclose()
+                    connection = await HttpConnection.open(self._endpoint)
+                referer = step.chat_referer(self._base, chat_id)
+                headers = self._headers(referer, _CONNECT_TYPE)
+                body = step.send_message_body(chat_id, self._prompt)
+                await connection.send_request(b"POST", step.SEND_MESSAGE_PATH, headers, body)
+                response = await connection.read_response()
+                kind = header(response, b"content-type").split(b";")[0].strip().lower()
+                if response.status_code != 200 or kind != _CONNECT_TYPE:
+                    detail = await connection.read_body(4096)
+                    record.fail(
+                        f"http_{response.status_code}",
+                        detail.decode("utf-8", "replace"),
+                        time.monotonic_ns(),
+                    )
+                    return
+                await connection.stream_body(ConnectStreamReader(record, stamps=True))
+            if scope.cancelled_caught:
+                record.done = False
+                record.fail(
+                    "timeout", f"no complete stream within {timeout_s:g} s", time.monotonic_ns()
+                )
+                return
+            assert connection is not None  # the scope was not cancelled
+            if record.done and connection.next_cycle():
+                with trio.move_on_after(DELETE_TIMEOUT_S):
+                    await self._unary(
+                        connection, step.DEL_CHAT_PATH, step.delete_chat_body(chat_id), referer
+                    )
+        except RemoteProtocolError as exc:  # a cut-off, or an answer that does not parse
+            record.fail(exc.code or "bad_frame", exc.message, time.monotonic_ns())
+        except RelayError as exc:
+            record.fail(exc.code or "bad_http", exc.message, time.monotonic_ns())
+        finally:
+            if connection is not None:
+                await connection.aclose()
+
+
+@dataclass(frozen=True, slots=True)
+class StepProvider:
+    """StepChat: ``providers.step.emulator`` and a direct Connect client."""
+
+    name: str = "step"
+    model: str = "step"
+    #: ``deviceId@Oasis-Token``; the emulator (started without ``--token``) accepts any.
+    credential: str = "benchdevice@bench-oasis-token"
+    relay_cmd: str = (
+        "{python} -m relay serve --host {host} --port {port} --step-base-url {upstream}"
+        " --step-tokens {token} --log-level warning"
+    )
+
+    def emulator_command(self, python: str, params: EmulatorParams) -> list[str]:
+        """argv of ``python -m providers.step.emulator`` in stamp mode on a free port."""
+        argv = [
+            python,
+            "-m",
+            "providers.step.emulator",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--stamp",
+            "--frames",
+            str(params.frames),
+            "--frame-delay-s",
+            repr(params.frame_delay_s),
+            "--first-delay-s",
+            repr(params.first_delay_s),
+        ]
+        if params.stall_after is not None:
+            argv += ["--stall-after", str(params.stall_after)]
+        return argv
+
+    async def open_direct(self, base_url: str) -> DirectClient:
+        """RegisterDevice once; the client then creates a chat per stream."""
+        return await StepDirect.register(base_url, self.credential)
+
+
+STEP = StepProvider()
+
+#: Providers by ``--provider`` name (ChatGLM plugs in here, see the module docstring).
+PROVIDERS: dict[str, Provider] = {"step": STEP}

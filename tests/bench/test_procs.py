@@ -1,0 +1,110 @@
+"""Child processes and /proc readings (bench.procs), with small real child processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from typing import TYPE_CHECKING
+
+import pytest
+import trio
+
+from bench import procs
+from protocol.errors import UpstreamFailed
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+BUSY_THEN_LISTEN = (
+    "import time\n"
+    "t = time.process_time()\n"
+    "while time.process_time() - t < 0.05: pass\n"
+    "print('listening on http://127.0.0.1:1', flush=True)\n"
+    "time.sleep(30)\n"
+)
+IGNORE_TERM = (
+    "import signal, time\n"
+    "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+    "print('listening on x', flush=True)\n"
+    "time.sleep(30)\n"
+)
+
+
+def test_readings_of_this_process() -> None:
+    """CPU and RSS of this process are positive; its tree starts with itself."""
+    pid = os.getpid()
+    cpu = procs.cpu_seconds(pid)
+    rss = procs.rss_kib(pid)
+    assert cpu is not None
+    assert cpu > 0
+    assert rss is not None
+    assert rss > 1000
+    assert procs.process_tree(pid)[0] == pid
+    assert procs.own_cpu_seconds() > 0
+
+
+def test_fd_limit_is_raised_to_the_hard_limit() -> None:
+    """After raise_fd_limit the soft limit is the hard one (or as high as allowed)."""
+    soft, hard = procs.raise_fd_limit()
+    assert soft > 0
+    assert hard < 0 or soft <= hard  # RLIM_INFINITY is -1
+
+
+async def test_child_cpu_is_measured_and_child_is_stopped(tmp_path: Path) -> None:
+    """A child's CPU time is read (ns clock), its URL read from stdout; stop_child ends it."""
+    with trio.fail_after(10):
+        child = await procs.start_child(
+            "busy",
+            [sys.executable, "-c", BUSY_THEN_LISTEN],
+            str(tmp_path / "busy.log"),
+            capture_stdout=True,
+        )
+        try:
+            assert await procs.wait_listening(child) == "http://127.0.0.1:1"
+            cpu = procs.cpu_seconds(child.pid)
+            assert cpu is not None
+            assert cpu >= 0.04
+            assert procs.rss_kib(child.pid) is not None
+        finally:
+            await procs.stop_child(child)
+    assert child.process.returncode == -signal.SIGTERM
+    assert procs.cpu_seconds(child.pid) is None  # reaped: gone
+
+
+async def test_child_ignoring_sigterm_is_killed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A child that ignores SIGTERM gets SIGKILL after the grace period."""
+    monkeypatch.setattr(procs, "STOP_GRACE_S", 0.2)
+    with trio.fail_after(10):
+        child = await procs.start_child(
+            "stubborn",
+            [sys.executable, "-c", IGNORE_TERM],
+            str(tmp_path / "s.log"),
+            capture_stdout=True,
+        )
+        await procs.wait_listening(child)
+        await procs.stop_child(child)
+    assert child.process.returncode == -signal.SIGKILL
+
+
+async def test_child_that_exits_is_reported_with_its_log(tmp_path: Path) -> None:
+    """wait_port notices that the child died and shows the end of its output."""
+    code = "import sys; print('bad flag --nope', file=sys.stderr); sys.exit(2)"
+    with trio.fail_after(10):
+        child = await procs.start_child(
+            "relay", [sys.executable, "-c", code], str(tmp_path / "r.log")
+        )
+        try:
+            with pytest.raises(UpstreamFailed, match="exited with status 2") as caught:
+                await procs.wait_port(child, "127.0.0.1", procs.free_port(), timeout_s=5)
+        finally:
+            await procs.stop_child(child)
+    assert "bad flag --nope" in caught.value.message
+
+
+async def test_missing_program_is_an_upstream_failure(tmp_path: Path) -> None:
+    """A program that does not exist cannot start: UpstreamFailed naming it."""
+    with trio.fail_after(5), pytest.raises(UpstreamFailed, match="cannot start"):
+        await procs.start_child("relay", [str(tmp_path / "no-such-program")], str(tmp_path / "l"))
