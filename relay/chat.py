@@ -24,11 +24,15 @@ Streaming (:class:`SSEWriter`):
   take long), a ticker task commits anyway and from then on sends an SSE
   comment every ``sse_keepalive`` seconds of silence, so that proxies and
   clients do not time out.
-- Hot path: one upstream read -> one ``encoder.encode`` -> one ``send_all``.
-  The ticker and the main task never write at the same time; instead of a
-  ``trio.Lock`` (whose acquire yields to the scheduler on every chunk) they
-  share a ``_writing`` flag, which trio's cooperative scheduling makes safe
-  between awaits; the rare loser waits on an event.
+- Hot path: the task that reads the upstream encodes each batch of deltas
+  and queues the bytes; a flusher task writes whatever is queued with one
+  ``send_all``. When the upstream is slow, that is one write per event, as
+  soon as it is decoded; when it is fast (or the relay is busy), the events
+  that arrived in one socket read leave in one write instead of one write
+  each, so the cost per event falls as load rises instead of the relay
+  falling behind. Only the flusher writes (the ticker queues too), so no lock
+  is needed; a client slower than the upstream makes the reader wait once
+  ``WRITE_HIGH_WATER`` bytes are queued.
 - Once the stream has started, failures travel in-band as an SSE error event
   followed by ``[DONE]``, never as answer text.
 
@@ -76,6 +80,8 @@ SSE_HEADERS = (
 )
 SSE_CONTENT_TYPE = b"text/event-stream; charset=utf-8"
 RETRY_STATUSES = (401, 429)
+#: queued SSE bytes past which the upstream reader waits for the client
+WRITE_HIGH_WATER = 256 * 1024
 
 T = TypeVar("T")
 
@@ -117,64 +123,86 @@ class _Retry(Exception):
 
 
 class SSEWriter:
-    """Writes one SSE response: commit, events, keep-alives, end."""
+    """Writes one SSE response: commit, events, keep-alives, end.
+
+    The task that reads the upstream only *queues* bytes (:meth:`send`, which
+    does not yield unless the client is too slow); a flusher task writes them.
+    Everything queued while the flusher was busy, or while the reader was
+    still working through bytes it had already received, leaves in one write.
+    """
 
     def __init__(self, ex: Exchange, encoder: ChunkEncoder, settings: Settings) -> None:
         self._ex = ex
         self._encoder = encoder
         self._settings = settings
-        self._writing = False
-        self._idle = trio.Event()
+        self._pending: list[bytes] = []
+        self._pending_size = 0
+        self._wake = trio.Event()
+        self._drained = trio.Event()
+        self._done = trio.Event()
+        self._ending = False
         self._last_write = trio.current_time()
+        #: True once the 200 was asked for: from then on failures go in-band
         self.committed = False
 
-    async def _write(self, data: bytes, *, end: bool = False) -> None:
-        while self._writing:
-            await self._idle.wait()
-        self._writing = True
-        try:
-            if not self.committed:
-                self.committed = True
-                await self._ex.start_stream(
-                    200, SSE_CONTENT_TYPE, SSE_HEADERS, first=self._encoder.start() + data
-                )
-                if end:
-                    await self._ex.end_stream()
-            elif end:
-                await self._ex.end_stream(data)
-            else:
-                await self._ex.send_data(data)
-            self._last_write = trio.current_time()
-        finally:
-            self._writing = False
-            idle, self._idle = self._idle, trio.Event()
-            idle.set()
-
     async def send(self, data: bytes) -> None:
-        """Send SSE bytes (committing the response first if needed)."""
-        if data or not self.committed:
-            await self._write(data)
+        """Queue SSE bytes; the first call commits the 200."""
+        self.committed = True
+        if data:
+            self._pending.append(data)
+            self._pending_size += len(data)
+        self._wake.set()
+        if self._pending_size > WRITE_HIGH_WATER:
+            await self._drained.wait()
 
     async def end(self, data: bytes) -> None:
-        """Send the last SSE bytes and end the response."""
-        await self._write(data, end=True)
+        """Queue the last SSE bytes and wait until the response is complete."""
+        self._ending = True
+        await self.send(data)
+        await self._done.wait()
 
-    async def ticker(self) -> None:
-        """Commit after ``commit_timeout`` of silence, then keep the stream alive."""
+    async def flusher(self) -> None:
+        """Write what is queued until the response ends (or the client goes)."""
         try:
-            await self._tick()
+            await self._flush_loop()
         except ClientGone:
             self._ex.abandon()
 
-    async def _tick(self) -> None:
+    async def _flush_loop(self) -> None:
+        ex = self._ex
+        started = False
+        while True:
+            await self._wake.wait()
+            self._wake = trio.Event()
+            data = b"".join(self._pending) if len(self._pending) != 1 else self._pending[0]
+            self._pending.clear()
+            self._pending_size = 0
+            ending = self._ending
+            if not started:
+                started = True
+                first = self._encoder.start() + data
+                await ex.start_stream(200, SSE_CONTENT_TYPE, SSE_HEADERS, first=first, end=ending)
+            elif ending:
+                await ex.end_stream(data)
+            else:
+                await ex.send_data(data)
+            self._last_write = trio.current_time()
+            drained, self._drained = self._drained, trio.Event()
+            drained.set()
+            if ending:
+                self._done.set()
+                return
+
+    async def ticker(self) -> None:
+        """Commit after ``commit_timeout`` of silence, then keep the stream alive."""
         s = self._settings
         await trio.sleep_until(self._last_write + s.commit_timeout)
-        if not self.committed and not self._writing:
-            await self._write(b"")
-        while True:
+        if not self.committed:
+            await self.send(b"")
+        while not self._ending:
             await trio.sleep_until(self._last_write + s.sse_keepalive)
-            if not self._writing and trio.current_time() >= self._last_write + s.sse_keepalive:
-                await self._write(self._encoder.keepalive())
+            if not self._pending and trio.current_time() >= self._last_write + s.sse_keepalive:
+                await self.send(self._encoder.keepalive())
 
 
 async def _serve_stream(
@@ -188,6 +216,7 @@ async def _serve_stream(
     writer = SSEWriter(ex, encoder, settings)
     failure: BaseException | None = None
     async with trio.open_nursery() as nursery:
+        nursery.start_soon(writer.flusher)
         nursery.start_soon(writer.ticker)
         try:
             await _pump(answer, encoder, writer, outcome, started_at)

@@ -262,9 +262,12 @@ class Exchange:
 
     async def start_stream(
         self, status: int, content_type: bytes, headers: Sequence[tuple[bytes, bytes]] = (),
-        first: bytes = b"",
+        first: bytes = b"", *, end: bool = False,
     ) -> None:
-        """Send the head of a chunked response (and ``first`` body bytes, same write)."""
+        """Send the head of a chunked response and ``first`` body bytes in one write.
+
+        With ``end``, the response is complete with them (still one write).
+        """
         head = self._head(status, content_type, headers)
         self.started = True
         self.status = status
@@ -272,6 +275,8 @@ class Exchange:
         if first:
             events.append(h11.Data(data=first))
             self.sent_bytes += len(first)
+        if end:
+            events.append(h11.EndOfMessage())
         await self.conn.send_many(events)
 
     async def send_data(self, data: bytes) -> None:
