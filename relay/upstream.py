@@ -19,12 +19,14 @@ httpcore's exceptions are translated once, here, into :mod:`protocol.errors`
 (STYLE.md section 5): timeouts become :class:`UpstreamTimeout`, everything
 else :class:`UpstreamFailed`. Nothing above this module sees an httpcore class.
 
-Timeouts on streams: httpcore's read timeout applies to every socket read,
-so a single number cannot express "the first event may take 120 s (search,
-thinking) but then silence longer than N s is a stall". :class:`_Streamed`
-therefore wraps each body read in its own trio deadline: the first read gets
-what is left of ``first_byte_timeout`` since the request was sent, later reads
-``stall_timeout``.
+Timeouts on streams: the first body bytes may take ``first_byte_timeout``
+since the request was sent (search and thinking are slow), and after that a
+silence longer than ``stall_timeout`` is a stall. httpcore's read timeout
+applies to every socket read, so it is set to ``stall_timeout`` and only the
+wait for the first chunk gets a trio deadline of its own; that keeps a cancel
+scope off the per-chunk hot path. Only when ``stall_timeout`` is the longer
+of the two (the read timeout must then let the first read wait longer) does
+:class:`_Streamed` fall back to a deadline around every read.
 
 Compression: we advertise only ``gzip, deflate`` (PROTOCOLS.md 2.4: never
 claim what we cannot decode) and decode those incrementally with zlib.
@@ -100,12 +102,19 @@ class _Streamed:
     """One streamed upstream response (satisfies providers.contract.StreamedResponse)."""
 
     def __init__(
-        self, response: httpcore.Response, what: str, first_deadline: float, stall_timeout: float
+        self,
+        response: httpcore.Response,
+        what: str,
+        first_deadline: float,
+        stall_timeout: float,
+        *,
+        per_read_deadline: bool,
     ) -> None:
         self._response = response
         self._what = what
         self._first_deadline = first_deadline
         self._stall = stall_timeout
+        self._per_read_deadline = per_read_deadline
         self.status = response.status
         self.headers: list[tuple[bytes, bytes]] = list(response.headers)
         self._decompress = _decoder(self.headers)
@@ -115,26 +124,32 @@ class _Streamed:
 
     async def chunks(self) -> AsyncGenerator[bytes, None]:
         decompress = self._decompress
-        deadline = self._first_deadline
+        # httpcore types the stream as a sync-or-async iterable; ours is an async generator
+        body = cast("AsyncGenerator[bytes, None]", self._response.stream.__aiter__())
         with map_errors(self._what):
-            # httpcore types aiter_stream() as an iterator; it is an async generator
-            body = cast("AsyncGenerator[bytes, None]", self._response.aiter_stream())
             async with aclosing(body) as stream:
+                with trio.fail_at(self._first_deadline):
+                    try:
+                        chunk = await stream.__anext__()
+                    except StopAsyncIteration:
+                        return
+                per_read = self._per_read_deadline
                 while True:
-                    with trio.fail_at(deadline):
-                        try:
-                            chunk = await stream.__anext__()
-                        except StopAsyncIteration:
-                            break
-                    deadline = trio.current_time() + self._stall
                     if decompress is not None:
                         try:
                             chunk = decompress.decompress(chunk)
                         except zlib.error as exc:
                             raise UpstreamFailed(f"{self._what}: bad compressed body") from exc
-                        if not chunk:
-                            continue
-                    yield chunk
+                    if chunk:
+                        yield chunk
+                    try:
+                        if per_read:
+                            with trio.fail_after(self._stall):
+                                chunk = await stream.__anext__()
+                        else:  # httpcore's read timeout is the stall timeout
+                            chunk = await stream.__anext__()
+                    except StopAsyncIteration:
+                        return
 
     async def read(self, limit: int = ERROR_BODY_LIMIT_BYTES) -> bytes:
         body = bytearray()
@@ -199,7 +214,9 @@ class HttpTransport:
         s = self._settings
         what = f"{self._name} {url.rsplit('/', 1)[-1]}"
         first_deadline = trio.current_time() + s.first_byte_timeout
+        # the first read may wait first_byte_timeout; see the module comment
         read_timeout = max(s.first_byte_timeout, s.stall_timeout)
+        per_read_deadline = s.stall_timeout < read_timeout
         with map_errors(what):
             with trio.fail_at(first_deadline + s.connect_timeout):
                 cm = self._pool.stream(
@@ -211,7 +228,10 @@ class HttpTransport:
                 )
                 response = await cm.__aenter__()
             try:
-                yield _Streamed(response, what, first_deadline, s.stall_timeout)
+                yield _Streamed(
+                    response, what, first_deadline, s.stall_timeout,
+                    per_read_deadline=per_read_deadline,
+                )
             except BaseException as exc:
                 if not await cm.__aexit__(type(exc), exc, exc.__traceback__):
                     raise
