@@ -51,7 +51,7 @@ from providers.contract import FetchedFile, Headers, Response
 
 if TYPE_CHECKING:
     import ssl
-    from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Iterator
+    from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Iterable, Iterator
 
     from relay.config import Settings
 
@@ -125,7 +125,8 @@ class _Streamed:
     async def chunks(self) -> AsyncGenerator[bytes, None]:
         decompress = self._decompress
         # httpcore types the stream as a sync-or-async iterable; ours is an async generator
-        body = cast("AsyncGenerator[bytes, None]", self._response.stream.__aiter__())
+        source = cast("AsyncIterable[bytes]", self._response.stream)
+        body = cast("AsyncGenerator[bytes, None]", source.__aiter__())
         with map_errors(self._what):
             async with aclosing(body) as stream:
                 with trio.fail_at(self._first_deadline):
