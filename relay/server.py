@@ -338,8 +338,9 @@ class Exchange:
             if not data:
                 conn.gone = True
                 conn.h11.receive_data(b"")
-                log.debug("client %s went away mid-request", conn.client)
-                scope.cancel()
+                if not self.finished:  # after the whole response, the rest may finish
+                    log.debug("client %s went away mid-request", conn.client)
+                    scope.cancel()
                 return
             buffered += len(data)
             conn.h11.receive_data(bytes(data))

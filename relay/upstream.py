@@ -61,6 +61,9 @@ UNARY_BODY_LIMIT_BYTES = 16 * 1024 * 1024
 ERROR_BODY_LIMIT_BYTES = 64 * 1024
 MAX_REDIRECTS = 3
 FETCH_USER_AGENT = b"Mozilla/5.0 (compatible; trio-llm-relay)"
+#: after the answer, the rest of a stream is read for this long (and this much) at most
+DRAIN_LIMIT_S = 0.25
+DRAIN_LIMIT_BYTES = 256 * 1024
 
 
 @contextmanager
@@ -118,22 +121,26 @@ class _Streamed:
         self.status = response.status
         self.headers: list[tuple[bytes, bytes]] = list(response.headers)
         self._decompress = _decoder(self.headers)
+        # httpcore types the stream as a sync-or-async iterable; ours is an async generator
+        source = cast("AsyncIterable[bytes]", response.stream)
+        self._body = cast("AsyncGenerator[bytes, None]", source.__aiter__())
+        self._started = False
+        self._ended = False
 
     def header(self, name: bytes) -> bytes | None:
         return _header(self.headers, name.lower())
 
     async def chunks(self) -> AsyncGenerator[bytes, None]:
         decompress = self._decompress
-        # httpcore types the stream as a sync-or-async iterable; ours is an async generator
-        source = cast("AsyncIterable[bytes]", self._response.stream)
-        body = cast("AsyncGenerator[bytes, None]", source.__aiter__())
+        body = self._body
         with map_errors(self._what):
-            async with aclosing(body) as stream:
-                with trio.fail_at(self._first_deadline):
-                    try:
-                        chunk = await stream.__anext__()
-                    except StopAsyncIteration:
-                        return
+            try:
+                if self._started:
+                    chunk = await body.__anext__()
+                else:
+                    self._started = True
+                    with trio.fail_at(self._first_deadline):
+                        chunk = await body.__anext__()
                 per_read = self._per_read_deadline
                 while True:
                     if decompress is not None:
@@ -143,14 +150,41 @@ class _Streamed:
                             raise UpstreamFailed(f"{self._what}: bad compressed body") from exc
                     if chunk:
                         yield chunk
+                    if per_read:
+                        with trio.fail_after(self._stall):
+                            chunk = await body.__anext__()
+                    else:  # httpcore's read timeout is the stall timeout
+                        chunk = await body.__anext__()
+            except StopAsyncIteration:
+                self._ended = True
+
+    async def finish(self) -> None:
+        """Read what is left of the body (briefly) so that the connection can be reused.
+
+        A provider stops reading once the answer is complete, which is
+        usually a few bytes before the body ends (StepChat's end-of-stream
+        envelope, the last chunk of a chunked body). A connection whose
+        response was not read to its end cannot go back to the pool, so
+        every request would pay for a new one; here the rest is read, within
+        :data:`DRAIN_LIMIT_S` and :data:`DRAIN_LIMIT_BYTES`, and then the body
+        is closed whatever happened.
+        """
+        size = 0
+        with trio.move_on_after(DRAIN_LIMIT_S):
+            try:
+                while not self._ended and size <= DRAIN_LIMIT_BYTES:
                     try:
-                        if per_read:
-                            with trio.fail_after(self._stall):
-                                chunk = await stream.__anext__()
-                        else:  # httpcore's read timeout is the stall timeout
-                            chunk = await stream.__anext__()
+                        size += len(await self._body.__anext__())
                     except StopAsyncIteration:
-                        return
+                        self._ended = True
+            except (httpcore.NetworkError, httpcore.ProtocolError, httpcore.TimeoutException):
+                pass  # httpcore has closed the connection
+        await self.close()
+
+    async def close(self) -> None:
+        """Close the body (httpcore closes the connection unless it was read to its end)."""
+        with trio.CancelScope(shield=True):
+            await self._body.aclose()
 
     async def read(self, limit: int = ERROR_BODY_LIMIT_BYTES) -> bytes:
         body = bytearray()
@@ -228,15 +262,18 @@ class HttpTransport:
                     extensions={"timeout": self._timeouts(read_timeout)},
                 )
                 response = await cm.__aenter__()
+            streamed = _Streamed(
+                response, what, first_deadline, s.stall_timeout,
+                per_read_deadline=per_read_deadline,
+            )
             try:
-                yield _Streamed(
-                    response, what, first_deadline, s.stall_timeout,
-                    per_read_deadline=per_read_deadline,
-                )
+                yield streamed
             except BaseException as exc:
+                await streamed.close()
                 if not await cm.__aexit__(type(exc), exc, exc.__traceback__):
                     raise
             else:
+                await streamed.finish()
                 await cm.__aexit__(None, None, None)
 
 

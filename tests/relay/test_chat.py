@@ -422,3 +422,24 @@ async def test_token_check(relay: Running) -> None:
     assert orjson.loads(good.content) == {"live": True}
     assert orjson.loads(bad.content) == {"live": False}
     assert malformed.status == 400
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_upstream_connection_is_reused_across_requests(
+    relay: Running, step: StepEmulator, stream: bool
+) -> None:
+    """The answer ends a few bytes before the upstream body does (the end-of-stream
+    envelope); the relay reads those too, even though its client closes the connection
+    as soon as it has the answer, so the next request reuses the same upstream
+    connection instead of opening a new one."""
+    pool = relay.app._pool
+    seen = []
+    with trio.fail_after(5):
+        for n in (1, 2, 3):
+            response = await post(relay.base_url, PATH, chat_body(stream=stream))
+            assert response.status == 200
+            await step.wait_until(lambda r, n=n: len(r.chats_deleted) == n)
+            seen.append(list(pool.connections))
+    assert len(seen[0]) == 1
+    assert seen[1] == seen[0]
+    assert seen[2] == seen[0]
