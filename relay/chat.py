@@ -82,6 +82,8 @@ SSE_CONTENT_TYPE = b"text/event-stream; charset=utf-8"
 RETRY_STATUSES = (401, 429)
 #: queued SSE bytes past which the upstream reader waits for the client
 WRITE_HIGH_WATER = 256 * 1024
+#: an event this long after the previous one is written at once, not queued
+DIRECT_AFTER_S = 0.0005
 
 T = TypeVar("T")
 
@@ -125,10 +127,15 @@ class _Retry(Exception):
 class SSEWriter:
     """Writes one SSE response: commit, events, keep-alives, end.
 
-    The task that reads the upstream only *queues* bytes (:meth:`send`, which
-    does not yield unless the client is too slow); a flusher task writes them.
-    Everything queued while the flusher was busy, or while the reader was
-    still working through bytes it had already received, leaves in one write.
+    Two ways out, one writer at a time (``_busy``):
+
+    - an event that comes after a quiet spell (``DIRECT_AFTER_S`` since the
+      previous one: a paced upstream) is written at once by the task that
+      read it, with no task switch in between;
+    - events that come back to back (a fast upstream, or a busy relay reading
+      several events in one socket read) are *queued*, and a flusher task
+      writes everything queued in one ``send_all``, so the cost per event falls
+      as the load rises instead of the relay falling behind.
     """
 
     def __init__(self, ex: Exchange, encoder: ChunkEncoder, settings: Settings) -> None:
@@ -141,13 +148,27 @@ class SSEWriter:
         self._drained = trio.Event()
         self._done = trio.Event()
         self._ending = False
-        self._last_write = trio.current_time()
+        self._started = False  # the response head was written
+        self._busy = False  # a write is in progress
+        self._last_write = self._last_send = trio.current_time()
         #: True once the 200 was asked for: from then on failures go in-band
         self.committed = False
 
     async def send(self, data: bytes) -> None:
-        """Queue SSE bytes; the first call commits the 200."""
+        """Write or queue SSE bytes; the first call commits the 200."""
         self.committed = True
+        now = trio.current_time()
+        quiet = now - self._last_send >= DIRECT_AFTER_S
+        self._last_send = now
+        if (quiet and data and self._started and not self._busy and not self._pending
+                and not self._ending):  # the flusher ends the response
+            self._busy = True
+            try:
+                await self._ex.send_data(data)
+            finally:
+                self._busy = False
+                self._last_write = trio.current_time()
+            return
         if data:
             self._pending.append(data)
             self._pending_size += len(data)
@@ -170,7 +191,6 @@ class SSEWriter:
 
     async def _flush_loop(self) -> None:
         ex = self._ex
-        started = False
         while True:
             await self._wake.wait()
             self._wake = trio.Event()
@@ -178,14 +198,20 @@ class SSEWriter:
             self._pending.clear()
             self._pending_size = 0
             ending = self._ending
-            if not started:
-                started = True
-                first = self._encoder.start() + data
-                await ex.start_stream(200, SSE_CONTENT_TYPE, SSE_HEADERS, first=first, end=ending)
-            elif ending:
-                await ex.end_stream(data)
-            else:
-                await ex.send_data(data)
+            self._busy = True
+            try:
+                if not self._started:
+                    self._started = True
+                    first = self._encoder.start() + data
+                    await ex.start_stream(
+                        200, SSE_CONTENT_TYPE, SSE_HEADERS, first=first, end=ending
+                    )
+                elif ending:
+                    await ex.end_stream(data)
+                else:
+                    await ex.send_data(data)
+            finally:
+                self._busy = False
             self._last_write = trio.current_time()
             drained, self._drained = self._drained, trio.Event()
             drained.set()
@@ -201,7 +227,8 @@ class SSEWriter:
             await self.send(b"")
         while not self._ending:
             await trio.sleep_until(self._last_write + s.sse_keepalive)
-            if not self._pending and trio.current_time() >= self._last_write + s.sse_keepalive:
+            if (not self._pending and not self._busy
+                    and trio.current_time() >= self._last_write + s.sse_keepalive):
                 await self.send(self._encoder.keepalive())
 
 

@@ -443,3 +443,20 @@ async def test_upstream_connection_is_reused_across_requests(
     assert len(seen[0]) == 1
     assert seen[1] == seen[0]
     assert seen[2] == seen[0]
+
+
+@pytest.mark.parametrize("frame_delay_s", [0.0, 0.002])
+async def test_paced_and_back_to_back_frames_give_the_same_stream(
+    relay: Running, step: StepEmulator, frame_delay_s: float
+) -> None:
+    """Frames that come back to back are queued and written together; frames after a
+    quiet spell are written at once by the reading task. Either way the client gets
+    every piece of the answer, in order, then [DONE]."""
+    step.behavior.answer = ANSWER
+    step.behavior.chunk_chars = 2
+    step.behavior.frame_delay_s = frame_delay_s
+    with trio.fail_after(5):
+        response = await post(relay.base_url, PATH, chat_body(stream=True))
+    assert response.status == 200
+    assert sse_text(response.content) == ANSWER
+    assert sse_events(response.content)[-1] == b"[DONE]"
