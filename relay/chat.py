@@ -130,8 +130,9 @@ class SSEWriter:
     Two ways out, one writer at a time (``_busy``):
 
     - an event that comes after a quiet spell (``DIRECT_AFTER_S`` since the
-      previous one: a paced upstream) is written at once by the task that
-      read it, with no task switch in between;
+      previous one: a paced upstream) while no other task is waiting to run
+      (the relay is not busy) is written at once by the task that read it,
+      with no task switch in between;
     - events that come back to back (a fast upstream, or a busy relay reading
       several events in one socket read) are *queued*, and a flusher task
       writes everything queued in one ``send_all``, so the cost per event falls
@@ -161,7 +162,8 @@ class SSEWriter:
         quiet = now - self._last_send >= DIRECT_AFTER_S
         self._last_send = now
         if (quiet and data and self._started and not self._busy and not self._pending
-                and not self._ending):  # the flusher ends the response
+                and not self._ending  # the flusher ends the response
+                and not trio.lowlevel.current_statistics().tasks_runnable):  # relay idle
             self._busy = True
             try:
                 await self._ex.send_data(data)
