@@ -37,7 +37,10 @@ envelope (the site's README: one output stream per account at a time).
 The record keys accounts by :func:`account_key`, never by the token.
 
 *Streams.* ``/assistant/stream`` answers ``text/event-stream``, chunked,
-with the snapshot events of :mod:`providers.glm.emulator_script`. While
+with the snapshot events of :mod:`providers.glm.emulator_script`.
+``frame_delay_s`` is slept where the script says ``PAUSE``: before each
+event that starts or grows a part, never before a part's finish event or
+the final one, so the answer ends right after its last frame. While
 the answer is written a watcher task reads the socket: EOF from the client
 cancels the stream at once (even while stalled or sleeping between frames),
 and the stream counts as aborted. The account is released just before the
@@ -46,6 +49,11 @@ next stream on the same account is not refused. Misbehaviour knobs act on
 the wire bytes after h11's chunked framing: ``write_size`` cuts them into
 TCP writes of that many bytes (inside SSE lines and UTF-8 characters),
 ``pack_all`` sends the whole answer in one write.
+
+*Record.* :class:`GlmRecord` keeps a list entry per request. A long
+benchmark run starts the emulator with ``--no-record``
+(``keep_record=False``): the counters are kept, the per-request lists are
+not, so its memory does not grow with the number of requests.
 
 *Files.* Uploads are parsed as ``multipart/form-data`` (RFC 7578) and kept in
 memory; ``GET /files/<id>/<name>`` serves them back, ``GET
@@ -58,6 +66,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import gc
 import hashlib
 import logging
 import mimetypes
@@ -77,6 +86,7 @@ import trio
 
 from protocol.errors import PayloadTooLarge, RequestError
 from providers.glm.emulator_script import (
+    Pace,
     ScriptSpec,
     SnapshotScript,
     cite,
@@ -518,15 +528,19 @@ class GlmEmulator:
         tokens: Iterable[str] | None = None,
         behavior: GlmBehavior | None = None,
         secret: str = DEFAULT_SECRET,
+        keep_record: bool = True,
     ) -> None:
         """
         Args:
             tokens: the accepted refresh tokens; None accepts any non-empty one.
             behavior: the initial behaviour (default: a well-behaved site).
             secret: the signing secret (3.4).
+            keep_record: keep the per-request lists of :attr:`record`; False
+                keeps only its counters (long benchmark runs).
         """
         self.behavior = behavior if behavior is not None else GlmBehavior()
         self.record = GlmRecord()
+        self._keep = keep_record
         self.port = 0
         self._tokens = frozenset(tokens) if tokens is not None else None
         self._secret = secret
@@ -636,7 +650,8 @@ class GlmEmulator:
             return False
         if request is None:
             return False
-        self.record.paths.append(request.path)
+        if self._keep:
+            self.record.paths.append(request.path)
         try:
             if request.path == STREAM_PATH and request.method == "POST":
                 if not await self._stream(client, request):
@@ -758,7 +773,8 @@ class GlmEmulator:
         ) != account_key(account):
             raise self._error(ERR_NOT_FOUND, "conversation not found")
         del self._conversations[conversation_id]
-        self.record.conversations_deleted.append(conversation_id)
+        if self._keep:
+            self.record.conversations_deleted.append(conversation_id)
         return self._ok({})
 
     def _upload_chat(self, request: _Request) -> _Reply:
@@ -794,7 +810,8 @@ class GlmEmulator:
             content_type = mimetypes.guess_type(filename)[0] or content_type
         upload = Upload(secrets.token_hex(12), filename, content_type, part.data, kind)
         self._files[upload.file_id] = upload
-        self.record.uploads.append(upload)
+        if self._keep:
+            self.record.uploads.append(upload)
         return upload
 
     def _file_url(self, upload: Upload) -> str:
@@ -812,7 +829,8 @@ class GlmEmulator:
             conversation_id = secrets.token_hex(12)
         chat_id = secrets.token_hex(12)
         self._videos[chat_id] = _VideoJob(account_key(account), conversation_id)
-        self.record.video_chats.append(body)
+        if self._keep:
+            self.record.video_chats.append(body)
         return self._ok({"chat_id": chat_id, "conversation_id": conversation_id})
 
     def _video_job(self, request: _Request, chat_id: str, *, signed: bool) -> _VideoJob:
@@ -861,14 +879,16 @@ class GlmEmulator:
         job = self._videos.get(chat_id) if isinstance(chat_id, str) else None
         if job is None or job.account != account_key(account):
             raise self._error(ERR_NOT_FOUND, "video chat not found")
-        self.record.composites.append(body)
+        if self._keep:
+            self.record.composites.append(body)
         audio = urllib.parse.quote(str(body.get("audio_id", "")), safe="")
         return self._ok({"url": f"{self.base_url}{VIDEOS_PREFIX}{chat_id}_{audio}.mp4"})
 
     def _video_delete(self, request: _Request, chat_id: str) -> _Reply:
         self._video_job(request, chat_id, signed=False)  # the reference never signs it
         del self._videos[chat_id]
-        self.record.videos_deleted.append(chat_id)
+        if self._keep:
+            self.record.videos_deleted.append(chat_id)
         return self._ok({})
 
     def _static(self, path: str) -> _Reply | None:
@@ -906,7 +926,8 @@ class GlmEmulator:
         if behavior.one_stream_per_account and self._active.get(key, 0) > 0:
             self.record.concurrent_rejections += 1
             raise self._error(ERR_BUSY, BUSY_MESSAGE)
-        self.record.streams.append(body)
+        if self._keep:
+            self.record.streams.append(body)
         if behavior.stream_error is not None:
             status, payload = behavior.stream_error
             await client.reply(_json(payload, status))
@@ -914,7 +935,8 @@ class GlmEmulator:
         if not conversation_id:
             conversation_id = secrets.token_hex(12)  # 24 hex characters, as the site's
             self._conversations[conversation_id] = key
-            self.record.conversations_created.append(conversation_id)
+            if self._keep:
+                self.record.conversations_created.append(conversation_id)
         script = SnapshotScript(self._spec(behavior, body, conversation_id))
 
         self._active[key] = active = self._active.get(key, 0) + 1
@@ -1033,7 +1055,8 @@ class GlmEmulator:
                 return b"%x\r\n%b\r\n" % (len(event), event)
             return client.encode(h11.Data(data=event))
 
-        events = script.progress()
+        events = script.paced()
+        pace = behavior.frame_delay_s > 0 and not behavior.pack_all
         sent = 0
         while True:
             if behavior.stall_after is not None and sent >= behavior.stall_after:
@@ -1044,9 +1067,11 @@ class GlmEmulator:
                 return _End.DROPPED
             if sent == behavior.malformed_after:
                 pending += frame(MALFORMED_DATA)
-            if sent and behavior.frame_delay_s > 0 and not behavior.pack_all:
-                await trio.sleep(behavior.frame_delay_s)
             data = next(events, None)
+            while isinstance(data, Pace):  # the next event builds only after the pause
+                if sent and pace:
+                    await trio.sleep(behavior.frame_delay_s)
+                data = next(events, None)
             last = data is None
             pending += frame(script.final() if data is None else data)
             sent += 1
@@ -1080,6 +1105,16 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--frame-delay-s", type=float, default=0.0)
     parser.add_argument("--stall-after", type=int)
     parser.add_argument("--no-signature-check", action="store_true")
+    parser.add_argument(
+        "--no-stream-limit",
+        action="store_true",
+        help="any number of concurrent streams per account (the site allows one)",
+    )
+    parser.add_argument(
+        "--no-record",
+        action="store_true",
+        help="keep only counters, not the list of every request (long benchmark runs)",
+    )
     return parser.parse_args(argv)
 
 
@@ -1096,12 +1131,20 @@ def emulator_from_args(argv: list[str] | None = None) -> tuple[GlmEmulator, str,
         frame_delay_s=args.frame_delay_s,
         stall_after=args.stall_after,
         check_signature=not args.no_signature_check,
+        one_stream_per_account=not args.no_stream_limit,
     )
-    return GlmEmulator(tokens=args.token, behavior=behavior), args.host, args.port
+    emulator = GlmEmulator(tokens=args.token, behavior=behavior, keep_record=not args.no_record)
+    return emulator, args.host, args.port
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Run the emulator until interrupted; prints ``listening on <base url>`` once bound."""
+    """Run the emulator until interrupted; prints ``listening on <base url>`` once bound.
+
+    Once listening, everything allocated so far is frozen out of the garbage
+    collector's reach (``gc.freeze()``): collections then only walk what the
+    requests allocate, and their pauses do not show up as relay latency in
+    the benchmarks.
+    """
     emulator, host, port = emulator_from_args(argv)
 
     async def run() -> None:
@@ -1110,6 +1153,8 @@ def main(argv: list[str] | None = None) -> None:
 
         async with trio.open_nursery() as nursery:
             await nursery.start(serve)
+            gc.collect()
+            gc.freeze()
             print(f"listening on {emulator.base_url}", flush=True)
 
     with contextlib.suppress(KeyboardInterrupt):

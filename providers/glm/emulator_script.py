@@ -42,10 +42,18 @@ Stamp mode (benchmarks): the text part grows by ``[ts:<monotonic ns>]`` per
 event instead of by slices of the answer. The events come from a generator,
 so the stamp is read when the server asks for the next event, right before
 it writes it.
+
+Pacing: :meth:`SnapshotScript.paced` yields :data:`PAUSE` before every event
+that starts or grows a part (the ones a slow upstream spaces out), and none
+before a part's ``finish`` event or the final event. A server that sleeps on
+each :data:`PAUSE` thus ends the answer right after its last frame, and
+since the generator only builds an event when asked for it, a stamp read
+after the pause is the time of the write.
 """
 
 from __future__ import annotations
 
+import enum
 import re
 import time
 import uuid
@@ -58,6 +66,16 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Iterator, Sequence
 
 Layout = Literal["active", "cumulative"]
+
+
+class Pace(enum.Enum):
+    """The marker of :meth:`SnapshotScript.paced`."""
+
+    PAUSE = "pause"
+
+
+#: Yielded by :meth:`SnapshotScript.paced` before each event a server may delay.
+PAUSE = Pace.PAUSE
 
 #: PROTOCOLS.md 3.9: an inline citation marker, N counting from 1.
 CITATION_MARKER = "【{n}†source】"
@@ -265,9 +283,10 @@ class _Envelope:
 
 def _growing(
     env: _Envelope, logic_id: str, kind: str, field: str, text: str, step: int
-) -> Iterator[bytes]:
+) -> Iterator[bytes | Pace]:
     """A part whose one item grows cumulatively in ``field``, then finishes."""
     for prefix in grow(text, step):
+        yield PAUSE
         yield env.progress(_part(logic_id, "init", {"type": kind, "status": "init", field: prefix}))
     yield env.finished(_part(logic_id, "finish", {"type": kind, "status": "finish", field: text}))
 
@@ -306,12 +325,24 @@ class SnapshotScript:
         Yields:
             One compact JSON object (no newlines) per event.
         """
+        for event in self.paced():
+            if isinstance(event, bytes):
+                yield event
+
+    def paced(self) -> Iterator[bytes | Pace]:
+        """The events of :meth:`progress`, with :data:`PAUSE` before each delayable one.
+
+        Yields:
+            :data:`PAUSE` before an event that starts or grows a part; the
+            events as in :meth:`progress`.
+        """
         spec, env, logic_ids = self._spec, self._env, self._logic_ids
         step = spec.chunk_chars
         if spec.think is not None:
             yield from _growing(env, logic_ids(), "think", "think", spec.think, step)
         if spec.search_results:
             logic_id = logic_ids()
+            yield PAUSE
             yield env.progress(_part(logic_id, "init", {"type": "quote_result", "status": "init"}))
             hits = [{"title": title, "url": url} for title, url in spec.search_results]
             item: dict[str, Any] = {"type": "quote_result", "status": "finish"}
@@ -324,6 +355,7 @@ class SnapshotScript:
             yield from _growing(env, logic_ids(), "code", "code", spec.code, step)
             logic_id = logic_ids()
             item = {"type": "execution_output", "status": "init", "content": ""}
+            yield PAUSE
             yield env.progress(_part(logic_id, "init", item))
             item = {
                 "type": "execution_output",
@@ -334,6 +366,7 @@ class SnapshotScript:
         if spec.images:
             logic_id = logic_ids()
             item = {"type": "image", "status": "init", "image": []}
+            yield PAUSE
             yield env.progress(_part(logic_id, "init", item))
             item = {
                 "type": "image",
@@ -367,10 +400,11 @@ def snapshot_events(
 
 def _stamped(
     env: _Envelope, logic_id: str, frames: int, clock_ns: Callable[[], int]
-) -> Iterator[bytes]:
+) -> Iterator[bytes | Pace]:
     """Stamp mode's text part: each event appends the time it was built."""
     text = ""
     for _ in range(frames):
+        yield PAUSE
         text += f"[ts:{clock_ns()}]"
         yield env.progress(
             _part(logic_id, "init", {"type": "text", "status": "init", "text": text})

@@ -30,12 +30,19 @@ cookie; anything else is HTTP 401 ``unauthenticated``.
 The answer stream is a lazy *script*: a generator of ready-to-write HTTP
 chunks (the chunk size line, the 5-byte envelope header and the JSON payload
 are formatted in one go; constant frames are precomputed), interleaved with
-the actions "stall" and "drop". The writer pulls the next frame only after
-the configured delay, so stamped frames (``stamp=True``, used by the latency
-benchmark) carry the monotonic time at which they were written. h11 only
-frames the response head and the final ``0\\r\\n\\r\\n``; with chunked
-encoding it does not count body bytes, so bypassing it for the chunks is
-safe and saves one copy per frame.
+the actions "pause", "stall" and "drop". A pause (``frame_delay_s``) comes
+before the search event and before each text frame, never after the last
+text frame: the end of the answer follows it at once. The script builds a
+text frame only after its pause, so stamped frames (``stamp=True``, used by
+the latency benchmark) carry the monotonic time at which they were written.
+h11 only frames the response head and the final ``0\\r\\n\\r\\n``; with
+chunked encoding it does not count body bytes, so bypassing it for the
+chunks is safe and saves one copy per frame.
+
+Memory: the :class:`StepRecord` lists grow with every request. A long
+benchmark run starts the emulator with ``--no-record`` (``keep_record=False``):
+counters are still kept, the per-request lists (and the set of deleted chat
+ids) are not.
 
 While a stream is written, a watcher task reads the socket: EOF or a reset
 means the client went away, so the write is cancelled at once (even during a
@@ -55,6 +62,7 @@ import argparse
 import base64
 import contextlib
 import enum
+import gc
 import http
 import itertools
 import logging
@@ -203,6 +211,7 @@ class _Grant:
 class _Action(enum.Enum):
     """Non-frame steps of an answer script."""
 
+    PAUSE = "pause"  # wait frame_delay_s (before a text frame, never after the last)
     STALL = "stall"  # go silent until the client leaves
     DROP = "drop"  # close the TCP connection without ending the body
 
@@ -310,19 +319,26 @@ def demo_answer(prompt: str) -> str:
     )
 
 
-def _texts(behavior: StepBehavior, prompt: str) -> Iterator[str]:
-    """The texts of the ``textEvent`` frames, produced lazily (stamps at pull time)."""
+def _stamp_text() -> str:
+    """A stamped frame's text: the monotonic time now."""
+    return f"[ts:{time.monotonic_ns()}]"
+
+
+def _texts(behavior: StepBehavior, prompt: str) -> Iterator[Callable[[], str]]:
+    """The texts of the ``textEvent`` frames, each as a function called at write time.
+
+    Pulling the next item does not make its text, so the script can tell
+    that another frame follows (and pause before it) before a stamp is read.
+    """
     if behavior.stamp:
-        for _ in range(behavior.stamp_frames):
-            yield f"[ts:{time.monotonic_ns()}]"
-        return
+        return itertools.repeat(_stamp_text, max(0, behavior.stamp_frames))
     if behavior.text_frames is not None:
-        yield from behavior.text_frames
-        return
-    answer = behavior.answer if behavior.answer is not None else demo_answer(prompt)
-    step = max(1, behavior.chunk_chars)
-    for start in range(0, len(answer), step):
-        yield answer[start : start + step]
+        texts: Iterable[str] = behavior.text_frames
+    else:
+        answer = behavior.answer if behavior.answer is not None else demo_answer(prompt)
+        step = max(1, behavior.chunk_chars)
+        texts = (answer[start : start + step] for start in range(0, len(answer), step))
+    return (partial(str, text) for text in texts)
 
 
 def _interruption(behavior: StepBehavior, sent: float, chunked: bool) -> list[bytes | _Action]:
@@ -430,7 +446,11 @@ class StepEmulator:
     """
 
     def __init__(
-        self, *, tokens: Iterable[str] | None = None, behavior: StepBehavior | None = None
+        self,
+        *,
+        tokens: Iterable[str] | None = None,
+        behavior: StepBehavior | None = None,
+        keep_record: bool = True,
     ) -> None:
         """Create an emulator; it does not listen until :meth:`serve`.
 
@@ -439,10 +459,14 @@ class StepEmulator:
                 of a ``deviceId@Oasis-Token`` credential); ``None`` accepts
                 any non-empty token.
             behavior: initial behaviour; default :class:`StepBehavior()`.
+            keep_record: keep the per-request lists of :attr:`record` (and the
+                deleted chat ids); False keeps only its counters, so that a
+                long benchmark run does not grow the emulator's memory.
         """
         self._tokens = frozenset(tokens) if tokens is not None else None
         self.behavior = behavior if behavior is not None else StepBehavior()
         self.record = StepRecord()
+        self._keep = keep_record
         self.port = 0
         self._scheme = "http"
         self._host = "127.0.0.1"
@@ -594,7 +618,8 @@ class StepEmulator:
             raise RequestError("chatName must be a string", code="invalid_argument")
         chat_id = str(next(self._chat_ids))
         self._chats[chat_id] = name
-        self.record.chats_created.append(chat_id)
+        if self._keep:
+            self.record.chats_created.append(chat_id)
         self._changed()
         return {"chatId": chat_id, "chatName": name}
 
@@ -606,7 +631,7 @@ class StepEmulator:
         if unknown:
             raise NotFound(f"chat {unknown[0]} not found", code="not_found")
         for chat_id in ids:
-            if self._chats.pop(chat_id, None) is not None:
+            if self._chats.pop(chat_id, None) is not None and self._keep:
                 self._deleted.add(chat_id)
                 self.record.chats_deleted.append(chat_id)
         self._changed()
@@ -621,7 +646,8 @@ class StepEmulator:
         file_id = str(next(self._file_ids))
         self._files[file_id] = 0
         upload = Upload(file_id, names[0], headers.get("content-type", ""), body, dict(headers))
-        self.record.uploads.append(upload)
+        if self._keep:
+            self.record.uploads.append(upload)
         self._changed()
         return {"id": file_id, "fileName": upload.name, "size": str(len(body))}
 
@@ -698,7 +724,8 @@ class StepEmulator:
         except RelayError as exc:
             await self._send_stream_error(conn, stream, exc)
             return True
-        self.record.messages.append(message)
+        if self._keep:
+            self.record.messages.append(message)
         self._changed()
         if behavior.stream_http_error is not None:
             status, code, text = behavior.stream_http_error
@@ -734,12 +761,15 @@ class StepEmulator:
         if behavior.search_results:
             results = [{"title": title, "url": url} for title, url in behavior.search_results]
             event = {"pipelineEvent": {"eventSearch": {"results": results}}}
+            yield _Action.PAUSE
             yield _frame(orjson.dumps(event), 0, chunked)
-        for sent, text in enumerate(_texts(behavior, prompt)):
+        for sent, make_text in enumerate(_texts(behavior, prompt)):
             cut = _interruption(behavior, sent, chunked)
             if cut:
                 yield from cut
                 return
+            yield _Action.PAUSE
+            text = make_text()  # after the pause: a stamp is the time of the write
             yield _frame(_TEXT_PREFIX + orjson.dumps(text) + _TEXT_SUFFIX, 0, chunked)
         cut = _interruption(behavior, math.inf, chunked)
         if cut:
@@ -794,14 +824,15 @@ class StepEmulator:
         script = self._script(behavior, chat_id, prompt, chunked)
         try:
             await writer.write(conn.send(head) or b"")
-            delay = behavior.first_delay_s
-            while True:
-                if delay > 0:
-                    await writer.pause()
-                    await trio.sleep(delay)
-                item = next(script, None)  # stamps are taken here, after the delay
-                if item is None:
-                    break
+            if behavior.first_delay_s > 0:
+                await writer.pause()
+                await trio.sleep(behavior.first_delay_s)
+            for item in script:  # stamps are taken in the script, after their pause
+                if item is _Action.PAUSE:
+                    if behavior.frame_delay_s > 0:
+                        await writer.pause()
+                        await trio.sleep(behavior.frame_delay_s)
+                    continue
                 if item is _Action.STALL:
                     await writer.flush()
                     await trio.sleep_forever()
@@ -810,7 +841,6 @@ class StepEmulator:
                     return _Outcome.DROPPED
                 if isinstance(item, bytes):
                     await writer.write(item)
-                delay = behavior.frame_delay_s
             # Count the stream as finished before its last bytes leave, so that a
             # client that has seen the end also sees the record say so.
             tally.settle(_Outcome.COMPLETE)
@@ -941,7 +971,8 @@ class StepEmulator:
     ) -> bool:
         """Route one request and answer it; returns whether the connection may be reused."""
         path, _, query = request.target.decode("latin-1").partition("?")
-        self.record.paths.append(path)
+        if self._keep:
+            self.record.paths.append(path)
         self._changed()
         headers: dict[str, str] = {}
         for name, value in request.headers:
@@ -988,6 +1019,7 @@ class CliOptions:
     port: int
     tokens: tuple[str, ...] | None
     behavior: StepBehavior
+    keep_record: bool = True
 
 
 def parse_args(argv: list[str] | None = None) -> CliOptions:
@@ -1012,6 +1044,11 @@ def parse_args(argv: list[str] | None = None) -> CliOptions:
     parser.add_argument(
         "--token", action="append", dest="tokens", help="accepted user token (repeatable)"
     )
+    parser.add_argument(
+        "--no-record",
+        action="store_true",
+        help="keep only counters, not the list of every request (long benchmark runs)",
+    )
     args = parser.parse_args(argv)
     behavior = StepBehavior(
         answer=args.answer,
@@ -1023,17 +1060,33 @@ def parse_args(argv: list[str] | None = None) -> CliOptions:
         stall_after=args.stall_after,
     )
     tokens = tuple(args.tokens) if args.tokens else None
-    return CliOptions(host=args.host, port=args.port, tokens=tokens, behavior=behavior)
+    return CliOptions(
+        host=args.host,
+        port=args.port,
+        tokens=tokens,
+        behavior=behavior,
+        keep_record=not args.no_record,
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Serve until SIGINT; prints ``listening on <base url>`` once bound."""
+    """Serve until SIGINT; prints ``listening on <base url>`` once bound.
+
+    Once listening, everything allocated so far is frozen out of the garbage
+    collector's reach (``gc.freeze()``): collections then only walk what the
+    requests allocate, and their pauses do not show up as relay latency in
+    the benchmarks.
+    """
     options = parse_args(argv)
-    emulator = StepEmulator(tokens=options.tokens, behavior=options.behavior)
+    emulator = StepEmulator(
+        tokens=options.tokens, behavior=options.behavior, keep_record=options.keep_record
+    )
 
     async def run() -> None:
         async with trio.open_nursery() as nursery:
             await nursery.start(partial(emulator.serve, host=options.host, port=options.port))
+            gc.collect()
+            gc.freeze()
             print(f"listening on {emulator.base_url}", flush=True)
 
     try:
