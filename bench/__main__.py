@@ -18,17 +18,26 @@ import trio
 
 from bench.overhead import OverheadOptions, run_overhead
 from bench.progress import NoProgress, Progress
-from bench.scenarios import GROUPS
+from bench.scenarios import GROUPS, OPTIONAL_GROUPS
 from bench.stream import DEFAULT_PROMPT, StreamOptions, report_of, run_streams
 from bench.upstreams import PROVIDERS
 from protocol.errors import RelayError
 
 _EPILOG_OVERHEAD = """\
 scenarios: latency, throughput (throughput-1, throughput-16),
-concurrency (concurrency-500, concurrency-200), idle.
+concurrency (concurrency-500, concurrency-200), idle; and, only when named,
+long (1 stream, ~20,000 characters, cost per chunk by quarter of the stream).
 --relay-cmd placeholders: {python} {host} {port} {upstream} {token}; the default
-for step is: %s
+relay command per provider:
+%s
 """
+
+
+def _epilog() -> str:
+    commands = "\n".join(
+        f"  {name}: {provider.relay_cmd}" for name, provider in sorted(PROVIDERS.items())
+    )
+    return _EPILOG_OVERHEAD % commands.replace("%", "%%")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,12 +74,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="what a relay adds, measured against the emulated upstream",
         description="Runs each scenario directly against the provider emulator and through "
         "the relay (separate processes on loopback) and prints the difference.",
-        epilog=_EPILOG_OVERHEAD % PROVIDERS["step"].relay_cmd.replace("%", "%%"),
+        epilog=_epilog(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     overhead.add_argument("--provider", choices=sorted(PROVIDERS), default="step")
+    default_groups = [group for group in GROUPS if group not in OPTIONAL_GROUPS]
     overhead.add_argument(
-        "--scenario", help=f"comma-separated scenarios or groups ({', '.join(GROUPS)}); default all"
+        "--scenario",
+        help=f"comma-separated scenarios or groups ({', '.join(GROUPS)}); default all but"
+        f" {', '.join(OPTIONAL_GROUPS)} ({', '.join(default_groups)})",
     )
     overhead.add_argument("--repeats", type=int, default=3, help="runs per scenario (median)")
     overhead.add_argument("--quick", action="store_true", help="small counts")

@@ -32,7 +32,16 @@ scale them down):
 - ``idle``: 1,000 streams whose upstream holds after the first frame: relay
   RSS growth per open stream (direct mode shows the emulator's, for scale).
   The relay is restarted for every repeat, since freed memory stays in the
-  process and would flatter later repeats.
+  process and would flatter later repeats;
+- ``long`` (only when named): 1 stream of 1,000 frames at full speed, an
+  answer of about 20,000 characters. Besides the overall figures it reports
+  chunks/s and CPU per chunk (relay, emulator, client) for the first and the
+  last quarter of the stream: its record (:class:`QuarterRecord`) reads the
+  processes' CPU clocks when the stamps received reach 1, N/4, 3N/4 and N,
+  so the growth of the cost per chunk with the answer's length (ChatGLM's
+  cumulative snapshots) shows. It reads each process's own clock, without
+  descendants (the default relay is one process), and follows the first
+  stream of the run (``long`` has one).
 
 Bounds: every run is inside ``trio.move_on_after`` (a run that overruns
 marks its unfinished streams ``timeout``), every stream has the same bound,
@@ -70,6 +79,8 @@ if TYPE_CHECKING:
 
 #: Pause between runs, so that the previous run's cleanup (chat deletion) is over.
 SETTLE_S = 0.3
+#: Fewest distinct reads in a quarter for its chunk rate (fewer: a burst, not a rate).
+QUARTER_MIN_READS = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -238,6 +249,92 @@ def _cpu(pids: dict[str, int]) -> dict[str, float | None]:
     return sample
 
 
+@dataclass(frozen=True, slots=True)
+class _CpuMark:
+    """CPU clocks read when the stamps received reached ``count``."""
+
+    count: int
+    cpu_s: dict[str, float | None]
+
+
+def _cpu_now(pids: dict[str, int]) -> dict[str, float | None]:
+    """Each process's own CPU clock (cheap: no walk of /proc), and the client's."""
+    sample: dict[str, float | None] = {
+        name: procs.process_cpu_seconds(pid) for name, pid in pids.items()
+    }
+    sample["client"] = procs.own_cpu_seconds()
+    return sample
+
+
+@dataclass(slots=True)
+class QuarterRecord(StreamRecord):
+    """A stream record that reads the CPU clocks as its stamps reach 1, N/4, 3N/4 and N.
+
+    The clocks are read in :meth:`text_chunk`, i.e. right when the chunk that
+    crossed a threshold was received, with no polling task whose scheduling
+    would blur the quarters. A chunk that crosses several thresholds marks
+    them all with the same reading.
+
+    Attributes:
+        thresholds: the stamp counts to mark (see :func:`quarter_thresholds`).
+        pids: the processes whose clocks are read (the client's is added).
+        marks: one :class:`_CpuMark` per threshold reached, in order.
+    """
+
+    thresholds: tuple[int, ...] = ()
+    pids: dict[str, int] = field(default_factory=dict)
+    marks: list[_CpuMark] = field(default_factory=list)
+
+    def text_chunk(self, text: str, now_ns: int, stamps: bool) -> None:
+        """Count the chunk, then mark every threshold its stamps reached."""
+        StreamRecord.text_chunk(self, text, now_ns, stamps)
+        marks, thresholds = self.marks, self.thresholds
+        if len(marks) < len(thresholds) and len(self.stamps) >= thresholds[len(marks)]:
+            sample = _cpu_now(self.pids)
+            count = len(self.stamps)
+            while len(marks) < len(thresholds) and count >= thresholds[len(marks)]:
+                marks.append(_CpuMark(count, sample))
+
+
+def quarter_thresholds(frames: int) -> tuple[int, ...]:
+    """Stamp counts that bound the first and the last quarter of ``frames``."""
+    return (1, max(1, frames // 4), max(1, frames * 3 // 4), frames)
+
+
+def quarter_figures(records: list[StreamRecord], marks: list[_CpuMark]) -> Figures:
+    """Chunks/s and CPU per chunk in the first and the last quarter of a run.
+
+    Args:
+        records: the run's streams (their stamp receipt times give the rates).
+        marks: of :class:`QuarterRecord`: stamps received 1, N/4, 3N/4, N.
+
+    Returns:
+        ``chunks_per_s_q1/_q4`` from the receipt times, and
+        ``<process>_us_per_chunk_q1/_q4`` from the marks (the relay's is
+        named ``cpu_us_per_chunk_q1/_q4``, like ``cpu_us_per_chunk``);
+        figures that cannot be computed are left out, as is the rate of a
+        quarter that arrived in fewer than :data:`QUARTER_MIN_READS` reads.
+    """
+    figures: Figures = {}
+    receipts = sorted(ns for record in records for ns in record.stamp_ns)
+    quarter = len(receipts) // 4
+    if quarter >= 2:
+        for name, window in (("q1", receipts[:quarter]), ("q4", receipts[-quarter:])):
+            span_s = (window[-1] - window[0]) / 1e9
+            if span_s > 0 and len(set(window)) >= QUARTER_MIN_READS:
+                figures[f"chunks_per_s_{name}"] = (len(window) - 1) / span_s
+    if len(marks) == 4:
+        for name, (low, high) in (("q1", (marks[0], marks[1])), ("q4", (marks[2], marks[3]))):
+            chunks = high.count - low.count
+            for who, before in low.cpu_s.items():
+                after = high.cpu_s.get(who)
+                if chunks <= 0 or before is None or after is None:
+                    continue
+                label = "cpu" if who == "relay" else who
+                figures[f"{label}_us_per_chunk_{name}"] = (after - before) * 1e6 / chunks
+    return figures
+
+
 async def _run_mode(
     harness: _Harness, scenario: Scenario, mode: str, progress: Progress
 ) -> tuple[Figures, dict[str, int], list[str]]:
@@ -257,7 +354,15 @@ async def _run_mode(
         if waiting == 0:
             all_in.set()
 
-    records = [StreamRecord(notify=arrived) for _ in range(scenario.streams)]
+    records: list[StreamRecord]
+    if scenario.quarters:
+        thresholds = quarter_thresholds(scenario.frames_per_stream)
+        records = [
+            QuarterRecord(notify=arrived, thresholds=thresholds, pids=pids)
+            for _ in range(scenario.streams)
+        ]
+    else:
+        records = [StreamRecord(notify=arrived) for _ in range(scenario.streams)]
     rss_base = procs.rss_kib(measured_pid) if scenario.idle and measured_pid else None
     rss_open: int | None = None
 
@@ -299,6 +404,11 @@ async def _run_mode(
             if name == "relay" and figures["frames_received"]:
                 received = figures["frames_received"] or 1.0
                 figures["cpu_us_per_chunk"] = (after - before) * 1e6 / received
+    if scenario.quarters:
+        figures["answer_chars"] = float(max((r.chars for r in records), default=0))
+        first = records[0] if records else None
+        marks = first.marks if isinstance(first, QuarterRecord) else []
+        figures.update(quarter_figures(records[:1], marks))
     if rss_base is not None and rss_open is not None and scenario.streams:
         figures["rss_kib_base"] = float(rss_base)
         figures["rss_kib_open"] = float(rss_open)
@@ -408,6 +518,7 @@ async def run_overhead(
             streams=options.streams,
             idle_streams=options.idle_streams,
             first_delay_s=options.first_delay_s,
+            optional=True,
         ),
         options.scenario,
     )

@@ -51,6 +51,18 @@ OVERHEAD_ROWS: dict[str, tuple[tuple[str, str, str], ...]] = {
         ("rss_kib_open", "RSS, all open (KiB)", "{:,.0f}"),
         ("frames_lost", "first frames lost", "{:.0f}"),
     ),
+    "long": (
+        ("answer_chars", "answer length (chars)", "{:,.0f}"),
+        ("chunks_per_s", "chunks/s", "{:,.0f}"),
+        ("chunks_per_s_q1", "chunks/s, first quarter", "{:,.0f}"),
+        ("chunks_per_s_q4", "chunks/s, last quarter", "{:,.0f}"),
+        ("cpu_us_per_chunk", "relay CPU/chunk (us)", "{:.2f}"),
+        ("cpu_us_per_chunk_q1", "relay CPU/chunk, first quarter (us)", "{:.2f}"),
+        ("cpu_us_per_chunk_q4", "relay CPU/chunk, last quarter (us)", "{:.2f}"),
+        ("client_us_per_chunk_q1", "client CPU/chunk, first quarter (us)", "{:.2f}"),
+        ("client_us_per_chunk_q4", "client CPU/chunk, last quarter (us)", "{:.2f}"),
+        ("frames_lost", "frames lost (sum)", "{:.0f}"),
+    ),
 }
 _HARNESS = (("relay", "relay"), ("emulator", "emulator"), ("client", "bench client"))
 

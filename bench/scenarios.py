@@ -6,6 +6,13 @@ write), ``concurrency-500`` (100 frames 20 ms apart) and ``concurrency-200``
 (10 ms apart), ``idle`` (1,000 streams whose upstream holds after the first
 frame). ``--quick`` and the ``--frames/--streams/--idle-streams`` overrides
 scale them down; the keys stay the same, the labels say what actually ran.
+
+``long`` is *optional*: it runs only when ``--scenario`` names it, never in
+the default set. It is one stream of 1,000 stamped frames at full speed, an
+answer of about 20,000 characters (a stamp is about 20), and is reported per
+quarter of the stream (:attr:`Scenario.quarters`): with ChatGLM every
+snapshot repeats the whole answer so far, so the cost of a chunk grows with
+the length of the answer, and the first and last quarters show by how much.
 """
 
 from __future__ import annotations
@@ -16,7 +23,9 @@ from bench.upstreams import EmulatorParams
 from protocol.errors import RequestError
 
 #: Scenario groups, in the order they run.
-GROUPS = ("latency", "throughput", "concurrency", "idle")
+GROUPS = ("latency", "throughput", "concurrency", "idle", "long")
+#: Groups that run only when ``--scenario`` names them.
+OPTIONAL_GROUPS = ("long",)
 #: Base bound of one run, on top of its streaming time.
 RUN_SLACK_S = 30.0
 
@@ -30,6 +39,8 @@ class Scenario:
     streams: int
     params: EmulatorParams
     idle: bool = False
+    optional: bool = False
+    quarters: bool = False
 
     @property
     def label(self) -> str:
@@ -76,6 +87,7 @@ def scenarios(
     streams: int | None = None,
     idle_streams: int | None = None,
     first_delay_s: float | None = None,
+    optional: bool = False,
 ) -> list[Scenario]:
     """Every scenario, full size or ``quick``, with optional overrides.
 
@@ -86,11 +98,14 @@ def scenarios(
         idle_streams: open streams of the idle scenario.
         first_delay_s: the emulator's delay before the first frame of the
             paced scenarios (default: 0.5 s plus 4 ms per stream).
+        optional: add the optional scenarios (``long``) at the end.
     """
     if quick:
         lat, tp1, tp16, c500, c200, idle_n, many = 50, 2_000, 200, 50, 50, 100, 50
+        long_frames = 500
     else:
         lat, tp1, tp16, c500, c200, idle_n, many = 200, 20_000, 2_000, 100, 100, 1_000, 0
+        long_frames = 1_000
 
     def fr(default: int) -> int:
         return frames if frames is not None else default
@@ -104,6 +119,16 @@ def scenarios(
         return round(0.5 + 0.004 * n, 3)  # every stream set up before paced frames start
 
     n500, n200 = st(500), st(200)
+    extra = [
+        Scenario(
+            "long",
+            "long",
+            1,
+            EmulatorParams(fr(long_frames)),
+            optional=True,
+            quarters=True,
+        )
+    ]
     return [
         Scenario("latency", "latency", 1, EmulatorParams(fr(lat), 0.002)),
         Scenario("throughput-1", "throughput", 1, EmulatorParams(fr(tp1))),
@@ -121,17 +146,20 @@ def scenarios(
             EmulatorParams(frames=2, stall_after=1),
             idle=True,
         ),
+        *(extra if optional else []),
     ]
 
 
 def select(all_scenarios: list[Scenario], names: str | None) -> list[Scenario]:
-    """The scenarios a ``--scenario`` list names (keys or groups; all if empty).
+    """The scenarios a ``--scenario`` list names (keys or groups).
+
+    Without names: every scenario that is not optional.
 
     Raises:
         RequestError: an unknown name.
     """
     if not names:
-        return all_scenarios
+        return [s for s in all_scenarios if not s.optional]
     wanted = [name.strip() for name in names.split(",") if name.strip()]
     known = {s.key for s in all_scenarios} | {s.group for s in all_scenarios}
     unknown = [name for name in wanted if name not in known]

@@ -24,13 +24,18 @@ by :class:`~bench.readers.ConnectStreamReader`, and DelChat after the stream
 has ended (not timed: the relay deletes after the answer as well). Chat
 creation is inside time to first token in both modes.
 
-Adding ChatGLM: its emulator (``python -m providers.glm.emulator --stamp``)
-streams SSE *snapshots* whose text is cumulative (PROTOCOLS.md 3.9). A
-``GlmProvider`` needs a direct client that signs requests
-(``providers.glm.signing``), exchanges the refresh token, reads the SSE with
-:class:`protocol.sse.SSEDecoder` and extracts stamps from the new suffix of
-each snapshot only; then it goes into :data:`PROVIDERS`. The relay must be
-started with ``--glm-max-streams 0`` (one stream per account is the default).
+ChatGLM (:data:`GLM`): its emulator streams SSE *snapshots* whose text is
+cumulative (PROTOCOLS.md 3.9). The direct client
+(:class:`bench.glm_direct.GlmDirect`) exchanges the refresh token once per
+scenario, then per stream signs and POSTs the stream request, takes the
+stamps from the new suffix of each snapshot only, and deletes the
+conversation after the stream (untimed). The emulator is started with
+``--no-stream-limit`` and the relay with a ``--glm-max-streams`` far above
+any scenario's streams: the site (and both defaults) allow one stream per
+account, and a scenario runs all its streams on one account.
+
+Both emulators are started with ``--no-record``, so that their memory does
+not grow with the number of requests of a long run.
 """
 
 from __future__ import annotations
@@ -41,10 +46,12 @@ from typing import Protocol
 
 import trio
 
+from bench.glm_direct import GlmDirect
 from bench.readers import ConnectStreamReader, StreamRecord
 from bench.wire import Endpoint, HttpConnection, header
 from protocol.errors import RelayError, RemoteProtocolError
 from protocol.openai import ContentPart, Message
+from providers.glm.client import DEFAULT_MODEL as GLM_DEFAULT_MODEL
 from providers.step import prompt as step
 
 #: The prompt both modes send (its content does not matter to the emulator).
@@ -52,6 +59,8 @@ BENCH_PROMPT = "Say something, benchmark."
 #: Bound on the untimed DelChat after a direct stream.
 DELETE_TIMEOUT_S = 2.0
 _CONNECT_TYPE = step.CONNECT_CONTENT_TYPE
+#: ``--glm-max-streams`` of the relay: more than any scenario opens (the relay refuses 0).
+GLM_RELAY_MAX_STREAMS = 100_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +78,37 @@ class EmulatorParams:
     frame_delay_s: float = 0.0
     first_delay_s: float = 0.0
     stall_after: int | None = None
+
+
+def emulator_argv(python: str, module: str, params: EmulatorParams, *extra: str) -> list[str]:
+    """argv of an emulator ``module`` in stamp mode on a free port, without a request record.
+
+    Args:
+        python: the interpreter.
+        module: ``providers.step.emulator`` or ``providers.glm.emulator``.
+        params: what to stream.
+        extra: more flags, after the common ones.
+    """
+    argv = [
+        python,
+        "-m",
+        module,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+        "--stamp",
+        "--frames",
+        str(params.frames),
+        "--frame-delay-s",
+        repr(params.frame_delay_s),
+        "--first-delay-s",
+        repr(params.first_delay_s),
+        "--no-record",
+    ]
+    if params.stall_after is not None:
+        argv += ["--stall-after", str(params.stall_after)]
+    return [*argv, *extra]
 
 
 class DirectClient(Protocol):
@@ -240,25 +280,7 @@ class StepProvider:
 
     def emulator_command(self, python: str, params: EmulatorParams) -> list[str]:
         """argv of ``python -m providers.step.emulator`` in stamp mode on a free port."""
-        argv = [
-            python,
-            "-m",
-            "providers.step.emulator",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            "0",
-            "--stamp",
-            "--frames",
-            str(params.frames),
-            "--frame-delay-s",
-            repr(params.frame_delay_s),
-            "--first-delay-s",
-            repr(params.first_delay_s),
-        ]
-        if params.stall_after is not None:
-            argv += ["--stall-after", str(params.stall_after)]
-        return argv
+        return emulator_argv(python, "providers.step.emulator", params)
 
     async def open_direct(self, base_url: str) -> DirectClient:
         """RegisterDevice once; the client then creates a chat per stream."""
@@ -267,5 +289,37 @@ class StepProvider:
 
 STEP = StepProvider()
 
-#: Providers by ``--provider`` name (ChatGLM plugs in here, see the module docstring).
-PROVIDERS: dict[str, Provider] = {"step": STEP}
+
+# --- ChatGLM --------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class GlmProvider:
+    """ChatGLM: ``providers.glm.emulator`` and a direct snapshot client."""
+
+    name: str = "glm"
+    #: A name the relay routes to ChatGLM (``glm`` prefix), on the default assistant.
+    model: str = GLM_DEFAULT_MODEL
+    #: A refresh token; the emulator (started without ``--token``) accepts any.
+    credential: str = "bench-glm-refresh-token"
+    relay_cmd: str = (
+        "{python} -m relay serve --host {host} --port {port} --glm-base-url {upstream}"
+        f" --glm-tokens {{token}} --glm-max-streams {GLM_RELAY_MAX_STREAMS}"
+        " --log-level warning"
+    )
+
+    def emulator_command(self, python: str, params: EmulatorParams) -> list[str]:
+        """argv of ``python -m providers.glm.emulator`` in stamp mode, any number of streams."""
+        return emulator_argv(python, "providers.glm.emulator", params, "--no-stream-limit")
+
+    async def open_direct(self, base_url: str) -> DirectClient:
+        """Exchange the refresh token once; the client then POSTs a stream per stream."""
+        return await GlmDirect.login(
+            base_url, self.credential, BENCH_PROMPT, delete_timeout_s=DELETE_TIMEOUT_S
+        )
+
+
+GLM = GlmProvider()
+
+#: Providers by ``--provider`` name.
+PROVIDERS: dict[str, Provider] = {"step": STEP, "glm": GLM}
