@@ -38,9 +38,17 @@ Where we differ from the reference, on purpose:
 - a video job is polled within ``video_timeout`` and never re-run as a
   whole (weakness 37); the job is deleted (signed, shielded) on every path.
 
-Known limits: the conversation id is only learnt from the first snapshot, so
-a client that leaves before any upstream byte arrived leaves a conversation
-behind (the stream is cancelled before it could name it). Without an image
+*The first snapshot.* The site creates the conversation when it takes the
+stream request, but names it only in the first snapshot. A client that
+leaves in between (the relay is waiting for the response head or the first
+event) would otherwise cancel the only read that can learn the id, and the
+conversation would stay behind. So, for a conversation the relay will
+delete, the request, the response head and the reads up to the first
+complete event are shielded from cancellation; they are bounded by the
+transport's connect, first-byte and stall timeouts, and the cancellation
+takes effect at the first read after that, with the id known.
+
+Known limits: without an image
 library the first-frame image of a video is uploaded as it is, not resized
 to 1440 px (3.8). ``n`` of an images request is not a loop: one drawing flow
 runs and every image it drew is returned.
@@ -53,7 +61,7 @@ import logging
 import secrets
 import time
 import uuid
-from contextlib import aclosing, asynccontextmanager
+from contextlib import AsyncExitStack, aclosing, asynccontextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -157,17 +165,25 @@ class GlmAnswer:
     """One ``assistant/stream`` response as lists of deltas (providers.contract.ChatStream)."""
 
     def __init__(
-        self, response: StreamedResponse, modes: GlmModes, conversation_id: str = ""
+        self,
+        response: StreamedResponse,
+        modes: GlmModes,
+        conversation_id: str = "",
+        *,
+        shield_first_event: bool = False,
     ) -> None:
         """
         Args:
             response: the open SSE response (status and type already checked).
             modes: how to render the model's answer.
             conversation_id: the continued conversation, "" for a new one.
+            shield_first_event: read up to the first complete event shielded
+                from cancellation (it names the conversation to delete).
         """
         self._response = response
         self._translator = GlmStream(modes)
         self._given = conversation_id
+        self._shield = shield_first_event
 
     @property
     def conversation_id(self) -> str:
@@ -177,10 +193,19 @@ class GlmAnswer:
     async def __aiter__(self) -> AsyncGenerator[list[Delta], None]:
         decoder = SSEDecoder()
         translator = self._translator
+        shield = self._shield
         async with aclosing(self._response.chunks()) as chunks:
-            async for chunk in chunks:
+            while True:
+                if shield:  # no event yet: this read may be the one naming the conversation
+                    with trio.CancelScope(shield=True):
+                        chunk = await anext(chunks, None)
+                else:
+                    chunk = await anext(chunks, None)
+                if chunk is None:
+                    break
                 deltas: list[Delta] = []
                 for event in decoder.feed(chunk):
+                    shield = False
                     deltas += translator.feed(event.data)
                 if deltas:
                     yield deltas
@@ -500,14 +525,20 @@ class GlmProvider:
             images=images,
             chat_mode=choice.chat_mode,
         )
+        # A client that sent `conversation_id` (even null or "") manages its
+        # conversations: keep them so it can continue (weakness 18). Others
+        # leave nothing behind, even when they leave before the id is known.
+        keep = request.conversation_id is not None
         answer: GlmAnswer | None = None
         try:
-            async with self._transport.stream(
-                b"POST",
-                prompt.url_for(self._base, prompt.STREAM_PATH),
-                self._stream_headers(session, choice.assistant_id),
-                body,
-            ) as response:
+            async with AsyncExitStack() as stack:
+                with trio.CancelScope(shield=not keep):
+                    response = await stack.enter_async_context(self._transport.stream(
+                        b"POST",
+                        prompt.url_for(self._base, prompt.STREAM_PATH),
+                        self._stream_headers(session, choice.assistant_id),
+                        body,
+                    ))
                 try:
                     await self._check_stream_response(response)
                 except UpstreamFailed as exc:
@@ -516,13 +547,9 @@ class GlmProvider:
                     yield GlmRefusal(UpstreamError(exc.code or "account_busy", exc.message, 429))
                     return
                 answer = GlmAnswer(response, GlmModes(think=choice.think, silent=choice.silent),
-                                   reuse or "")
+                                   reuse or "", shield_first_event=not keep)
                 yield answer
         finally:
-            # A client that sent `conversation_id` (even null or "") manages its
-            # conversations: keep them so it can continue (weakness 18). Others
-            # leave nothing behind.
-            keep = request.conversation_id is not None
             created = answer.conversation_id if answer is not None and not keep else ""
             if created:
                 await self._cleanup(session, choice.assistant_id, created)

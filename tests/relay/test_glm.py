@@ -824,3 +824,28 @@ async def test_step_models_do_not_reach_glm(relay: Running, glm: GlmEmulator) ->
         response = await post(relay.base_url, PATH, _body(model="step"))
     assert response.status == 200
     assert glm.record.streams == []
+
+
+@pytest.mark.parametrize("stream", [True, False])
+async def test_conversation_deleted_when_client_leaves_before_the_first_snapshot(
+    relay: Running, glm: GlmEmulator, stream: bool
+) -> None:
+    """The conversation exists upstream before its id reaches the relay (in the first snapshot).
+
+    A client that leaves in that window must not cost a conversation: the
+    relay reads on (bounded) until it learns the id, then deletes it.
+    """
+    glm.behavior.first_delay_s = 0.4
+    body = _body(stream=stream)
+    with trio.fail_after(5):
+        client = await trio.open_tcp_stream(relay.host, relay.port)
+        await client.send_all(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Authorization: Bearer " + GLM_TOKEN.encode() + b"\r\n"
+            b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+        )
+        await glm.wait_until(lambda r: len(r.conversations_created) == 1)
+        await client.aclose()  # the emulator is still in its first delay
+        await glm.wait_until(lambda r: len(r.conversations_deleted) == 1)
+    assert glm.record.conversations_deleted == glm.record.conversations_created
+    await _all_deleted(glm)
