@@ -48,9 +48,11 @@ complete event are shielded from cancellation; they are bounded by the
 transport's connect, first-byte and stall timeouts, and the cancellation
 takes effect at the first read after that, with the id known.
 
-Known limits: without an image
-library the first-frame image of a video is uploaded as it is, not resized
-to 1440 px (3.8). ``n`` of an images request is not a loop: one drawing flow
+A video's first-frame image is resized to 1440 px wide and centre-cropped to
+at most 960 px high before the upload (3.8; :func:`media.first_frame`, with
+Pillow, in a worker thread).
+
+Known limits: ``n`` of an images request is not a loop: one drawing flow
 runs and every image it drew is returned.
 """
 
@@ -77,6 +79,7 @@ from protocol.errors import (
     UpstreamTimeout,
 )
 from protocol.sse import SSEDecoder
+from providers.contract import FetchedFile
 from providers.glm import media, prompt
 from providers.glm.signing import DEFAULT_SECRET, sign
 from providers.glm.stream import CITATION_LINE, GlmModes, GlmStream
@@ -433,9 +436,17 @@ class GlmProvider:
     # --- files ----------------------------------------------------------------------------
 
     async def _upload(self, session: GlmSession, url: str, name: str, path: str,
-                      referer: bytes) -> dict[str, Any]:
-        """Fetch a client's file and upload it as multipart (3.8); the ``result``."""
+                      referer: bytes, *, video_frame: bool = False) -> dict[str, Any]:
+        """Fetch a client's file and upload it as multipart (3.8); the ``result``.
+
+        ``video_frame``: the file is a video's first frame, resized and
+        cropped first (off the event loop).
+        """
         file = await self._fetcher.fetch(url)
+        if video_frame:
+            data, mime, extension = await trio.to_thread.run_sync(media.first_frame, file.data)
+            stem = (name or file.name).rsplit(".", 1)[0] or "frame"
+            file = FetchedFile(f"{stem}.{extension}", mime, data)
         boundary = _boundary(file.data)
         body = prompt.multipart_body(UPLOAD_FIELD, name or file.name, file.mime, file.data,
                                      boundary)
@@ -657,7 +668,8 @@ class GlmProvider:
             image_url = (await self.draw(session, media.ImageRequest(prompt=request.prompt)))[0]
         source_ids: list[str] = []
         if image_url is not None:
-            result = await self._upload(session, image_url, "", media.VIDEO_UPLOAD_PATH, referer)
+            result = await self._upload(session, image_url, "", media.VIDEO_UPLOAD_PATH, referer,
+                                        video_frame=True)
             source_ids.append(media.parse_upload_source(result))
         result = await self._call(
             b"POST",

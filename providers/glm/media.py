@@ -16,8 +16,9 @@ Images (``POST /v1/images/generations``):
 
 Videos (``POST /v1/videos/generations``):
     :func:`parse_video_request` validates the body against the allowed
-    style values; an optional first-frame image is uploaded (its geometry
-    from :func:`first_frame_geometry`) and yields a ``source_id``
+    style values; an optional first-frame image is resized and cropped by
+    :func:`first_frame` (geometry from :func:`first_frame_geometry`), then
+    uploaded, and yields a ``source_id``
     (:func:`parse_upload_source`); :func:`video_chat_body` starts the job
     (:func:`parse_video_chat`); :func:`parse_video_status` classifies each
     poll; with an ``audio_id`` :func:`composite_body` adds the sound track
@@ -39,12 +40,15 @@ Deliberate differences from the reference
 from __future__ import annotations
 
 import base64
+import io
 import re
+import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 import orjson
+from PIL import Image, UnidentifiedImageError
 
 from protocol.deltas import VideoResult
 from protocol.errors import RemoteProtocolError, RequestError
@@ -92,6 +96,8 @@ VIDEO_PENDING = frozenset({"init", "processing"})
 #: PROTOCOLS.md 3.8: first-frame geometry, in pixels.
 FRAME_WIDTH_PX = 1440
 FRAME_MAX_HEIGHT_PX = 960
+#: The largest first-frame image decoded (pixels), against decompression bombs.
+FRAME_MAX_SOURCE_PIXELS = 40_000_000
 
 # weakness 38: the http(s) target of a markdown image, with an optional
 # title; one level of parentheses inside the URL is allowed.
@@ -475,3 +481,53 @@ def first_frame_geometry(width: int, height: int) -> tuple[int, int, int, int]:
     crop_height = min(new_height, FRAME_MAX_HEIGHT_PX)
     crop_top = (new_height - crop_height) // 2
     return FRAME_WIDTH_PX, new_height, crop_top, crop_height
+
+
+def first_frame(data: bytes) -> tuple[bytes, str, str]:
+    """A client's first-frame image made ready for the video upload (PROTOCOLS.md 3.8).
+
+    Resized to :data:`FRAME_WIDTH_PX` wide and centre-cropped to at most
+    :data:`FRAME_MAX_HEIGHT_PX` high (:func:`first_frame_geometry`); the
+    first frame of an animation is used. Images with transparency, and PNG
+    and GIF sources, are written as PNG; the rest as JPEG (quality 92).
+    CPU-bound: call it off the event loop.
+
+    Args:
+        data: the fetched image file.
+
+    Returns:
+        ``(image bytes, MIME type, file extension)``.
+
+    Raises:
+        RequestError: ``data`` is not an image Pillow can read, or it has
+            more than :data:`FRAME_MAX_SOURCE_PIXELS` pixels (``param``
+            ``image_url``).
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as source:
+                width, height = source.size
+                if width * height > FRAME_MAX_SOURCE_PIXELS:
+                    raise RequestError(
+                        f"the first-frame image is {width} x {height} px; at most "
+                        f"{FRAME_MAX_SOURCE_PIXELS:,} pixels are accepted",
+                        param="image_url",
+                    )
+                new_width, new_height, top, crop = first_frame_geometry(width, height)
+                source_format = source.format
+                alpha = source.mode in ("RGBA", "LA", "PA") or "transparency" in source.info
+                image = source.convert("RGBA" if alpha else "RGB")
+    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning,
+            OSError, ValueError, SyntaxError) as exc:
+        raise RequestError(
+            "the first-frame image_url is not an image that can be read", param="image_url"
+        ) from exc
+    image = image.resize((new_width, new_height), Image.Resampling.LANCZOS)
+    image = image.crop((0, top, new_width, top + crop))
+    out = io.BytesIO()
+    if alpha or source_format in ("PNG", "GIF"):
+        image.save(out, format="PNG")
+        return out.getvalue(), "image/png", "png"
+    image.save(out, format="JPEG", quality=92)
+    return out.getvalue(), "image/jpeg", "jpg"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import functools
+import io
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -19,6 +20,7 @@ import openai
 import orjson
 import pytest
 import trio
+from PIL import Image
 
 from providers.glm import prompt
 from providers.glm.client import GlmProvider
@@ -461,12 +463,43 @@ async def test_video_with_image_and_audio(relay: Running, glm: GlmEmulator) -> N
     assert response.status == 200
     [data] = orjson.loads(response.content)["data"]
     [upload] = glm.record.uploads
-    assert (upload.kind, upload.data) == ("video", TINY_PNG)
+    assert upload.kind == "video"
+    assert _png_size(upload.data) == (1440, 960)  # 1 x 1 -> 1440 x 1440, centre 960 rows
     [chat] = glm.record.video_chats
     assert chat["source_list"] == [upload.file_id]
     [chat_id] = glm.record.videos_deleted
     assert glm.record.composites == [{"chat_id": chat_id, "key": "bgm", "audio_id": "42"}]
     assert data["video_url"] == f"{glm.base_url}/videos/{chat_id}_42.mp4"
+
+
+def _png_size(data: bytes) -> tuple[int, int]:
+    """Width and height from a PNG's IHDR chunk."""
+    assert data.startswith(b"\x89PNG\r\n\x1a\n")
+    return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+
+
+async def test_video_first_frame_is_resized_and_cropped(relay: Running, glm: GlmEmulator) -> None:
+    """A wide JPEG goes up 1440 px wide, aspect kept, as JPEG (PROTOCOLS.md 3.8)."""
+    source = io.BytesIO()
+    Image.new("RGB", (3000, 1000), (200, 30, 30)).save(source, format="JPEG")
+    data_url = "data:image/jpeg;base64," + base64.b64encode(source.getvalue()).decode()
+    response = await _video(relay, image_url=data_url)
+    assert response.status == 200
+    [upload] = glm.record.uploads
+    assert (upload.kind, upload.content_type) == ("video", "image/jpeg")
+    with Image.open(io.BytesIO(upload.data)) as frame:
+        assert (frame.format, frame.size) == ("JPEG", (1440, 480))
+
+
+async def test_video_first_frame_that_is_no_image_is_400(relay: Running, glm: GlmEmulator) -> None:
+    """An image_url whose bytes are not an image is refused before any video job starts."""
+    data_url = "data:image/png;base64," + base64.b64encode(b"not a picture").decode()
+    response = await _video(relay, image_url=data_url)
+    assert response.status == 400
+    error = orjson.loads(response.content)["error"]
+    assert error["param"] == "image_url"
+    assert glm.record.uploads == []
+    assert glm.record.video_chats == []
 
 
 async def test_video_pro_draws_its_first_frame(
@@ -479,7 +512,8 @@ async def test_video_pro_draws_its_first_frame(
     [drawing] = glm.record.streams
     assert drawing["assistant_id"] == DRAWING
     [upload] = glm.record.uploads
-    assert (upload.kind, upload.data) == ("video", TINY_PNG)
+    assert upload.kind == "video"
+    assert _png_size(upload.data) == (1440, 960)
     assert glm.record.video_chats[0]["source_list"] == [upload.file_id]
     await _all_deleted(glm)
 

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import io
+import zlib
+from typing import Any
 
 import orjson
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from PIL import Image
 
 from protocol.deltas import VideoResult
 from protocol.errors import RemoteProtocolError, RequestError
@@ -23,6 +27,7 @@ from providers.glm.media import (
     composite_body,
     drawing_assistant,
     drawing_prompt,
+    first_frame,
     first_frame_geometry,
     image_urls_from_text,
     images_b64_body,
@@ -417,6 +422,73 @@ def test_first_frame_geometry_refuses_empty_images(size: tuple[int, int]) -> Non
     """An image without a size cannot be a first frame."""
     with pytest.raises(RequestError):
         first_frame_geometry(*size)
+
+
+def _encoded(image: Image.Image, image_format: str, **options: Any) -> bytes:
+    out = io.BytesIO()
+    image.save(out, format=image_format, **options)
+    return out.getvalue()
+
+
+def test_first_frame_of_a_tall_image_keeps_its_centre() -> None:
+    """A 100 x 300 image in three bands: resized to 1440 x 4320, the middle 960 rows stay."""
+    image = Image.new("RGB", (100, 300), (255, 0, 0))
+    image.paste((0, 255, 0), (0, 100, 100, 200))
+    image.paste((0, 0, 255), (0, 200, 100, 300))
+    data, mime, extension = first_frame(_encoded(image, "PNG"))
+    assert (mime, extension) == ("image/png", "png")
+    with Image.open(io.BytesIO(data)) as frame:
+        assert frame.size == (1440, 960)
+        frame = frame.convert("RGB")
+        for y in (0, 480, 959):  # all inside the green band (rows 1440..2880 of 4320)
+            assert frame.getpixel((720, y)) == (0, 255, 0)
+
+
+def test_first_frame_keeps_transparency_as_png() -> None:
+    """A JPEG cannot carry alpha: an image with transparency is written as PNG."""
+    image = Image.new("RGBA", (50, 20), (10, 20, 30, 0))
+    data, mime, _ = first_frame(_encoded(image, "WEBP", lossless=True))
+    assert mime == "image/png"
+    with Image.open(io.BytesIO(data)) as frame:
+        assert (frame.mode, frame.size) == ("RGBA", (1440, 576))
+        assert frame.getpixel((0, 0))[3] == 0
+
+
+def test_first_frame_of_a_photo_is_jpeg() -> None:
+    data, mime, extension = first_frame(_encoded(Image.new("RGB", (640, 480)), "JPEG"))
+    assert (mime, extension) == ("image/jpeg", "jpg")
+    with Image.open(io.BytesIO(data)) as frame:
+        assert (frame.format, frame.size) == ("JPEG", (1440, 960))  # 1080 high, cropped
+
+
+def _png_header(width: int, height: int) -> bytes:
+    """A PNG signature, an IHDR claiming a size and an empty IDAT: no pixel data."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        crc = zlib.crc32(kind + body).to_bytes(4, "big")
+        return len(body).to_bytes(4, "big") + kind + body + crc
+
+    size = width.to_bytes(4, "big") + height.to_bytes(4, "big")
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", size + bytes([8, 2, 0, 0, 0])) + chunk(
+        b"IDAT", b""
+    )
+
+
+def test_first_frame_refuses_huge_images_before_decoding() -> None:
+    """The size in the header is checked before a single pixel is decoded."""
+    with pytest.raises(RequestError, match="pixels") as caught:
+        first_frame(_png_header(10_000, 5_000))
+    assert caught.value.param == "image_url"
+
+
+@pytest.mark.parametrize(
+    "data", [b"", b"not an image", _png_header(10, 10), _png_header(10, 10)[:20]]
+)
+def test_first_frame_refuses_what_is_not_an_image(data: bytes) -> None:
+    """Garbage, a truncated header and a header without pixels are all a 400."""
+    with pytest.raises(RequestError) as caught:
+        first_frame(data)
+    assert caught.value.param == "image_url"
 
 
 @SETTINGS
