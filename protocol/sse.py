@@ -32,12 +32,18 @@ Invariants and how they are kept:
   and may be the first half of a ``\\r\\n`` (remembered in ``_skip_lf``; a
   leading ``\\n`` of the next read is then dropped), and a BOM cut between
   reads (up to two bytes are held until it is clear whether they are one).
-- Linear time however the bytes are split. Each read is appended to one
-  buffer; the decoder remembers how many bytes of the pending partial line
-  it has already searched for a line end (``_scanned``) and never searches
-  them again; line ends are found with ``bytearray.find`` (C ``memchr``),
-  once per line end, never with a per-byte Python loop; consumed bytes are
-  deleted once per :meth:`SSEDecoder.feed`.
+- Linear time however the bytes are split. With nothing pending, a read is
+  parsed where it is and only its unfinished last line is copied into the
+  buffer; otherwise the read is appended to the buffer. The decoder
+  remembers how many bytes of the pending partial line it has already
+  searched for a line end (``_scanned``) and never searches them again;
+  line ends are found with ``find`` (C ``memchr``), once per line end, never
+  with a per-byte Python loop; consumed bytes are deleted once per
+  :meth:`SSEDecoder.feed`.
+- Few copies. Snapshot streams (ChatGLM) send lines of tens of kilobytes,
+  so a line is never sliced out: its field name is compared in place and a
+  ``data`` value is decoded straight from the buffer (one copy, into the
+  ``str``); an event with one data line gets that very ``str``.
 - Bounded memory. A line (complete or not) or a pending event's data over
   ``max_event_bytes`` raises :class:`~protocol.errors.RemoteProtocolError`.
 - Any input gives events or :class:`~protocol.errors.RemoteProtocolError`,
@@ -71,6 +77,7 @@ _BOM = b"\xef\xbb\xbf"  # U+FEFF in UTF-8; WHATWG: skipped once at stream start
 _CR = b"\r"
 _LF = b"\n"
 _LF_BYTE = 0x0A
+_SPACE = 0x20
 #: WHATWG SSE: CRLF, a lone LF and a lone CR all end a line.
 _LINE_END = re.compile(rb"\r\n|\r|\n")
 
@@ -167,14 +174,18 @@ class SSEDecoder:
         """
         if self._closed:
             raise LocalProtocolError("SSE decoder fed after close()")
-        buf = self._buf
-        buf += data
-        if not self._bom_checked:
-            if len(buf) < len(_BOM) and _BOM.startswith(buf):
-                return []  # maybe the start of a BOM: wait for its other bytes
-            if buf.startswith(_BOM):
-                del buf[: len(_BOM)]  # once per stream, so this copy is fine
-            self._bom_checked = True
+        buf: bytes | bytearray
+        if self._buf or not self._bom_checked:
+            buf = self._buf
+            buf += data
+            if not self._bom_checked:
+                if len(buf) < len(_BOM) and _BOM.startswith(buf):
+                    return []  # maybe the start of a BOM: wait for its other bytes
+                if buf.startswith(_BOM):
+                    del buf[: len(_BOM)]  # once per stream, so this copy is fine
+                self._bom_checked = True
+        else:
+            buf = data  # nothing pending: parse the read itself, keep only its tail
         n = len(buf)
         limit = self._max_event_bytes
         out: list[SSEEvent] = []
@@ -205,7 +216,12 @@ class SSEDecoder:
                 raise RemoteProtocolError(f"SSE line over {limit} bytes")
             if end == n:
                 break  # a partial line (or nothing): wait for its line end
-            line = buf[pos:end]
+            if end > pos:
+                self._process_field(buf, pos, end)
+            else:
+                event = self._dispatch()
+                if event is not None:
+                    out.append(event)
             if end == lf_at:
                 pos = end + 1
             elif end + 1 == n:
@@ -213,15 +229,12 @@ class SSEDecoder:
                 self._skip_lf = True  # a CR at the end of the read: maybe CRLF
             else:
                 pos = end + 2 if buf[end + 1] == _LF_BYTE else end + 1
-            if line:
-                self._process_field(line)
-            else:
-                event = self._dispatch()
-                if event is not None:
-                    out.append(event)
-        if pos:
-            del buf[:pos]  # one deletion per feed keeps this linear
-        self._scanned = len(buf)  # what is left holds no line end
+        if buf is self._buf:
+            if pos:
+                del buf[:pos]  # one deletion per feed keeps this linear
+        elif pos < n:
+            self._buf += memoryview(buf)[pos:]  # the partial line, copied once
+        self._scanned = len(self._buf)  # what is left holds no line end
         return out
 
     def close(self) -> list[SSEEvent]:
@@ -243,23 +256,32 @@ class SSEDecoder:
             self._data_bytes = 0
         return []
 
-    def _process_field(self, line: bytearray) -> None:
-        """Apply one non-blank line to the pending event (WHATWG 9.2.6)."""
-        colon = line.find(b":")
-        if colon == 0:
+    def _process_field(self, buf: bytes | bytearray, start: int, end: int) -> None:
+        """Apply the non-blank line ``buf[start:end]`` to the pending event (WHATWG 9.2.6).
+
+        The line is read in place: a ``data`` value is decoded straight from
+        the buffer, so its bytes are copied once (into the str), not sliced
+        out first. Snapshot streams send tens of kilobytes per line.
+        """
+        colon = buf.find(b":", start, end)
+        if colon == start:
             return  # a comment, such as a keep-alive
         if colon < 0:
-            name, value = bytes(line), b""
+            name_end = value_start = end
         else:
-            name = bytes(line[:colon])
-            start = colon + 2 if line[colon + 1 : colon + 2] == b" " else colon + 1
-            value = bytes(line[start:])
+            name_end = colon
+            value_start = colon + 2 if colon + 1 < end and buf[colon + 1] == _SPACE else colon + 1
+        name = bytes(buf[start:name_end])
+        if name == b"data":
+            size = end - value_start
+            self._data_bytes += size + 1  # the value and its LF
+            if self._data_bytes > self._max_event_bytes:
+                raise RemoteProtocolError(f"SSE event data over {self._max_event_bytes} bytes")
+            with memoryview(buf) as view:
+                self._data.append(str(view[value_start:end], "utf-8", "replace"))
+            return
+        value = bytes(buf[value_start:end])  # other fields are short
         match name:
-            case b"data":
-                self._data_bytes += len(value) + 1  # the value and its LF
-                if self._data_bytes > self._max_event_bytes:
-                    raise RemoteProtocolError(f"SSE event data over {self._max_event_bytes} bytes")
-                self._data.append(value.decode("utf-8", "replace"))
             case b"event":
                 self._event_type = value.decode("utf-8", "replace")
             case b"id" if b"\0" not in value:  # WHATWG: an id with NUL is ignored

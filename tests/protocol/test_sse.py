@@ -274,6 +274,16 @@ def test_several_events_in_one_read_all_come_out() -> None:
     ]
 
 
+def test_a_callers_bytearray_is_neither_kept_nor_pinned() -> None:
+    """A read parsed in place is not held: the caller may reuse and resize its buffer."""
+    decoder = SSEDecoder()
+    read = bytearray(b"data: first\n\ndata: sec")
+    assert decoder.feed(read) == [SSEEvent("first")]
+    read[:] = b"XXXXXXXX"  # reusing the buffer would fail if a view of it were alive
+    read += b"more"
+    assert decoder.feed(bytearray(b"ond\n\n")) == [SSEEvent("second")]
+
+
 # --- text ---------------------------------------------------------------------
 
 
