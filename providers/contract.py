@@ -11,15 +11,20 @@ passes in objects that satisfy the protocols here:
   server-side request forgery guard and size limit applied) or decodes a
   data URL.
 
+- :class:`Background`: runs a cleanup job (deleting an upstream
+  conversation) after the answer, off the request's path, so a keep-alive
+  client's next request does not wait one upstream round trip for it.
+
 A provider in turn satisfies :class:`Provider`: the relay logs an account in
 through :meth:`Provider.login` (it caches the session itself, single-flight),
 then opens a :class:`ChatStream` with :meth:`Provider.chat`. Leaving the
-``chat`` context deletes the upstream conversation, whatever happened.
+``chat`` context deletes the upstream conversation, whatever happened: at
+once, or through :func:`after_answer` as a background job.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -30,6 +35,28 @@ if TYPE_CHECKING:
     from protocol.openai import ChatRequest
 
 Headers = Sequence[tuple[bytes, bytes]]
+
+#: A cleanup job: bounded, shielded and never raising (the provider's own duty).
+Job = Callable[[], Awaitable[None]]
+
+
+class Background(Protocol):
+    """Where cleanup jobs run once the answer is out (the relay's janitor)."""
+
+    def defer(self, job: Job) -> bool:
+        """Take ``job`` to run soon in the background.
+
+        Returns:
+            False if it cannot be taken (not running, or shutting down): the
+            caller then runs it itself.
+        """
+        ...
+
+
+async def after_answer(background: Background | None, job: Job) -> None:
+    """Run a cleanup ``job`` in ``background``, or now if there is none to take it."""
+    if background is None or not background.defer(job):
+        await job()
 
 
 @dataclass(frozen=True, slots=True)

@@ -28,6 +28,7 @@ from providers.glm.client import GlmProvider
 from providers.step.client import StepProvider
 from relay import routes
 from relay.accounts import Account, AccountPool, PoolStatistics
+from relay.janitor import Janitor
 from relay.metrics import Metrics
 from relay.server import Exchange, Server, bound_addresses, open_listeners
 from relay.upstream import HttpTransport, UrlFetcher, make_pool
@@ -66,6 +67,8 @@ class App:
         self.settings = settings
         self._pool = make_pool(settings, ssl_context=upstream_ssl_context)
         self.fetcher = UrlFetcher(settings)
+        #: runs conversation cleanup after the answers, while serve() runs
+        self.janitor = Janitor()
         self.providers: dict[str, ProviderRuntime] = {}
         step = StepProvider(
             HttpTransport(self._pool, settings, "StepChat"),
@@ -74,6 +77,7 @@ class App:
             cleanup_timeout=settings.cleanup_timeout,
             upload_timeout=settings.upload_timeout,
             file_settle=settings.step_file_settle,
+            background=self.janitor,
         )
         self.add_provider(step, settings.step_tokens, settings.step_max_streams, "step")
         glm = GlmProvider(
@@ -86,6 +90,7 @@ class App:
             upload_timeout=settings.upload_timeout,
             video_timeout=settings.video_timeout,
             video_poll_interval=max(settings.video_poll_interval, 0.001),
+            background=self.janitor,
         )
         self.add_provider(glm, settings.glm_tokens, settings.glm_max_streams, GLM_DEFAULT_MODEL)
         self.server = Server(settings, self.handle)
@@ -134,13 +139,22 @@ class App:
         reuse_port: bool = False,
         task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Listen and serve until :meth:`shutdown`; reports bound addresses."""
+        """Listen and serve until :meth:`shutdown`; reports bound addresses.
+
+        Returns once the server has stopped and every cleanup job the
+        janitor took has finished.
+        """
         listeners = await open_listeners(self.settings, reuse_port=reuse_port)
         self.addresses = bound_addresses(listeners)
         try:
-            async with trio.open_nursery() as nursery:
-                await nursery.start(functools.partial(self.server.run, listeners))
-                task_status.started(self.addresses)
+            async with trio.open_nursery() as outer:
+                await outer.start(self.janitor.run)
+                try:
+                    async with trio.open_nursery() as nursery:
+                        await nursery.start(functools.partial(self.server.run, listeners))
+                        task_status.started(self.addresses)
+                finally:
+                    self.janitor.close()
         finally:
             self.stopped.set()
 

@@ -58,6 +58,7 @@ runs and every image it drew is returned.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import secrets
@@ -79,7 +80,7 @@ from protocol.errors import (
     UpstreamTimeout,
 )
 from protocol.sse import SSEDecoder
-from providers.contract import FetchedFile
+from providers.contract import FetchedFile, after_answer
 from providers.glm import media, prompt
 from providers.glm.signing import DEFAULT_SECRET, sign
 from providers.glm.stream import CITATION_LINE, GlmModes, GlmStream
@@ -90,7 +91,7 @@ if TYPE_CHECKING:
 
     from protocol.deltas import Delta, VideoResult
     from protocol.openai import ChatRequest, ContentPart
-    from providers.contract import Fetcher, Headers, StreamedResponse, Transport
+    from providers.contract import Background, Fetcher, Headers, StreamedResponse, Transport
 
 log = logging.getLogger("providers.glm")
 
@@ -259,6 +260,7 @@ class GlmProvider:
         sign_every_call: bool = True,
         default_assistant: str = prompt.DEFAULT_ASSISTANT,
         drawing_assistant: str = prompt.DRAWING_ASSISTANT,
+        background: Background | None = None,
     ) -> None:
         """
         Args:
@@ -275,6 +277,8 @@ class GlmProvider:
                 reference does not).
             default_assistant: the chat assistant for non-agent model names.
             drawing_assistant: the assistant that draws.
+            background: where conversation deletion runs after an answer;
+                None runs it before ``chat`` returns.
         """
         self._transport = transport
         self._fetcher = fetcher
@@ -283,6 +287,7 @@ class GlmProvider:
         self._secret = secret
         self._system_tag = system_tag
         self._cleanup_timeout = cleanup_timeout
+        self._background = background
         self._upload_timeout = upload_timeout
         self._video_timeout = video_timeout
         self._sign_every_call = sign_every_call
@@ -563,7 +568,8 @@ class GlmProvider:
         finally:
             created = answer.conversation_id if answer is not None and not keep else ""
             if created:
-                await self._cleanup(session, choice.assistant_id, created)
+                await after_answer(self._background, functools.partial(
+                    self._cleanup, session, choice.assistant_id, created))
 
     # --- images (3.12) -------------------------------------------------------------------
 

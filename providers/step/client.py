@@ -19,6 +19,7 @@ Where we differ from the reference, on purpose:
 
 from __future__ import annotations
 
+import functools
 import logging
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ import trio
 
 from protocol.connect import EnvelopeDecoder
 from protocol.errors import RelayError, UpstreamFailed, UpstreamTimeout
+from providers.contract import after_answer
 from providers.step import prompt
 from providers.step.stream import CITATION_LINE, StepStream
 
@@ -36,7 +38,14 @@ if TYPE_CHECKING:
 
     from protocol.deltas import Delta
     from protocol.openai import ChatRequest, ContentPart
-    from providers.contract import Fetcher, Headers, Response, StreamedResponse, Transport
+    from providers.contract import (
+        Background,
+        Fetcher,
+        Headers,
+        Response,
+        StreamedResponse,
+        Transport,
+    )
 
 log = logging.getLogger("providers.step")
 
@@ -130,13 +139,20 @@ class StepProvider:
         cleanup_timeout: float = 10.0,
         upload_timeout: float = 60.0,
         file_settle: float = 1.0,
+        background: Background | None = None,
     ) -> None:
+        """
+        Args:
+            background: where chat deletion runs after an answer; None runs
+                it before ``chat`` returns.
+        """
         self._transport = transport
         self._fetcher = fetcher
         self._base = base_url.rstrip("/")
         self._cleanup_timeout = cleanup_timeout
         self._upload_timeout = upload_timeout
         self._file_settle = file_settle
+        self._background = background
 
     def models(self) -> list[str]:
         return list(MODELS)
@@ -280,7 +296,7 @@ class StepProvider:
                 await self._check_stream_response(response)
                 yield StepAnswer(response, chat_id)
         finally:
-            await self._cleanup(session, chat_id)
+            await after_answer(self._background, functools.partial(self._cleanup, session, chat_id))
 
     async def _check_stream_response(self, response: StreamedResponse) -> None:
         content_type = (response.header(b"content-type") or b"").split(b";")[0].strip().lower()

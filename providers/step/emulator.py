@@ -162,6 +162,8 @@ class StepBehavior:
     access_ttl_s: float = 900.0
     file_status_polls: int = 2
     file_status_final: int = 1
+    #: seconds DelChat takes before it answers (a slow cleanup)
+    delete_delay_s: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -998,6 +1000,8 @@ class StepEmulator:
                 )
             if route.handler is None:
                 return await self._send_message(conn, stream, headers, body)
+            if path == DELETE_CHAT_PATH and self.behavior.delete_delay_s > 0:
+                await trio.sleep(self.behavior.delete_delay_s)
             answer = route.handler(headers, query, body)
         except RelayError as exc:
             await self._send_json(

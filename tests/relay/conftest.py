@@ -44,6 +44,11 @@ class Running:
     def base_url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
+    async def settled(self, timeout: float = 5.0) -> None:  # noqa: ASYNC109
+        """Wait until the cleanup jobs the relay runs after answers are done."""
+        with trio.fail_after(timeout):
+            await self.app.janitor.wait_idle()
+
 
 RelayFactory = Callable[..., Awaitable[Running]]
 

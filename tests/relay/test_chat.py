@@ -176,6 +176,7 @@ async def test_chat_is_deleted_after_upstream_error(
         error = orjson.loads(response.content)["error"]
     assert error["code"] == "internal"
     assert "upstream exploded" in error["message"]
+    await relay.settled()
     assert step.record.chats_deleted == step.record.chats_created
 
 

@@ -379,6 +379,7 @@ async def test_images_endpoint_reads_markdown_images_too(
     [sent] = glm.record.streams
     assert sent["assistant_id"] == AGENT
     assert sent["messages"][0]["content"][0]["text"] == "画一只猫\n"
+    await relay.settled()
     assert glm.record.conversations_deleted == [conversation]
 
 
@@ -632,6 +633,7 @@ async def test_conversation_id_reuse_continues_and_keeps_it(
     assert sent["conversation_id"] == conversation
     assert sent["messages"][0]["content"][0]["text"] == "第一句\n第二句\n"
     assert glm.record.conversations_created == [conversation]  # nothing new
+    await relay.settled()
     assert glm.record.conversations_deleted == []
 
 
@@ -646,6 +648,7 @@ async def test_empty_conversation_id_keeps_the_new_conversation_for_the_next_tur
     assert second.id == created
     assert glm.record.streams[-1]["conversation_id"] == created
     assert glm.record.conversations_created == [created]
+    await relay.settled()
     assert glm.record.conversations_deleted == []
 
 

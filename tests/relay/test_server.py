@@ -239,6 +239,7 @@ async def test_request_pipelined_behind_a_chat_waits_for_it(
     assert sse_text(chat.body) == "Hello world!"
     assert sse_events(chat.body)[-1] == b"[DONE]"
     assert ping.body == b"pong"
+    await relay.settled()
     assert step.record.chats_deleted == step.record.chats_created
 
 
@@ -588,6 +589,7 @@ async def test_client_leaving_mid_stream_aborts_and_deletes_the_chat(
             ping = await roundtrip(stream, conn, "GET", "/ping")
     assert received.startswith(b"HTTP/1.1 200 ")
     assert step.record.streams_finished == 0
+    await relay.settled()
     assert step.record.chats_deleted == step.record.chats_created
     assert ping.body == b"pong"
 
@@ -758,6 +760,7 @@ async def test_shutdown_finishes_streams_refuses_new_and_closes_idle(
     assert reply.status == 200
     assert sse_text(reply.body) == "abcdefghij"
     assert sse_events(reply.body)[-1] == b"[DONE]"
+    await relay.settled()
     assert step.record.chats_deleted == step.record.chats_created
     assert relay.app.stopped.is_set()
 
