@@ -21,17 +21,19 @@ Streaming (:class:`SSEWriter`):
   a real status code. The first events then leave in the same write as the
   response head and the role chunk.
 - If the upstream is silent for ``commit_timeout`` (search and thinking can
-  take long), a ticker task commits anyway and from then on sends an SSE
-  comment every ``sse_keepalive`` seconds of silence, so that proxies and
-  clients do not time out.
+  take long), the flusher (below) commits anyway and from then on sends an
+  SSE comment every ``sse_keepalive`` seconds of silence, so that proxies
+  and clients do not time out. The flusher's wait for work carries that
+  deadline, so a stream costs one task besides the reader, not two.
 - Hot path: the task that reads the upstream encodes each batch of deltas
   and queues the bytes; a flusher task writes whatever is queued with one
   ``send_all``. When the upstream is slow, that is one write per event, as
   soon as it is decoded; when it is fast (or the relay is busy), the events
   that arrived in one socket read leave in one write instead of one write
   each, so the cost per event falls as load rises instead of the relay
-  falling behind. Only the flusher writes (the ticker queues too), so no lock
-  is needed; a client slower than the upstream makes the reader wait once
+  falling behind. After a quiet spell, with the relay idle, the reader
+  writes an event itself (no task switch); a ``_busy`` flag keeps the two
+  writers apart, so no lock is needed; a client slower than the upstream makes the reader wait once
   ``WRITE_HIGH_WATER`` bytes are queued.
 - Once the stream has started, failures travel in-band as an SSE error event
   followed by ``[DONE]``, never as answer text.
@@ -193,9 +195,25 @@ class SSEWriter:
 
     async def _flush_loop(self) -> None:
         ex = self._ex
+        s = self._settings
         while True:
-            await self._wake.wait()
-            self._wake = trio.Event()
+            # The flusher is also the stream's clock: silence until the
+            # deadline commits the 200 (commit_timeout), later silence sends a
+            # keep-alive comment (sse_keepalive). One task instead of two per
+            # open stream.
+            wait = s.sse_keepalive if self.committed else s.commit_timeout
+            with trio.move_on_at(self._last_write + wait):
+                await self._wake.wait()
+            if self._wake.is_set():
+                self._wake = trio.Event()
+            elif self._busy or self._pending:
+                # the reading task is writing: this silence is over
+                self._last_write = trio.current_time()
+                continue
+            elif not self.committed:
+                self.committed = True  # commit with the head alone
+            else:
+                self._pending.append(self._encoder.keepalive())
             data = b"".join(self._pending) if len(self._pending) != 1 else self._pending[0]
             self._pending.clear()
             self._pending_size = 0
@@ -221,18 +239,6 @@ class SSEWriter:
                 self._done.set()
                 return
 
-    async def ticker(self) -> None:
-        """Commit after ``commit_timeout`` of silence, then keep the stream alive."""
-        s = self._settings
-        await trio.sleep_until(self._last_write + s.commit_timeout)
-        if not self.committed:
-            await self.send(b"")
-        while not self._ending:
-            await trio.sleep_until(self._last_write + s.sse_keepalive)
-            if (not self._pending and not self._busy
-                    and trio.current_time() >= self._last_write + s.sse_keepalive):
-                await self.send(self._encoder.keepalive())
-
 
 async def _serve_stream(
     ex: Exchange,
@@ -246,7 +252,6 @@ async def _serve_stream(
     failure: BaseException | None = None
     async with trio.open_nursery() as nursery:
         nursery.start_soon(writer.flusher)
-        nursery.start_soon(writer.ticker)
         try:
             await _pump(answer, encoder, writer, outcome, started_at)
         except (RelayError, _Retry, ClientGone) as exc:

@@ -402,6 +402,23 @@ async def test_silent_upstream_gets_committed_and_kept_alive(
     assert sse_events(response.content)[-1] == b"[DONE]"
 
 
+async def test_silence_between_events_is_kept_alive_too(
+    relay_factory: RelayFactory, step: StepEmulator
+) -> None:
+    """Keep-alive comments also fill a pause mid-answer, between text events, in order."""
+    relay = await relay_factory(commit_timeout=0.05, sse_keepalive=0.05)
+    step.behavior.text_frames = ["a", "b", "c"]
+    step.behavior.frame_delay_s = 0.3
+    with trio.fail_after(5):
+        response = await post(relay.base_url, PATH, chat_body(stream=True))
+    body = response.content
+    first_text = body.index(b'"content":"a"')
+    second_text = body.index(b'"content":"b"')
+    assert body.count(b": keep-alive", first_text, second_text) >= 2
+    assert sse_text(body) == "abc"
+    assert sse_events(body)[-1] == b"[DONE]"
+
+
 async def test_models_lists_step_models(relay: Running) -> None:
     """/v1/models lists the StepChat model ids in OpenAI's list shape."""
     def run() -> list[str]:
