@@ -4,7 +4,8 @@ Two pools, two trust levels:
 
 - :class:`HttpTransport` talks to the configured upstream services (base URLs
   from the settings, which may be loopback in demo mode and tests). One
-  httpcore pool is shared by every request, so TLS handshakes and TCP
+  pool (:class:`relay.pool.UpstreamPool`: httpcore's HTTP/1.1 connections,
+  kept per origin) is shared by every request, so TLS handshakes and TCP
   connections are reused across requests.
 - :class:`UrlFetcher` downloads files that *clients* name in chat messages.
   Those URLs are hostile until proven otherwise, so its pool runs on
@@ -48,6 +49,7 @@ import trio
 from protocol.datauri import is_data_url, parse_data_url
 from protocol.errors import RequestError, UpstreamFailed, UpstreamTimeout
 from providers.contract import FetchedFile, Headers, Response
+from relay.pool import TCP_NODELAY, UpstreamPool
 
 if TYPE_CHECKING:
     import ssl
@@ -56,6 +58,9 @@ if TYPE_CHECKING:
     from relay.config import Settings
 
 log = logging.getLogger(__name__)
+
+#: What upstream calls go through: our pool, or httpcore's when a proxy is set.
+Pool = UpstreamPool | httpcore.AsyncConnectionPool
 
 UNARY_BODY_LIMIT_BYTES = 16 * 1024 * 1024
 ERROR_BODY_LIMIT_BYTES = 64 * 1024
@@ -200,7 +205,7 @@ class _Streamed:
 class HttpTransport:
     """Calls to one upstream service over a shared pool (providers.contract.Transport)."""
 
-    def __init__(self, pool: httpcore.AsyncConnectionPool, settings: Settings, name: str) -> None:
+    def __init__(self, pool: Pool, settings: Settings, name: str) -> None:
         self._pool = pool
         self._settings = settings
         self._name = name
@@ -262,10 +267,14 @@ class HttpTransport:
                     extensions={"timeout": self._timeouts(read_timeout)},
                 )
                 response = await cm.__aenter__()
-            streamed = _Streamed(
-                response, what, first_deadline, s.stall_timeout,
-                per_read_deadline=per_read_deadline,
-            )
+            try:
+                streamed = _Streamed(
+                    response, what, first_deadline, s.stall_timeout,
+                    per_read_deadline=per_read_deadline,
+                )
+            except BaseException as exc:  # an encoding we cannot decode: close it
+                await cm.__aexit__(type(exc), exc, exc.__traceback__)
+                raise
             try:
                 yield streamed
             except BaseException as exc:
@@ -279,18 +288,23 @@ class HttpTransport:
 
 def make_pool(settings: Settings, *, ssl_context: ssl.SSLContext | None = None,
               network_backend: httpcore.AsyncNetworkBackend | None = None,
-              max_connections: int = 1000) -> httpcore.AsyncConnectionPool:
-    """The httpcore pool every upstream call shares."""
-    proxy = httpcore.Proxy(settings.upstream_proxy) if settings.upstream_proxy else None
-    return httpcore.AsyncConnectionPool(
+              max_connections: int = 1000) -> Pool:
+    """The pool upstream calls share: ours (relay/pool.py), or httpcore's behind a proxy."""
+    if settings.upstream_proxy:
+        return httpcore.AsyncConnectionPool(
+            ssl_context=ssl_context,
+            proxy=httpcore.Proxy(settings.upstream_proxy),
+            max_connections=max_connections,
+            max_keepalive_connections=100,
+            keepalive_expiry=30.0,
+            network_backend=network_backend,
+            socket_options=[TCP_NODELAY],
+        )
+    return UpstreamPool(
         ssl_context=ssl_context,
-        proxy=proxy,
         max_connections=max_connections,
-        max_keepalive_connections=100,
         keepalive_expiry=30.0,
         network_backend=network_backend,
-        # Nagle off: every event is written as soon as it is ready
-        socket_options=[(6, 1, 1)],  # IPPROTO_TCP, TCP_NODELAY, on
     )
 
 
@@ -366,7 +380,7 @@ class UrlFetcher:
     """Resolves client file references (providers.contract.Fetcher)."""
 
     def __init__(
-        self, settings: Settings, pool: httpcore.AsyncConnectionPool | None = None
+        self, settings: Settings, pool: Pool | None = None
     ) -> None:
         self._settings = settings
         self._pool = pool or make_pool(
