@@ -201,9 +201,10 @@ class SSEWriter:
             # deadline commits the 200 (commit_timeout), later silence sends a
             # keep-alive comment (sse_keepalive). One task instead of two per
             # open stream.
-            wait = s.sse_keepalive if self.committed else s.commit_timeout
-            with trio.move_on_at(self._last_write + wait):
-                await self._wake.wait()
+            if not self._wake.is_set():  # at full speed it is: no deadline to set up
+                wait = s.sse_keepalive if self.committed else s.commit_timeout
+                with trio.move_on_at(self._last_write + wait):
+                    await self._wake.wait()
             if self._wake.is_set():
                 self._wake = trio.Event()
             elif self._busy or self._pending:
