@@ -14,11 +14,20 @@ This pool does only what the relay needs, in constant time per call, and
 leaves HTTP itself to httpcore: each connection is an
 :class:`httpcore.AsyncHTTP11Connection` (h11 underneath) over a stream from
 httpcore's network backend. Idle connections wait in a per-origin stack and
-are taken last-in first-out (the warmest socket first); the one taken is
-checked once (keep-alive expiry, and a poll that tells whether the server
-closed it), where httpcore's pool polls them all. A response hands its
+are taken last-in first-out (the warmest socket first). The one taken is
+checked (keep-alive expiry, and a poll that tells whether the server closed
+it) unless it went idle less than :data:`FRESH_IDLE_S` ago, where
+httpcore's pool polls them all: on this kind of machine a system call costs
+tens of microseconds, and back-to-back calls (create the chat, stream the
+answer, delete the chat) would pay for one each. A response hands its
 connection back when its body is closed: idle again if it was read to the
-end, otherwise httpcore has closed it.
+end, otherwise httpcore has closed it. A kept connection the server closed
+anyway (found only when the request fails before any response head came)
+costs one retry on a new connection: the server never took that request.
+
+System calls are also why each connection's stream is *corked*
+(:class:`_CorkedStream`): httpcore writes a request's head and body
+separately, and the two go out in one ``send`` when the response is read.
 
 Limits: at most ``max_connections`` connections live at once (idle ones of
 any origin are closed to make room; beyond that a call waits for one, bounded
@@ -26,8 +35,9 @@ by the request's ``pool`` timeout, then ``httpcore.PoolTimeout``); at most
 ``max_idle_per_origin`` are kept idle per origin; an idle connection older
 than ``keepalive_expiry`` is closed when met. HTTP/1.1 only (the upstreams
 speak it, and a proxy goes through httpcore's own pool, see
-:func:`relay.upstream.make_pool`). A failed call is not retried, as in
-httpcore: the caller's request may not be idempotent.
+:func:`relay.upstream.make_pool`). Apart from the stale-connection case
+above, a failed call is not retried: the caller's request may not be
+idempotent.
 """
 
 from __future__ import annotations
@@ -48,11 +58,17 @@ if TYPE_CHECKING:
 
 #: IPPROTO_TCP, TCP_NODELAY, on: every event is written as soon as it is ready
 TCP_NODELAY = (6, 1, 1)
+#: Request bytes held for one write with the rest of the request (see _CorkedStream)
+CORK_LIMIT = 64 * 1024
+#: An idle connection back this recently is used without polling its socket first
+FRESH_IDLE_S = 1.0
 
 _Key = tuple[bytes, bytes, int]
 
 
 _DEFAULT_PORTS = {b"http": 80, b"https": 443}
+#: How a kept connection the server has closed fails before any response head.
+_STALE = (httpcore.RemoteProtocolError, httpcore.ReadError, httpcore.WriteError)
 
 
 def _with_framing(
@@ -104,7 +120,8 @@ class UpstreamPool:
         self._expiry = keepalive_expiry
         self._backend = network_backend if network_backend is not None else httpcore.TrioBackend()
         self._socket_options = list(socket_options)
-        self._idle: dict[_Key, list[httpcore.AsyncHTTP11Connection]] = {}
+        # per origin, oldest first: (connection, when it went idle)
+        self._idle: dict[_Key, list[tuple[httpcore.AsyncHTTP11Connection, float]]] = {}
         self._active: set[httpcore.AsyncHTTP11Connection] = set()
         self._count = 0  # live connections, idle and active (and being opened)
         self._room = trio.lowlevel.ParkingLot()
@@ -115,7 +132,7 @@ class UpstreamPool:
     @property
     def connections(self) -> list[httpcore.AsyncHTTP11Connection]:
         """Every open connection, active ones first (for tests and statistics)."""
-        return [*self._active, *(c for stack in self._idle.values() for c in stack)]
+        return [*self._active, *(c for stack in self._idle.values() for c, _ in stack)]
 
     @asynccontextmanager
     async def stream(
@@ -152,10 +169,21 @@ class UpstreamPool:
         origin = request.url.origin
         timeouts: dict[str, float | None] = request.extensions.get("timeout", {})
         key = (origin.scheme, origin.host, origin.port)
-        connection = await self._checkout(key, origin, timeouts)
+        connection, reused = await self._checkout(key, origin, timeouts, reuse=True)
         self._active.add(connection)
         try:
-            response = await connection.handle_async_request(request)
+            try:
+                response = await connection.handle_async_request(request)
+            except _STALE:
+                if not reused:
+                    raise
+                # The server had closed the kept connection (no response head
+                # came): the request was not taken. Once more, on a new one.
+                self._active.discard(connection)
+                await self._close(connection)
+                connection, _ = await self._checkout(key, origin, timeouts, reuse=False)
+                self._active.add(connection)
+                response = await connection.handle_async_request(request)
         except BaseException:
             self._active.discard(connection)
             await self._close(connection)
@@ -191,9 +219,16 @@ class UpstreamPool:
     # --- connections ---------------------------------------------------------------------
 
     async def _checkout(
-        self, key: _Key, origin: httpcore.Origin, timeouts: dict[str, float | None]
-    ) -> httpcore.AsyncHTTP11Connection:
-        """The warmest usable idle connection to ``origin``, else a new one.
+        self,
+        key: _Key,
+        origin: httpcore.Origin,
+        timeouts: dict[str, float | None],
+        *,
+        reuse: bool,
+    ) -> tuple[httpcore.AsyncHTTP11Connection, bool]:
+        """The warmest usable idle connection to ``origin`` (if ``reuse``), else a new one.
+
+        Returns the connection and whether it was an idle one.
 
         At the limit, an idle connection to another origin is closed to make
         room; with none, the call waits (bounded by the ``pool`` timeout) for
@@ -202,11 +237,16 @@ class UpstreamPool:
         limit_s = timeouts.get("pool")
         with trio.move_on_after(limit_s if limit_s is not None else float("inf")) as scope:
             while True:
-                stack = self._idle.get(key)
+                stack = self._idle.get(key) if reuse else None
                 while stack:
-                    connection = stack.pop()
-                    if connection.is_idle() and not connection.has_expired():
-                        return connection
+                    connection, since = stack.pop()
+                    # A connection idle for a moment is taken as it is; an older one
+                    # is checked (keep-alive expiry, and a poll for the server's FIN).
+                    if connection.is_idle() and (
+                        trio.current_time() - since < FRESH_IDLE_S
+                        or not connection.has_expired()
+                    ):
+                        return connection, True
                     await self._close(connection)  # expired, or closed by the server
                 if self._count < self._max:
                     break
@@ -223,7 +263,10 @@ class UpstreamPool:
         except BaseException:
             self._release()
             raise
-        return httpcore.AsyncHTTP11Connection(origin, stream, keepalive_expiry=self._expiry)
+        connection = httpcore.AsyncHTTP11Connection(
+            origin, _CorkedStream(stream), keepalive_expiry=self._expiry
+        )
+        return connection, False
 
     async def _connect(self, origin: httpcore.Origin, limit_s: float | None) -> AsyncNetworkStream:
         host = origin.host.decode("ascii")
@@ -248,7 +291,7 @@ class UpstreamPool:
         stacks = [stack for stack in self._idle.values() if stack]
         if not stacks:
             return None
-        return max(stacks, key=len).pop(0)
+        return max(stacks, key=len).pop(0)[0]
 
     def _release(self) -> None:
         self._count -= 1
@@ -270,10 +313,60 @@ class UpstreamPool:
         if len(stack) >= self._max_idle:
             await self._close(connection)
             return
-        stack.append(connection)
+        stack.append((connection, trio.current_time()))
         self._room.unpark()  # a call waiting for room may take this one
-        if len(stack) > 1 and stack[0].has_expired():
-            await self._close(stack.pop(0))  # one check per return keeps old ones from piling up
+        if len(stack) > 1 and stack[0][1] + self._expiry < trio.current_time():
+            await self._close(stack.pop(0)[0])  # one check per return: old ones do not pile up
+
+
+class _CorkedStream(httpcore.AsyncNetworkStream):
+    """A connection's socket stream whose writes wait for the next read.
+
+    httpcore writes a request's head and its body separately; an HTTP/1.1
+    client always reads the response next, so holding the writes until then
+    sends the whole request in one ``send`` (one system call less per
+    upstream call; system calls are the dearest thing the relay does). A
+    write that would hold more than :data:`CORK_LIMIT` bytes goes out at
+    once, after what was held.
+    """
+
+    def __init__(self, stream: AsyncNetworkStream) -> None:
+        self._stream = stream
+        self._held = b""
+
+    async def _flush(self, timeout: float | None) -> None:  # noqa: ASYNC109 (httpcore's)
+        held, self._held = self._held, b""
+        await self._stream.write(held, timeout)
+
+    async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:  # noqa: ASYNC109
+        if self._held:
+            await self._flush(timeout)
+        return await self._stream.read(max_bytes, timeout)
+
+    async def write(self, buffer: bytes, timeout: float | None = None) -> None:  # noqa: ASYNC109
+        if not buffer:
+            return
+        if len(self._held) + len(buffer) <= CORK_LIMIT:
+            self._held += buffer
+            return
+        if self._held:
+            await self._flush(timeout)
+        await self._stream.write(buffer, timeout)
+
+    async def aclose(self) -> None:
+        self._held = b""
+        await self._stream.aclose()
+
+    async def start_tls(
+        self,
+        ssl_context: ssl.SSLContext,
+        server_hostname: str | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109
+    ) -> AsyncNetworkStream:
+        raise RuntimeError("TLS is started before a connection is corked")  # pragma: no cover
+
+    def get_extra_info(self, info: str) -> Any:  # noqa: ANN401 (httpcore's signature)
+        return self._stream.get_extra_info(info)
 
 
 class _Body(Protocol):

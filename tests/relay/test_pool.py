@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import ssl
 from dataclasses import dataclass, field
+from typing import Any
 
 import h11
 import httpcore
@@ -13,6 +14,7 @@ import pytest
 import trio
 import trustme
 
+import relay.pool
 from providers.step.emulator import StepBehavior, StepEmulator
 from relay.pool import UpstreamPool
 from tests.relay.conftest import RelayFactory, chat_body, post, sse_text
@@ -56,7 +58,11 @@ class CountingServer:
                     conn.receive_data(data)
                 elif isinstance(event, h11.Request):
                     target = event.target
+                elif isinstance(event, h11.Data):
+                    pass  # bodies are read and dropped
                 elif isinstance(event, h11.EndOfMessage):
+                    if target == b"/hangup":
+                        return  # no answer at all
                     if target == b"/slow":
                         await trio.sleep(self.hold_s)
                     head = h11.Response(
@@ -172,15 +178,64 @@ async def test_a_body_closed_unread_closes_its_connection_and_frees_its_room(
     assert server.accepted == 2
 
 
+@pytest.mark.parametrize("polled", [True, False])
 async def test_a_connection_the_server_closed_while_idle_is_not_used(
-    server: CountingServer,
+    server: CountingServer, polled: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Polled (idle a while): found closed and dropped. Fresh (not polled): the call
+    fails before any response head and goes once more on a new connection."""
+    if polled:
+        monkeypatch.setattr(relay.pool, "FRESH_IDLE_S", 0.0)
     with trio.fail_after(LIMIT_S):
         async with UpstreamPool() as pool:
             assert await get(pool, server.url("/close")) == b"ok"
             await trio.sleep(0.05)  # the server's FIN arrives
             assert await get(pool, server.url()) == b"ok"
     assert server.accepted == 2
+
+
+async def test_a_new_connection_that_fails_is_not_retried(server: CountingServer) -> None:
+    """Only a kept connection earns a retry: a fresh one failing is the server's answer."""
+    async with UpstreamPool() as pool:
+        with pytest.raises(httpcore.RemoteProtocolError):
+            await get(pool, server.url("/hangup"))
+    assert server.accepted == 1
+
+
+class _CountingBackend(httpcore.AsyncNetworkBackend):
+    """httpcore's trio backend, counting the writes on its sockets."""
+
+    def __init__(self) -> None:
+        self.writes: list[int] = []
+        self._inner = httpcore.TrioBackend()
+
+    async def connect_tcp(self, host: str, port: int, timeout: float | None = None,  # noqa: ASYNC109
+                          local_address: str | None = None,
+                          socket_options: Any = None) -> httpcore.AsyncNetworkStream:
+        stream = await self._inner.connect_tcp(host, port, timeout, local_address, socket_options)
+        writes = self.writes
+        original = stream.write
+
+        async def write(buffer: bytes, timeout: float | None = None) -> None:  # noqa: ASYNC109
+            writes.append(len(buffer))
+            await original(buffer, timeout)
+
+        stream.write = write  # type: ignore[method-assign]
+        return stream
+
+
+async def test_a_request_goes_out_in_one_write(server: CountingServer) -> None:
+    """httpcore writes the head and the body apart; the corked stream sends them together."""
+    backend = _CountingBackend()
+    async with UpstreamPool(network_backend=backend) as pool:
+        async with pool.stream(b"POST", server.url(), content=b"x" * 1000) as response:
+            await response.aread()
+        assert len(backend.writes) == 1
+        assert backend.writes[0] > 1000  # head and body
+        big = b"y" * (relay.pool.CORK_LIMIT + 1)
+        async with pool.stream(b"POST", server.url(), content=big) as response:
+            await response.aread()
+    assert backend.writes[1:] == [backend.writes[1], len(big)]  # a big body is not copied
 
 
 async def test_unsupported_scheme_and_refused_connection() -> None:
