@@ -8,8 +8,11 @@ frame). ``--quick`` and the ``--frames/--streams/--idle-streams`` overrides
 scale them down; the keys stay the same, the labels say what actually ran.
 
 ``long`` is *optional*: it runs only when ``--scenario`` names it, never in
-the default set. It is one stream of 1,000 stamped frames at full speed, an
-answer of about 20,000 characters (a stamp is about 20), and is reported per
+the default set. It is one stream of stamped frames at full speed, as many
+as make an answer of :data:`LONG_ANSWER_CHARS` characters (a stamp is
+``[ts:<monotonic ns>]``, 17-20 characters depending on the uptime; the
+count is worked out from the clock when the scenarios are built), and is
+reported per
 quarter of the stream (:attr:`Scenario.quarters`): with ChatGLM every
 snapshot repeats the whole answer so far, so the cost of a chunk grows with
 the length of the answer, and the first and last quarters show by how much.
@@ -17,6 +20,8 @@ the length of the answer, and the first and last quarters show by how much.
 
 from __future__ import annotations
 
+import math
+import time
 from dataclasses import dataclass
 
 from bench.upstreams import EmulatorParams
@@ -26,6 +31,9 @@ from protocol.errors import RequestError
 GROUPS = ("latency", "throughput", "concurrency", "idle", "long")
 #: Groups that run only when ``--scenario`` names them.
 OPTIONAL_GROUPS = ("long",)
+#: The answer length of the ``long`` scenario (``--quick``: half of it).
+LONG_ANSWER_CHARS = 20_000
+
 #: Base bound of one run, on top of its streaming time.
 RUN_SLACK_S = 30.0
 
@@ -102,10 +110,10 @@ def scenarios(
     """
     if quick:
         lat, tp1, tp16, c500, c200, idle_n, many = 50, 2_000, 200, 50, 50, 100, 50
-        long_frames = 500
+        long_frames = _frames_for(LONG_ANSWER_CHARS // 2)
     else:
         lat, tp1, tp16, c500, c200, idle_n, many = 200, 20_000, 2_000, 100, 100, 1_000, 0
-        long_frames = 1_000
+        long_frames = _frames_for(LONG_ANSWER_CHARS)
 
     def fr(default: int) -> int:
         return frames if frames is not None else default
@@ -169,3 +177,8 @@ def select(all_scenarios: list[Scenario], names: str | None) -> list[Scenario]:
             param="scenario",
         )
     return [s for s in all_scenarios if s.key in wanted or s.group in wanted]
+
+
+def _frames_for(chars: int) -> int:
+    """How many stamped frames make an answer of at least ``chars`` characters."""
+    return math.ceil(chars / len(f"[ts:{time.monotonic_ns()}]"))
