@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 import trio
 
+from bench.readers import settle_sse_end
 from bench.wire import Endpoint, HttpConnection, header
 from protocol.errors import RelayError, RemoteProtocolError
 from protocol.openai import ContentPart, Message
@@ -172,17 +173,10 @@ class GlmSnapshotReader:
 
     def finish(self, *, complete: bool, now_ns: int) -> None:
         """The body ended: cleanly (``complete``) or not. Decides the outcome."""
-        record = self._record
-        self._decoder.close()
-        if record.error is not None:
-            return
-        if not complete or (self._decoder.truncated and not self._ended):
-            record.done = False
-            record.fail("cut_off", "the connection ended inside the stream", now_ns)
-        elif not self._ended:
-            record.fail("no_done", "the stream ended without a finish snapshot", now_ns)
-        elif record.end_ns is None:
-            record.end_ns = now_ns
+        settle_sse_end(
+            self._record, self._decoder, ended=self._ended, complete=complete,
+            missing="the stream ended without a finish snapshot", now_ns=now_ns,
+        )
 
 
 class GlmDirect:

@@ -241,17 +241,37 @@ class OpenAIStreamReader:
             complete: the HTTP message ended as its framing says it should.
             now_ns: the time of the end.
         """
-        record = self._record
-        self._decoder.close()
-        if record.error is not None:
-            return
-        if not complete or (self._decoder.truncated and not self._ended):
-            record.done = False
-            record.fail("cut_off", "the connection ended inside the stream", now_ns)
-        elif not self._ended:
-            record.fail("no_done", "the stream ended without data: [DONE]", now_ns)
-        elif record.end_ns is None:
-            record.end_ns = now_ns
+        settle_sse_end(
+            self._record, self._decoder, ended=self._ended, complete=complete,
+            missing="the stream ended without data: [DONE]", now_ns=now_ns,
+        )
+
+
+def settle_sse_end(
+    record: StreamRecord,
+    decoder: SSEDecoder,
+    *,
+    ended: bool,
+    complete: bool,
+    missing: str,
+    now_ns: int,
+) -> None:
+    """Decide how an SSE stream that just ended counts (unless it has failed already).
+
+    Cut off (the body or the last event unfinished) is ``cut_off``; complete
+    without its end marker is ``no_done`` with ``missing`` as the detail;
+    otherwise the stream ends now.
+    """
+    decoder.close()
+    if record.error is not None:
+        return
+    if not complete or (decoder.truncated and not ended):
+        record.done = False
+        record.fail("cut_off", "the connection ended inside the stream", now_ns)
+    elif not ended:
+        record.fail("no_done", missing, now_ns)
+    elif record.end_ns is None:
+        record.end_ns = now_ns
 
 
 class ConnectStreamReader:
