@@ -30,6 +30,7 @@ from relay import routes
 from relay.accounts import Account, AccountPool, PoolStatistics
 from relay.janitor import Janitor
 from relay.metrics import Metrics
+from relay.pool import UpstreamPool
 from relay.server import Exchange, Server, bound_addresses, open_listeners
 from relay.upstream import HttpTransport, UrlFetcher, make_pool
 
@@ -94,7 +95,7 @@ class App:
         )
         self.add_provider(glm, settings.glm_tokens, settings.glm_max_streams, GLM_DEFAULT_MODEL)
         self.server = Server(settings, self.handle)
-        self.metrics = Metrics(self.pool_statistics, self.server.statistics)
+        self.metrics = Metrics(self.pool_statistics, self.statistics)
         self.addresses: list[str] = []
         #: set when serve() has returned (connections drained or cancelled)
         self.stopped = trio.Event()
@@ -109,6 +110,14 @@ class App:
             tuple(credentials),
             default_model,
         )
+
+    def statistics(self) -> dict[str, int]:
+        """Server, upstream pool and janitor counters, read when /metrics is scraped."""
+        stats = dict(self.server.statistics())
+        if isinstance(self._pool, UpstreamPool):
+            stats.update(self._pool.statistics())
+        stats["cleanup_pending"] = self.janitor.pending
+        return stats
 
     def pool_statistics(self) -> list[PoolStatistics]:
         """Snapshots of every account pool."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
@@ -62,6 +62,22 @@ class _Snapshots(Collector):
             "relay_open_connections", "Client connections open now",
             value=server.get("connections", 0),
         )
+        gauges = (
+            ("upstream_active", "relay_upstream_connections_active",
+             "Upstream connections carrying a request now"),
+            ("upstream_idle", "relay_upstream_connections_idle",
+             "Upstream connections kept open for reuse"),
+            ("cleanup_pending", "relay_cleanup_pending",
+             "Upstream conversation deletes running after their answers"),
+        )
+        for key, name, text in gauges:
+            if key in server:
+                yield GaugeMetricFamily(name, text, value=server[key])
+        if "upstream_opened" in server:
+            yield CounterMetricFamily(
+                "relay_upstream_connections_opened", "Upstream connections opened since start",
+                value=server["upstream_opened"],
+            )
 
 
 class Metrics:

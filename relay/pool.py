@@ -124,10 +124,21 @@ class UpstreamPool:
         self._idle: dict[_Key, list[tuple[httpcore.AsyncHTTP11Connection, float]]] = {}
         self._active: set[httpcore.AsyncHTTP11Connection] = set()
         self._count = 0  # live connections, idle and active (and being opened)
+        self._opened = 0
         self._room = trio.lowlevel.ParkingLot()
         self._closed = False
 
     # --- the request interface ------------------------------------------------------------
+
+    def statistics(self) -> dict[str, int]:
+        """Connections now, for metrics: ``upstream_active``, ``upstream_idle``;
+        and since start, ``upstream_opened``."""
+        idle = sum(len(stack) for stack in self._idle.values())
+        return {
+            "upstream_active": len(self._active),
+            "upstream_idle": idle,
+            "upstream_opened": self._opened,
+        }
 
     @property
     def connections(self) -> list[httpcore.AsyncHTTP11Connection]:
@@ -263,6 +274,7 @@ class UpstreamPool:
         except BaseException:
             self._release()
             raise
+        self._opened += 1
         connection = httpcore.AsyncHTTP11Connection(
             origin, _CorkedStream(stream), keepalive_expiry=self._expiry
         )

@@ -306,3 +306,21 @@ async def test_an_untrusted_upstream_certificate_is_a_502(
         response = await post(relay.base_url, PATH, chat_body())
     assert response.status == 502
     assert "ConnectError" in orjson.loads(response.content)["error"]["message"]
+
+
+async def test_metrics_count_upstream_connections(relay_factory: RelayFactory) -> None:
+    """/metrics shows the pool: connections opened, kept idle after an answer."""
+    relay = await relay_factory()
+    with trio.fail_after(LIMIT_S):
+        response = await post(relay.base_url, PATH, chat_body())
+        assert response.status == 200
+        while not relay.app.janitor.done:  # noqa: ASYNC110 (the chat is deleted after the answer)
+            await trio.sleep(0.001)
+        stats = relay.app.statistics()
+        async with httpcore.AsyncConnectionPool() as client:
+            metrics = await client.request("GET", relay.base_url + "/metrics")
+    assert stats["upstream_opened"] >= 1
+    assert stats["upstream_active"] == 0
+    assert stats["upstream_idle"] >= 1
+    assert stats["cleanup_pending"] == 0
+    assert b"relay_upstream_connections_opened_total" in metrics.content

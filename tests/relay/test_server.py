@@ -553,6 +553,8 @@ async def test_index_ping_and_metrics(relay: Running) -> None:
     assert (metrics.header(b"content-type") or b"").startswith(b"text/plain")
     assert b'relay_requests_total{route="/ping",status="200"} 1.0' in metrics.body
     assert b"relay_open_connections" in metrics.body
+    assert b"relay_upstream_connections_idle 0.0" in metrics.body
+    assert b"relay_cleanup_pending 0.0" in metrics.body
 
 
 async def test_head_ping_has_headers_and_no_body(relay: Running) -> None:
