@@ -44,9 +44,10 @@ leaves in between (the relay is waiting for the response head or the first
 event) would otherwise cancel the only read that can learn the id, and the
 conversation would stay behind. So, for a conversation the relay will
 delete, the request, the response head and the reads up to the first
-complete event are shielded from cancellation; they are bounded by the
-transport's connect, first-byte and stall timeouts, and the cancellation
-takes effect at the first read after that, with the id known.
+complete event are held against cancellation (:func:`_hold_on_cancel`):
+once the client has gone (or the relay stops), they get ``cleanup_timeout``
+more seconds to learn the id, never the upstream's own first-byte timeout;
+then the conversation is deleted as usual.
 
 A video's first-frame image is resized to 1440 px wide and centre-cropped to
 at most 960 px high before the upload (3.8; :func:`media.first_frame`, with
@@ -165,6 +166,43 @@ def _raise_for(error: UpstreamError) -> None:
     raise UpstreamFailed(message, code=error.code, status=error.status)
 
 
+@asynccontextmanager
+async def _hold_on_cancel(grace_s: float) -> AsyncIterator[trio.CancelScope]:
+    """Shield the body from cancellation, but only for ``grace_s`` once one arrives.
+
+    Used where leaving at once would lose a conversation (its id is not known
+    yet): a client that goes, or a relay that stops, gets the body
+    ``grace_s`` more seconds to learn the id, never the upstream's own
+    (much longer) timeouts. If that runs out, the body is cancelled too and
+    the caller's cancellation follows at its next checkpoint.
+
+    Yields the shielding scope: ``cancelled_caught`` says the grace ran out.
+    """
+    shield = trio.CancelScope(shield=True)
+
+    async def arm() -> None:
+        try:
+            await trio.sleep_forever()
+        finally:  # the surrounding scope was cancelled: the grace starts now
+            shield.deadline = min(shield.deadline, trio.current_time() + grace_s)
+
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(arm)
+            try:
+                with shield:
+                    yield shield
+            finally:
+                nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        # The nursery is an implementation detail: the caller sees the body's
+        # own exception (or the cancellation), never a group around it.
+        others = [exc for exc in group.exceptions if not isinstance(exc, trio.Cancelled)]
+        if len(others) > 1:
+            raise
+        raise (others or group.exceptions)[0] from None
+
+
 class GlmAnswer:
     """One ``assistant/stream`` response as lists of deltas (providers.contract.ChatStream)."""
 
@@ -175,6 +213,7 @@ class GlmAnswer:
         conversation_id: str = "",
         *,
         shield_first_event: bool = False,
+        grace_s: float = 10.0,
     ) -> None:
         """
         Args:
@@ -182,40 +221,66 @@ class GlmAnswer:
             modes: how to render the model's answer.
             conversation_id: the continued conversation, "" for a new one.
             shield_first_event: read up to the first complete event shielded
-                from cancellation (it names the conversation to delete).
+                from cancellation (it names the conversation to delete), for
+                at most ``grace_s`` after a cancellation arrives.
         """
         self._response = response
         self._translator = GlmStream(modes)
+        self._decoder = SSEDecoder()
         self._given = conversation_id
         self._shield = shield_first_event
+        self._grace_s = grace_s
+        self._events = 0
 
     @property
     def conversation_id(self) -> str:
         """The conversation: the first one a snapshot named, else the continued one."""
         return self._translator.conversation_id or self._given
 
+    def _feed(self, chunk: bytes) -> list[Delta]:
+        deltas: list[Delta] = []
+        for event in self._decoder.feed(chunk):
+            self._events += 1
+            deltas += self._translator.feed(event.data)
+        return deltas
+
+    async def learn_conversation(self) -> None:
+        """Read until the first event (which names the conversation) or the end.
+
+        For a caller that is being cancelled before iterating: call it
+        shielded and bounded. The deltas read are dropped (nobody listens).
+        """
+        async with aclosing(self._response.chunks()) as chunks:
+            while not self._events:
+                chunk = await anext(chunks, None)
+                if chunk is None:
+                    return
+                self._feed(chunk)
+
     async def __aiter__(self) -> AsyncGenerator[list[Delta], None]:
-        decoder = SSEDecoder()
         translator = self._translator
-        shield = self._shield
         async with aclosing(self._response.chunks()) as chunks:
             while True:
-                if shield:  # no event yet: this read may be the one naming the conversation
-                    with trio.CancelScope(shield=True):
+                if self._shield and not self._events:
+                    # No event yet: this read may be the one naming the conversation,
+                    # so a cancellation waits (a while) until it is read and fed.
+                    chunk, deltas = None, []
+                    async with _hold_on_cancel(self._grace_s) as held:
                         chunk = await anext(chunks, None)
+                        if chunk is not None:
+                            deltas = self._feed(chunk)
+                    if held.cancelled_caught:
+                        await trio.lowlevel.checkpoint()  # the cancellation that armed it
                 else:
                     chunk = await anext(chunks, None)
+                    deltas = self._feed(chunk) if chunk is not None else []
                 if chunk is None:
                     break
-                deltas: list[Delta] = []
-                for event in decoder.feed(chunk):
-                    shield = False
-                    deltas += translator.feed(event.data)
                 if deltas:
                     yield deltas
                 if translator.finished:
                     return
-        decoder.close()
+        self._decoder.close()
         tail = translator.close()
         if tail:
             yield tail
@@ -548,13 +613,24 @@ class GlmProvider:
         answer: GlmAnswer | None = None
         try:
             async with AsyncExitStack() as stack:
-                with trio.CancelScope(shield=not keep):
-                    response = await stack.enter_async_context(self._transport.stream(
-                        b"POST",
-                        prompt.url_for(self._base, prompt.STREAM_PATH),
-                        self._stream_headers(session, choice.assistant_id),
-                        body,
-                    ))
+                opened: list[StreamedResponse] = []
+                try:
+                    async with _hold_on_cancel(0 if keep else self._cleanup_timeout) as held:
+                        opened.append(await stack.enter_async_context(self._transport.stream(
+                            b"POST",
+                            prompt.url_for(self._base, prompt.STREAM_PATH),
+                            self._stream_headers(session, choice.assistant_id),
+                            body,
+                        )))
+                    if held.cancelled_caught:
+                        await trio.lowlevel.checkpoint()  # the cancellation that armed it
+                except trio.Cancelled:
+                    if opened and not keep:  # opened, then told to go: learn the id first
+                        answer = GlmAnswer(opened[0], GlmModes())
+                        with trio.move_on_after(self._cleanup_timeout, shield=True):
+                            await answer.learn_conversation()
+                    raise
+                response = opened[0]
                 try:
                     await self._check_stream_response(response)
                 except UpstreamFailed as exc:
@@ -563,7 +639,8 @@ class GlmProvider:
                     yield GlmRefusal(UpstreamError(exc.code or "account_busy", exc.message, 429))
                     return
                 answer = GlmAnswer(response, GlmModes(think=choice.think, silent=choice.silent),
-                                   reuse or "", shield_first_event=not keep)
+                                   reuse or "", shield_first_event=not keep,
+                                   grace_s=self._cleanup_timeout)
                 yield answer
         finally:
             created = answer.conversation_id if answer is not None and not keep else ""

@@ -191,6 +191,8 @@ class GlmBehavior:
     write_size: int | None = None
     pack_all: bool = False
     first_delay_s: float = 0.0
+    #: with first_delay_s: send the response head at once, delay only the first event
+    head_first: bool = False
     frame_delay_s: float = 0.0
     stamp: bool = False
     stamp_frames: int = 100
@@ -1041,9 +1043,12 @@ class GlmEmulator:
         """
         size = behavior.write_size
         line_end = behavior.line_end.encode()
-        if behavior.first_delay_s > 0:
-            await trio.sleep(behavior.first_delay_s)
         pending = bytearray(client.encode(h11.Response(status_code=200, headers=_SSE_HEADERS)))
+        if behavior.first_delay_s > 0:
+            if behavior.head_first:  # the head now, the first event after the delay
+                await client.write(bytes(pending))
+                pending.clear()
+            await trio.sleep(behavior.first_delay_s)
         # h11 frames an HTTP/1.1 body without Content-Length as chunked and,
         # when chunked, does not count body bytes: formatting the chunks here
         # saves a copy and a call per event. HTTP/1.0 bodies go through h11.

@@ -863,16 +863,20 @@ async def test_step_models_do_not_reach_glm(relay: Running, glm: GlmEmulator) ->
     assert glm.record.streams == []
 
 
+@pytest.mark.parametrize("head_first", [False, True], ids=["waiting-head", "waiting-event"])
 @pytest.mark.parametrize("stream", [True, False])
 async def test_conversation_deleted_when_client_leaves_before_the_first_snapshot(
-    relay: Running, glm: GlmEmulator, stream: bool
+    relay: Running, glm: GlmEmulator, stream: bool, head_first: bool
 ) -> None:
     """The conversation exists upstream before its id reaches the relay (in the first snapshot).
 
-    A client that leaves in that window must not cost a conversation: the
-    relay reads on (bounded) until it learns the id, then deletes it.
+    A client that leaves in that window (the relay waits for the response
+    head, or has it and waits for the first event) must not cost a
+    conversation: the relay reads on (bounded) until it learns the id, then
+    deletes it.
     """
     glm.behavior.first_delay_s = 0.4
+    glm.behavior.head_first = head_first
     body = _body(stream=stream)
     with trio.fail_after(5):
         client = await trio.open_tcp_stream(relay.host, relay.port)
@@ -886,3 +890,28 @@ async def test_conversation_deleted_when_client_leaves_before_the_first_snapshot
         await glm.wait_until(lambda r: len(r.conversations_deleted) == 1)
     assert glm.record.conversations_deleted == glm.record.conversations_created
     await _all_deleted(glm)
+
+
+async def test_leaving_before_a_first_snapshot_that_never_comes_is_bounded(
+    relay_factory: RelayFactory, glm: GlmEmulator
+) -> None:
+    """The wait for the id is bounded by the cleanup timeout once the client has gone.
+
+    The upstream takes 30 s to answer at all; the client leaves, the relay
+    is told to stop: it must not sit out the upstream's silence (the first-
+    byte timeout is 120 s), only ``cleanup_timeout`` more.
+    """
+    relay = await relay_factory(cleanup_timeout=0.3, grace_period=0.1)
+    glm.behavior.first_delay_s = 30
+    body = _body(stream=True)
+    client = await trio.open_tcp_stream(relay.host, relay.port)
+    await client.send_all(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Authorization: Bearer " + GLM_TOKEN.encode() + b"\r\n"
+        b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+    )
+    with trio.fail_after(3):
+        await glm.wait_until(lambda r: len(r.conversations_created) == 1)
+        await client.aclose()
+        relay.app.shutdown()
+        await relay.app.stopped.wait()
