@@ -44,7 +44,7 @@ leaves in between (the relay is waiting for the response head or the first
 event) would otherwise cancel the only read that can learn the id, and the
 conversation would stay behind. So, for a conversation the relay will
 delete, the request, the response head and the reads up to the first
-complete event are held against cancellation (:func:`_hold_on_cancel`):
+complete event are held against cancellation (:func:`providers.cancel.hold_on_cancel`):
 once the client has gone (or the relay stops), they get ``cleanup_timeout``
 more seconds to learn the id, never the upstream's own first-byte timeout;
 then the conversation is deleted as usual.
@@ -81,6 +81,7 @@ from protocol.errors import (
     UpstreamTimeout,
 )
 from protocol.sse import SSEDecoder
+from providers.cancel import hold_on_cancel
 from providers.contract import FetchedFile, after_answer
 from providers.glm import media, prompt
 from providers.glm.signing import DEFAULT_SECRET, sign
@@ -166,43 +167,6 @@ def _raise_for(error: UpstreamError) -> None:
     raise UpstreamFailed(message, code=error.code, status=error.status)
 
 
-@asynccontextmanager
-async def _hold_on_cancel(grace_s: float) -> AsyncIterator[trio.CancelScope]:
-    """Shield the body from cancellation, but only for ``grace_s`` once one arrives.
-
-    Used where leaving at once would lose a conversation (its id is not known
-    yet): a client that goes, or a relay that stops, gets the body
-    ``grace_s`` more seconds to learn the id, never the upstream's own
-    (much longer) timeouts. If that runs out, the body is cancelled too and
-    the caller's cancellation follows at its next checkpoint.
-
-    Yields the shielding scope: ``cancelled_caught`` says the grace ran out.
-    """
-    shield = trio.CancelScope(shield=True)
-
-    async def arm() -> None:
-        try:
-            await trio.sleep_forever()
-        finally:  # the surrounding scope was cancelled: the grace starts now
-            shield.deadline = min(shield.deadline, trio.current_time() + grace_s)
-
-    try:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(arm)
-            try:
-                with shield:
-                    yield shield
-            finally:
-                nursery.cancel_scope.cancel()
-    except BaseExceptionGroup as group:
-        # The nursery is an implementation detail: the caller sees the body's
-        # own exception (or the cancellation), never a group around it.
-        others = [exc for exc in group.exceptions if not isinstance(exc, trio.Cancelled)]
-        if len(others) > 1:
-            raise
-        raise (others or group.exceptions)[0] from None
-
-
 class GlmAnswer:
     """One ``assistant/stream`` response as lists of deltas (providers.contract.ChatStream)."""
 
@@ -265,7 +229,7 @@ class GlmAnswer:
                     # No event yet: this read may be the one naming the conversation,
                     # so a cancellation waits (a while) until it is read and fed.
                     chunk, deltas = None, []
-                    async with _hold_on_cancel(self._grace_s) as held:
+                    async with hold_on_cancel(self._grace_s) as held:
                         chunk = await anext(chunks, None)
                         if chunk is not None:
                             deltas = self._feed(chunk)
@@ -615,7 +579,7 @@ class GlmProvider:
             async with AsyncExitStack() as stack:
                 opened: list[StreamedResponse] = []
                 try:
-                    async with _hold_on_cancel(0 if keep else self._cleanup_timeout) as held:
+                    async with hold_on_cancel(0 if keep else self._cleanup_timeout) as held:
                         opened.append(await stack.enter_async_context(self._transport.stream(
                             b"POST",
                             prompt.url_for(self._base, prompt.STREAM_PATH),
@@ -754,14 +718,26 @@ class GlmProvider:
             result = await self._upload(session, image_url, "", media.VIDEO_UPLOAD_PATH, referer,
                                         video_frame=True)
             source_ids.append(media.parse_upload_source(result))
-        result = await self._call(
-            b"POST",
-            media.VIDEO_CHAT_PATH,
-            self._session_headers(session, referer),
-            media.video_chat_body(request, source_ids),
-            limit_s=VIDEO_CALL_TIMEOUT_S,
-        )
-        chat_id, conversation_id = media.parse_video_chat(result)
+        started: list[tuple[str, str]] = []
+        try:  # held: a job started while the client left must still be deleted
+            async with hold_on_cancel(self._cleanup_timeout):
+                result = await self._call(
+                    b"POST",
+                    media.VIDEO_CHAT_PATH,
+                    self._session_headers(session, referer),
+                    media.video_chat_body(request, source_ids),
+                    limit_s=VIDEO_CALL_TIMEOUT_S,
+                )
+                started.append(media.parse_video_chat(result))
+            if not started:  # the grace ran out: the pending cancellation follows
+                await trio.lowlevel.checkpoint()
+        except BaseException:
+            if started:
+                await self._delete_video(session, started[0][0], referer)
+            raise
+        if not started:
+            raise UpstreamTimeout("ChatGLM did not start the video")  # pragma: no cover
+        chat_id, conversation_id = started[0]
         try:
             status = await self._wait_video(session, chat_id, referer)
             video_url = None

@@ -206,6 +206,8 @@ class GlmBehavior:
     one_stream_per_account: bool = True
     video_polls: int = 2
     video_fail: bool = False
+    #: seconds the video chat call takes before it starts the job and answers
+    video_start_delay_s: float = 0.0
     check_signature: bool = True
 
 
@@ -659,6 +661,9 @@ class GlmEmulator:
                 if not await self._stream(client, request):
                     return False
             else:
+                if request.path == VIDEO_CHAT_PATH and self.behavior.video_start_delay_s > 0:
+                    with trio.CancelScope(shield=True):  # the site finishes what it began
+                        await trio.sleep(self.behavior.video_start_delay_s)
                 reply = self._route(request)
                 await client.reply(reply, head_only=request.method == "HEAD")
         except _Refused as refusal:

@@ -164,6 +164,8 @@ class StepBehavior:
     file_status_final: int = 1
     #: seconds DelChat takes before it answers (a slow cleanup)
     delete_delay_s: float = 0.0
+    #: seconds CreateChat takes before it creates the chat and answers
+    create_delay_s: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -1002,6 +1004,9 @@ class StepEmulator:
                 return await self._send_message(conn, stream, headers, body)
             if path == DELETE_CHAT_PATH and self.behavior.delete_delay_s > 0:
                 await trio.sleep(self.behavior.delete_delay_s)
+            if path == CREATE_CHAT_PATH and self.behavior.create_delay_s > 0:
+                with trio.CancelScope(shield=True):  # the site finishes what it began
+                    await trio.sleep(self.behavior.create_delay_s)
             answer = route.handler(headers, query, body)
         except RelayError as exc:
             await self._send_json(

@@ -478,3 +478,24 @@ async def test_paced_and_back_to_back_frames_give_the_same_stream(
     assert response.status == 200
     assert sse_text(response.content) == ANSWER
     assert sse_events(response.content)[-1] == b"[DONE]"
+
+
+async def test_chat_deleted_when_client_leaves_while_it_is_being_created(
+    relay: Running, step: StepEmulator
+) -> None:
+    """CreateChat was sent but its answer (the chat id) had not come back when the
+    client left: the relay still reads the id (bounded) and deletes the chat."""
+    step.behavior.create_delay_s = 0.3
+    body = chat_body(stream=True)
+    with trio.fail_after(5):
+        client = await trio.open_tcp_stream(relay.host, relay.port)
+        await client.send_all(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Authorization: Bearer " + STEP_CREDENTIAL.encode() + b"\r\n"
+            b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+        )
+        await trio.sleep(0.1)  # CreateChat is on its way
+        await client.aclose()
+        await step.wait_until(lambda r: len(r.chats_created) == 1)
+        await step.wait_until(lambda r: r.chats_deleted == r.chats_created)
+    assert step.record.streams_finished == 0

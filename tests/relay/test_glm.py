@@ -915,3 +915,23 @@ async def test_leaving_before_a_first_snapshot_that_never_comes_is_bounded(
         await client.aclose()
         relay.app.shutdown()
         await relay.app.stopped.wait()
+
+
+async def test_video_job_deleted_when_client_leaves_while_it_starts(
+    relay: Running, glm: GlmEmulator
+) -> None:
+    """The video chat call was sent but had not answered (with the job's id) when the
+    client left: the relay still reads the id (bounded) and deletes the job."""
+    glm.behavior.video_start_delay_s = 0.3
+    body = orjson.dumps({"prompt": "一只猫"})
+    with trio.fail_after(5):
+        client = await trio.open_tcp_stream(relay.host, relay.port)
+        await client.send_all(
+            b"POST /v1/videos/generations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Authorization: Bearer " + GLM_TOKEN.encode() + b"\r\n"
+            b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+        )
+        await trio.sleep(0.1)  # the video chat call is on its way
+        await client.aclose()
+        await glm.wait_until(lambda r: len(r.video_chats) == 1)
+        await glm.wait_until(lambda r: len(r.videos_deleted) == 1)
