@@ -19,8 +19,9 @@ What is accepted, and why:
 
 - any string ``role``: besides system/user/assistant, OpenAI has ``tool``,
   ``function`` and ``developer``; providers decide what to make of them;
-- ``content`` as a string, as null or missing (assistant messages with tool
-  calls carry none), or as an array of parts. Text parts, ``image_url``
+- ``content`` as a string or an array of parts; null or missing only in
+  assistant messages (those with tool calls carry none) and tool messages,
+  as OpenAI: a system, user or developer message without content is a 400. Text parts, ``image_url``
   parts (``{"url": ...}`` or, as some clients send, a plain string) and
   ``file`` parts are kept; a file is named by ``file_url`` (the references'
   form, 1.4) or by OpenAI's ``file.file_data`` data URL with its
@@ -238,6 +239,10 @@ def _parse_part(part: object, param: str) -> ContentPart | None:
     return None  # input_audio, refusal, ...: dropped (see the module comment)
 
 
+#: Roles whose messages must carry content (a string or parts; "" is fine).
+_CONTENT_REQUIRED = frozenset({"system", "user", "developer"})
+
+
 def _parse_message(raw: object, param: str) -> Message:
     if not isinstance(raw, dict):
         raise _invalid_type(param, "an object")
@@ -250,6 +255,10 @@ def _parse_message(raw: object, param: str) -> Message:
     if isinstance(content, str):
         return Message(role, (ContentPart("text", text=content),), False)
     if content is None:
+        if role in _CONTENT_REQUIRED:  # as OpenAI: only assistant (and tool) may omit it
+            if "content" not in raw:
+                raise _missing(f"{param}.content")
+            raise _invalid_type(f"{param}.content", "a string or an array of content parts")
         return Message(role, (), False)
     if isinstance(content, list):
         parts = []

@@ -208,7 +208,8 @@ def test_ignored_parameters_with_right_types_are_accepted() -> None:
 
 
 def test_content_forms() -> None:
-    """String content is one text part; null or missing gives no parts; arrays keep their parts."""
+    """String content is one text part; null or missing (assistant, tool) gives no parts;
+    arrays keep their parts."""
     request = parse_chat_request(
         orjson.dumps(
             {
@@ -315,6 +316,10 @@ BAD_REQUESTS: list[tuple[dict[str, Any], str]] = [
     ({"messages": [USER, "hello"]}, "messages[1]"),
     ({"messages": [USER, USER, None]}, "messages[2]"),
     ({"messages": [{"content": "hi"}]}, "messages[0].role"),
+    ({"messages": [{"role": "user"}]}, "messages[0].content"),
+    ({"messages": [USER, {"role": "user", "content": None}]}, "messages[1].content"),
+    ({"messages": [{"role": "system", "content": None}, USER]}, "messages[0].content"),
+    ({"messages": [{"role": "developer"}, USER]}, "messages[0].content"),
     ({"messages": [{"role": 1, "content": "hi"}]}, "messages[0].role"),
     ({"messages": [USER, {"role": "user", "content": 5}]}, "messages[1].content"),
     (_msg({"type": "text", "text": "hi"}), "messages[0].content"),
