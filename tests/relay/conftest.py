@@ -111,6 +111,22 @@ async def relay(relay_factory: RelayFactory) -> Running:
     return await relay_factory()
 
 
+async def send_raw_post(
+    relay: Running, body: bytes, credential: str, path: str = "/v1/chat/completions"
+) -> trio.SocketStream:
+    """Open a bare TCP connection to ``relay`` and send one JSON POST on it.
+
+    For tests that hang up at a chosen moment (a client leaving mid-request).
+    """
+    stream = await trio.open_tcp_stream(relay.host, relay.port)
+    await stream.send_all(
+        b"POST " + path.encode() + b" HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Authorization: Bearer " + credential.encode() + b"\r\n"
+        b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+    )
+    return stream
+
+
 def chat_body(content: str = "hi", *, stream: bool = False, **extra: Any) -> bytes:
     """A minimal chat completion request body."""
     body: dict[str, Any] = {

@@ -18,6 +18,7 @@ from tests.relay.conftest import (
     Running,
     chat_body,
     post,
+    send_raw_post,
     sse_events,
     sse_text,
 )
@@ -188,14 +189,7 @@ async def test_chat_is_deleted_after_client_disconnect(
     step.behavior.chunk_chars = 1
     step.behavior.frame_delay_s = 0.01
     with trio.fail_after(5):
-        stream = await trio.open_tcp_stream(relay.host, relay.port)
-        request = (
-            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-            b"Authorization: Bearer " + STEP_CREDENTIAL.encode() + b"\r\n"
-            b"Content-Length: " + str(len(chat_body(stream=True))).encode() + b"\r\n\r\n"
-            + chat_body(stream=True)
-        )
-        await stream.send_all(request)
+        stream = await send_raw_post(relay, chat_body(stream=True), STEP_CREDENTIAL)
         received = b""
         while b"data: " not in received:
             received += await stream.receive_some(65536)
@@ -488,12 +482,7 @@ async def test_chat_deleted_when_client_leaves_while_it_is_being_created(
     step.behavior.create_delay_s = 0.3
     body = chat_body(stream=True)
     with trio.fail_after(5):
-        client = await trio.open_tcp_stream(relay.host, relay.port)
-        await client.send_all(
-            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-            b"Authorization: Bearer " + STEP_CREDENTIAL.encode() + b"\r\n"
-            b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
-        )
+        client = await send_raw_post(relay, body, STEP_CREDENTIAL)
         await trio.sleep(0.1)  # CreateChat is on its way
         await client.aclose()
         await step.wait_until(lambda r: len(r.chats_created) == 1)

@@ -39,6 +39,7 @@ from tests.relay.conftest import (
     RelayFactory,
     Running,
     post,
+    send_raw_post,
     sse_events,
     sse_text,
 )
@@ -596,12 +597,7 @@ async def test_conversation_deleted_after_client_disconnect(
     glm.behavior.frame_delay_s = 0.01
     body = _body(stream=True)
     with trio.fail_after(5):
-        stream = await trio.open_tcp_stream(relay.host, relay.port)
-        await stream.send_all(
-            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-            b"Authorization: Bearer " + GLM_TOKEN.encode() + b"\r\n"
-            b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
-        )
+        stream = await send_raw_post(relay, body, GLM_TOKEN)
         received = b""
         while b"data: " not in received:
             received += await stream.receive_some(65536)
@@ -879,12 +875,7 @@ async def test_conversation_deleted_when_client_leaves_before_the_first_snapshot
     glm.behavior.head_first = head_first
     body = _body(stream=stream)
     with trio.fail_after(5):
-        client = await trio.open_tcp_stream(relay.host, relay.port)
-        await client.send_all(
-            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-            b"Authorization: Bearer " + GLM_TOKEN.encode() + b"\r\n"
-            b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
-        )
+        client = await send_raw_post(relay, body, GLM_TOKEN)
         await glm.wait_until(lambda r: len(r.conversations_created) == 1)
         await client.aclose()  # the emulator is still in its first delay
         await glm.wait_until(lambda r: len(r.conversations_deleted) == 1)
@@ -904,12 +895,7 @@ async def test_leaving_before_a_first_snapshot_that_never_comes_is_bounded(
     relay = await relay_factory(cleanup_timeout=0.3, grace_period=0.1)
     glm.behavior.first_delay_s = 30
     body = _body(stream=True)
-    client = await trio.open_tcp_stream(relay.host, relay.port)
-    await client.send_all(
-        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-        b"Authorization: Bearer " + GLM_TOKEN.encode() + b"\r\n"
-        b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
-    )
+    client = await send_raw_post(relay, body, GLM_TOKEN)
     with trio.fail_after(3):
         await glm.wait_until(lambda r: len(r.conversations_created) == 1)
         await client.aclose()
@@ -925,12 +911,7 @@ async def test_video_job_deleted_when_client_leaves_while_it_starts(
     glm.behavior.video_start_delay_s = 0.3
     body = orjson.dumps({"prompt": "一只猫"})
     with trio.fail_after(5):
-        client = await trio.open_tcp_stream(relay.host, relay.port)
-        await client.send_all(
-            b"POST /v1/videos/generations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-            b"Authorization: Bearer " + GLM_TOKEN.encode() + b"\r\n"
-            b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
-        )
+        client = await send_raw_post(relay, body, GLM_TOKEN, "/v1/videos/generations")
         await trio.sleep(0.1)  # the video chat call is on its way
         await client.aclose()
         await glm.wait_until(lambda r: len(r.video_chats) == 1)
