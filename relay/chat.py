@@ -33,8 +33,8 @@ Streaming (:class:`SSEWriter`):
   each, so the cost per event falls as load rises instead of the relay
   falling behind. After a quiet spell, with the relay idle, the reader
   writes an event itself (no task switch); a ``_busy`` flag keeps the two
-  writers apart, so no lock is needed; a client slower than the upstream makes the reader wait once
-  ``WRITE_HIGH_WATER`` bytes are queued.
+  writers apart, so no lock is needed; a client slower than the upstream
+  makes the reader wait once ``WRITE_HIGH_WATER`` bytes are queued.
 - Once the stream has started, failures travel in-band as an SSE error event
   followed by ``[DONE]``, never as answer text.
 
@@ -207,7 +207,7 @@ class SSEWriter:
                     await self._wake.wait()
             if self._wake.is_set():
                 self._wake = trio.Event()
-            elif self._busy or self._pending:
+            elif self._busy:
                 # the reading task is writing: this silence is over
                 self._last_write = trio.current_time()
                 continue

@@ -81,7 +81,7 @@ from protocol.errors import (
     UpstreamTimeout,
 )
 from protocol.sse import SSEDecoder
-from providers.cancel import hold_on_cancel
+from providers.cancel import create_held, hold_on_cancel
 from providers.contract import FetchedFile, after_answer
 from providers.glm import media, prompt
 from providers.glm.signing import DEFAULT_SECRET, sign
@@ -229,12 +229,10 @@ class GlmAnswer:
                     # No event yet: this read may be the one naming the conversation,
                     # so a cancellation waits (a while) until it is read and fed.
                     chunk, deltas = None, []
-                    async with hold_on_cancel(self._grace_s) as held:
+                    async with hold_on_cancel(self._grace_s):
                         chunk = await anext(chunks, None)
                         if chunk is not None:
                             deltas = self._feed(chunk)
-                    if held.cancelled_caught:
-                        await trio.lowlevel.checkpoint()  # the cancellation that armed it
                 else:
                     chunk = await anext(chunks, None)
                     deltas = self._feed(chunk) if chunk is not None else []
@@ -577,24 +575,27 @@ class GlmProvider:
         answer: GlmAnswer | None = None
         try:
             async with AsyncExitStack() as stack:
-                opened: list[StreamedResponse] = []
-                try:
-                    async with hold_on_cancel(0 if keep else self._cleanup_timeout) as held:
-                        opened.append(await stack.enter_async_context(self._transport.stream(
-                            b"POST",
-                            prompt.url_for(self._base, prompt.STREAM_PATH),
-                            self._stream_headers(session, choice.assistant_id),
-                            body,
-                        )))
-                    if held.cancelled_caught:
-                        await trio.lowlevel.checkpoint()  # the cancellation that armed it
-                except trio.Cancelled:
-                    if opened and not keep:  # opened, then told to go: learn the id first
-                        answer = GlmAnswer(opened[0], GlmModes())
-                        with trio.move_on_after(self._cleanup_timeout, shield=True):
-                            await answer.learn_conversation()
-                    raise
-                response = opened[0]
+
+                async def open_stream() -> StreamedResponse:
+                    return await stack.enter_async_context(self._transport.stream(
+                        b"POST",
+                        prompt.url_for(self._base, prompt.STREAM_PATH),
+                        self._stream_headers(session, choice.assistant_id),
+                        body,
+                    ))
+
+                async def learn_id(opened: StreamedResponse) -> None:
+                    # opened, then told to go: read on (bounded) to learn what to delete
+                    nonlocal answer
+                    if keep:
+                        return  # the client keeps its conversations: nothing to delete
+                    answer = GlmAnswer(opened, GlmModes())
+                    with trio.move_on_after(self._cleanup_timeout, shield=True):
+                        await answer.learn_conversation()
+
+                response = await create_held(
+                    0 if keep else self._cleanup_timeout, open_stream, learn_id
+                )
                 try:
                     await self._check_stream_response(response)
                 except UpstreamFailed as exc:
@@ -718,26 +719,22 @@ class GlmProvider:
             result = await self._upload(session, image_url, "", media.VIDEO_UPLOAD_PATH, referer,
                                         video_frame=True)
             source_ids.append(media.parse_upload_source(result))
-        started: list[tuple[str, str]] = []
-        try:  # held: a job started while the client left must still be deleted
-            async with hold_on_cancel(self._cleanup_timeout):
-                result = await self._call(
-                    b"POST",
-                    media.VIDEO_CHAT_PATH,
-                    self._session_headers(session, referer),
-                    media.video_chat_body(request, source_ids),
-                    limit_s=VIDEO_CALL_TIMEOUT_S,
-                )
-                started.append(media.parse_video_chat(result))
-            if not started:  # the grace ran out: the pending cancellation follows
-                await trio.lowlevel.checkpoint()
-        except BaseException:
-            if started:
-                await self._delete_video(session, started[0][0], referer)
-            raise
-        if not started:
-            raise UpstreamTimeout("ChatGLM did not start the video")  # pragma: no cover
-        chat_id, conversation_id = started[0]
+
+        async def start() -> tuple[str, str]:
+            result = await self._call(
+                b"POST",
+                media.VIDEO_CHAT_PATH,
+                self._session_headers(session, referer),
+                media.video_chat_body(request, source_ids),
+                limit_s=VIDEO_CALL_TIMEOUT_S,
+            )
+            return media.parse_video_chat(result)
+
+        # held: a job started while the client left is deleted all the same
+        chat_id, conversation_id = await create_held(
+            self._cleanup_timeout, start,
+            lambda started: self._delete_video(session, started[0], referer),
+        )
         try:
             status = await self._wait_video(session, chat_id, referer)
             video_url = None

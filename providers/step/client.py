@@ -29,7 +29,7 @@ import trio
 
 from protocol.connect import EnvelopeDecoder
 from protocol.errors import RelayError, UpstreamFailed, UpstreamTimeout
-from providers.cancel import hold_on_cancel
+from providers.cancel import create_held
 from providers.contract import after_answer
 from providers.step import prompt
 from providers.step.stream import CITATION_LINE, StepStream
@@ -212,29 +212,6 @@ class StepProvider:
         )
         return prompt.parse_create_chat(response.body)
 
-    async def _create_chat_held(self, session: StepSession) -> str:
-        """CreateChat, held against a client leaving until its answer names the chat.
-
-        A cancelled read would leave a chat on the account whose id nobody
-        knows; so the call gets ``cleanup_timeout`` more seconds once a
-        cancellation arrives, and a chat created that way is deleted.
-        """
-        created: list[str] = []
-        try:
-            async with hold_on_cancel(self._cleanup_timeout):
-                created.append(await self._create_chat(session))
-            if not created:  # the grace ran out: the pending cancellation follows
-                await trio.lowlevel.checkpoint()
-        except BaseException:
-            if created:
-                await after_answer(
-                    self._background, functools.partial(self._cleanup, session, created[0])
-                )
-            raise
-        if not created:
-            raise UpstreamTimeout("StepChat CreateChat did not answer")  # pragma: no cover
-        return created[0]
-
     async def _delete_chat(self, session: StepSession, chat_id: str) -> None:
         await self._unary(
             prompt.DEL_CHAT_PATH,
@@ -308,7 +285,14 @@ class StepProvider:
             raise TypeError("not a StepChat session")
         attachments = await self._attachments(session, prompt.attachments_of(request.messages))
         text = prompt.build_prompt(request.messages)
-        chat_id = await self._create_chat_held(session)
+        # held: a chat created while the client left is deleted all the same
+        chat_id = await create_held(
+            self._cleanup_timeout,
+            functools.partial(self._create_chat, session),
+            lambda made: after_answer(
+                self._background, functools.partial(self._cleanup, session, made)
+            ),
+        )
         try:
             headers = self._headers(
                 session, prompt.chat_referer(self._base, chat_id), prompt.CONNECT_CONTENT_TYPE
