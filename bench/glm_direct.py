@@ -281,10 +281,7 @@ class GlmDirect:
                     return
                 await connection.stream_body(reader)
             if scope.cancelled_caught:
-                record.done = False
-                record.fail(
-                    "timeout", f"no complete stream within {timeout_s:g} s", time.monotonic_ns()
-                )
+                record.timed_out(timeout_s)
                 return
             assert connection is not None  # the scope was not cancelled
             if reader.conversation_id:

@@ -41,6 +41,7 @@ the decoded frame and two list appends.
 from __future__ import annotations
 
 import re
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -142,6 +143,11 @@ class StreamRecord:
             self.detail = detail[:_MAX_DETAIL_CHARS]
         if self.end_ns is None and now_ns is not None:
             self.end_ns = now_ns
+
+    def timed_out(self, timeout_s: float) -> None:
+        """The stream was not complete within ``timeout_s``: a ``timeout`` error."""
+        self.done = False
+        self.fail("timeout", f"no complete stream within {timeout_s:g} s", time.monotonic_ns())
         self._poke()
 
     def complete(self, now_ns: int) -> None:

@@ -109,5 +109,4 @@ async def run_openai_stream(
             if connection is not None:
                 await connection.aclose()
     if scope.cancelled_caught:
-        record.done = False
-        record.fail("timeout", f"no complete stream within {timeout_s:g} s", time.monotonic_ns())
+        record.timed_out(timeout_s)

@@ -245,10 +245,7 @@ class StepDirect:
                     return
                 await connection.stream_body(ConnectStreamReader(record, stamps=True))
             if scope.cancelled_caught:
-                record.done = False
-                record.fail(
-                    "timeout", f"no complete stream within {timeout_s:g} s", time.monotonic_ns()
-                )
+                record.timed_out(timeout_s)
                 return
             assert connection is not None  # the scope was not cancelled
             if record.done and connection.next_cycle():
