@@ -42,6 +42,7 @@ idempotent.
 
 from __future__ import annotations
 
+import math
 import ssl
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, Protocol, cast
@@ -49,6 +50,8 @@ from typing import TYPE_CHECKING, Any, Protocol, cast
 import certifi
 import httpcore
 import trio
+
+from relay.netio import TrioNetworkBackend
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Iterable
@@ -60,6 +63,8 @@ if TYPE_CHECKING:
 TCP_NODELAY = (6, 1, 1)
 #: Request bytes held for one write with the rest of the request (see _CorkedStream)
 CORK_LIMIT = 64 * 1024
+#: Parsed URLs kept (the upstreams' call URLs; file fetches go through another pool)
+URL_CACHE_SIZE = 256
 #: An idle connection back this recently is used without polling its socket first
 FRESH_IDLE_S = 1.0
 
@@ -118,7 +123,7 @@ class UpstreamPool:
         self._max = max_connections
         self._max_idle = max_idle_per_origin
         self._expiry = keepalive_expiry
-        self._backend = network_backend if network_backend is not None else httpcore.TrioBackend()
+        self._backend = network_backend if network_backend is not None else TrioNetworkBackend()
         self._socket_options = list(socket_options)
         # per origin, oldest first: (connection, when it went idle)
         self._idle: dict[_Key, list[tuple[httpcore.AsyncHTTP11Connection, float]]] = {}
@@ -127,6 +132,7 @@ class UpstreamPool:
         self._opened = 0
         self._room = trio.lowlevel.ParkingLot()
         self._closed = False
+        self._urls: dict[str, httpcore.URL] = {}
 
     # --- the request interface ------------------------------------------------------------
 
@@ -156,7 +162,11 @@ class UpstreamPool:
         extensions: dict[str, Any] | None = None,
     ) -> AsyncIterator[httpcore.Response]:
         """Send a request; the response's body is read by the caller, closed on exit."""
-        target = httpcore.URL(url)
+        target = self._urls.get(url)
+        if target is None:  # parsed once: the upstreams' URLs are a handful of constants
+            target = httpcore.URL(url)
+            if len(self._urls) < URL_CACHE_SIZE:
+                self._urls[url] = target
         request = httpcore.Request(
             method,
             target,
@@ -199,13 +209,10 @@ class UpstreamPool:
             self._active.discard(connection)
             await self._close(connection)
             raise
-        body = _PooledBody(cast("_Body", response.stream), self, connection, key)
-        return httpcore.Response(
-            response.status,
-            headers=response.headers,
-            content=body,
-            extensions=response.extensions,
-        )
+        # the body hands the connection back when closed (set in place: a
+        # second Response would check every header again)
+        response.stream = _PooledBody(cast("_Body", response.stream), self, connection, key)
+        return response
 
     async def aclose(self) -> None:
         """Close every connection; later calls raise."""
@@ -245,29 +252,31 @@ class UpstreamPool:
         room; with none, the call waits (bounded by the ``pool`` timeout) for
         a connection to come back or to close.
         """
-        limit_s = timeouts.get("pool")
-        with trio.move_on_after(limit_s if limit_s is not None else float("inf")) as scope:
-            while True:
-                stack = self._idle.get(key) if reuse else None
-                while stack:
-                    connection, since = stack.pop()
-                    # A connection idle for a moment is taken as it is; an older one
-                    # is checked (keep-alive expiry, and a poll for the server's FIN).
-                    if connection.is_idle() and (
-                        trio.current_time() - since < FRESH_IDLE_S
-                        or not connection.has_expired()
-                    ):
-                        return connection, True
-                    await self._close(connection)  # expired, or closed by the server
-                if self._count < self._max:
-                    break
-                oldest = self._oldest_idle()
-                if oldest is not None:
-                    await self._close(oldest)  # its room is ours
-                else:
-                    await self._room.park()
-        if scope.cancelled_caught:
-            raise httpcore.PoolTimeout("no room for another upstream connection")
+        deadline: float | None = None
+        while True:
+            stack = self._idle.get(key) if reuse else None
+            while stack:
+                connection, since = stack.pop()
+                # A connection idle for a moment is taken as it is; an older one
+                # is checked (keep-alive expiry, and a poll for the server's FIN).
+                if connection.is_idle() and (
+                    trio.current_time() - since < FRESH_IDLE_S or not connection.has_expired()
+                ):
+                    return connection, True
+                await self._close(connection)  # expired, or closed by the server
+            if self._count < self._max:
+                break
+            oldest = self._oldest_idle()
+            if oldest is not None:
+                await self._close(oldest)  # its room is ours
+                continue
+            if deadline is None:  # the clock starts at the first wait (a scope only here)
+                limit_s = timeouts.get("pool")
+                deadline = trio.current_time() + (limit_s if limit_s is not None else math.inf)
+            with trio.move_on_at(deadline) as scope:
+                await self._room.park()
+            if scope.cancelled_caught:
+                raise httpcore.PoolTimeout("no room for another upstream connection")
         self._count += 1
         try:
             stream = await self._connect(origin, timeouts.get("connect"))

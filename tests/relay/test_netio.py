@@ -1,0 +1,205 @@
+"""The upstream pool's sockets (relay/netio.py): trio stream semantics, httpcore's errors."""
+
+from __future__ import annotations
+
+import functools
+import socket
+import ssl
+
+import httpcore
+import pytest
+import trio
+import trio.testing
+import trustme
+
+from relay.netio import SocketStream, TrioNetworkBackend, TrioNetworkStream
+
+LIMIT_S = 5
+
+
+def _pair() -> tuple[SocketStream, socket.socket]:
+    """Our stream on one end of a connected TCP pair, a plain socket on the other."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    ours = socket.create_connection(listener.getsockname())
+    theirs, _ = listener.accept()
+    listener.close()
+    theirs.setblocking(False)
+    return SocketStream(ours), theirs
+
+
+async def _read_all(sock: socket.socket, size: int) -> bytes:
+    data = bytearray()
+    while len(data) < size:
+        await trio.lowlevel.wait_readable(sock)
+        data += sock.recv(1 << 20)
+    return bytes(data)
+
+
+async def test_send_all_delivers_more_than_the_socket_buffer_holds() -> None:
+    stream, peer = _pair()
+    stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    payload = bytes(range(256)) * 20_000  # 5 MB: many partial sends and waits
+    received = b""
+
+    async def reader() -> None:
+        nonlocal received
+        received = await _read_all(peer, len(payload))
+
+    with trio.fail_after(LIMIT_S):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(reader)
+            await stream.send_all(payload)
+    assert received == payload
+    await stream.aclose()
+    peer.close()
+
+
+async def test_receive_waits_for_data_and_reads_the_end_as_empty() -> None:
+    stream, peer = _pair()
+    with trio.fail_after(LIMIT_S):
+        async with trio.open_nursery() as nursery:
+
+            async def later() -> None:
+                await trio.sleep(0.05)
+                peer.send(b"hello")
+                peer.close()
+
+            nursery.start_soon(later)
+            assert await stream.receive_some(100) == b"hello"
+            assert await stream.receive_some() == b""
+    await stream.aclose()
+
+
+async def test_a_cancelled_task_is_stopped_at_entry_even_when_data_is_there() -> None:
+    stream, peer = _pair()
+    peer.send(b"ready")
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        await stream.receive_some(10)
+    assert scope.cancelled_caught
+    assert await stream.receive_some(10) == b"ready"  # nothing was consumed
+    await stream.aclose()
+    peer.close()
+
+
+async def test_closing_wakes_a_waiting_reader_and_later_calls_fail() -> None:
+    stream, peer = _pair()
+    failure: BaseException | None = None
+
+    async def reader() -> None:
+        nonlocal failure
+        try:
+            await stream.receive_some(10)
+        except trio.ClosedResourceError as exc:
+            failure = exc
+
+    with trio.fail_after(LIMIT_S):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(reader)
+            await trio.testing.wait_all_tasks_blocked()
+            await stream.aclose()
+    assert isinstance(failure, trio.ClosedResourceError)
+    with pytest.raises(trio.ClosedResourceError):
+        await stream.send_all(b"x")
+    with pytest.raises(trio.ClosedResourceError):
+        await stream.receive_some(1)
+    await stream.aclose()  # twice is fine
+    peer.close()
+
+
+async def test_a_reset_connection_is_a_broken_resource() -> None:
+    stream, peer = _pair()
+    peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+    peer.close()  # RST
+    await trio.sleep(0.05)
+    with pytest.raises(trio.BrokenResourceError):
+        await stream.receive_some(10)
+    await stream.aclose()
+
+
+async def test_half_close_and_is_readable() -> None:
+    stream, peer = _pair()
+    assert not stream.is_readable()
+    peer.send(b"x")
+    await trio.sleep(0.02)
+    assert stream.is_readable()
+    await stream.send_eof()
+    await trio.sleep(0.02)
+    assert peer.recv(10) == b""  # the peer sees our end of data
+    await stream.aclose()
+    peer.close()
+
+
+async def test_read_and_write_timeouts_and_errors_are_httpcore_s() -> None:
+    stream, peer = _pair()
+    network = TrioNetworkStream(stream)
+    with trio.fail_after(LIMIT_S):
+        with pytest.raises(httpcore.ReadTimeout):
+            await network.read(10, timeout=0.05)
+        peer.send(b"abc")
+        assert await network.read(10, timeout=1.0) == b"abc"
+        stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        with pytest.raises(httpcore.WriteTimeout):
+            await network.write(b"x" * 50_000_000, timeout=0.1)  # nobody reads
+    assert network.get_extra_info("socket") is stream.socket
+    assert network.get_extra_info("server_addr") == peer.getsockname()
+    await network.aclose()
+    with pytest.raises(httpcore.ReadError):
+        await network.read(10)
+    with pytest.raises(httpcore.WriteError):
+        await network.write(b"x")
+    peer.close()
+
+
+async def test_connect_refused_is_a_connect_error() -> None:
+    spare = socket.create_server(("127.0.0.1", 0))
+    port = spare.getsockname()[1]
+    spare.close()
+    with pytest.raises(httpcore.ConnectError):
+        await TrioNetworkBackend().connect_tcp("127.0.0.1", port, timeout=LIMIT_S)
+
+
+async def test_tls_both_ways_and_an_untrusted_certificate(nursery: trio.Nursery) -> None:
+    ca = trustme.CA()
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("localhost").configure_cert(server_context)
+
+    async def echo(plain: trio.SocketStream) -> None:
+        tls = trio.SSLStream(plain, server_context, server_side=True)
+        try:
+            while data := await tls.receive_some(65536):
+                await tls.send_all(data.upper())
+        except trio.BrokenResourceError:
+            pass
+        finally:
+            await tls.aclose()
+
+    listeners = await nursery.start(functools.partial(trio.serve_tcp, echo, 0, host="127.0.0.1"))
+    port = listeners[0].socket.getsockname()[1]
+    backend = TrioNetworkBackend()
+
+    trusted = ssl.create_default_context()
+    ca.configure_trust(trusted)
+    with trio.fail_after(LIMIT_S):
+        plain = await backend.connect_tcp("127.0.0.1", port, timeout=LIMIT_S)
+        tls = await plain.start_tls(trusted, server_hostname="localhost", timeout=LIMIT_S)
+        big = b"tls " * 100_000  # more than the socket buffers: written while read back
+        echoed = b""
+
+        async def read_back() -> None:
+            nonlocal echoed
+            while len(echoed) < len(big):
+                echoed += await tls.read(65536)
+
+        async with trio.open_nursery() as both:
+            both.start_soon(read_back)
+            await tls.write(big)
+        assert echoed == big.upper()
+        assert isinstance(tls.get_extra_info("server_addr"), tuple)
+        await tls.aclose()
+
+        plain = await backend.connect_tcp("127.0.0.1", port, timeout=LIMIT_S)
+        with pytest.raises(httpcore.ConnectError):
+            await plain.start_tls(
+                ssl.create_default_context(), server_hostname="localhost", timeout=LIMIT_S
+            )
