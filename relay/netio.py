@@ -15,10 +15,11 @@ So the pool's connections run on :class:`TrioNetworkBackend`:
   non-blocking socket. A send or receive is tried at once and waits for the
   socket (``trio.lowlevel.wait_writable``/``wait_readable``) only when the
   kernel says it would block. Cancellation is still honoured on entry
-  (``checkpoint_if_cancelled``), but a call that did not block does not
-  reschedule the task: the relay's pump always blocks somewhere (the
-  client's socket goes through trio's own stream, and an upstream that has
-  sent everything makes the next read wait), so no task runs unchecked.
+  (``checkpoint_if_cancelled``), but a call that did not block reschedules
+  the task only every :data:`YIELD_EVERY` calls: a stream read faster than
+  the upstream sends waits on every read anyway, and one whose upstream
+  keeps the socket full (a burst, or a server flooding us) still lets every
+  other task, deadline and connection of the relay run.
 - TLS is trio's :class:`trio.SSLStream` over that stream, as in httpcore.
 - :class:`TrioNetworkStream` gives it to httpcore: a read or write with no
   timeout has no cancel scope at all, one with a timeout a bare
@@ -43,6 +44,8 @@ if TYPE_CHECKING:
 
 #: Bytes asked of the kernel per receive when the caller names no size
 DEFAULT_RECEIVE_SIZE = 65536
+#: Calls in a row that did not block before one reschedules the task anyway
+YIELD_EVERY = 16
 
 
 class SocketStream(trio.abc.HalfCloseableStream):
@@ -56,6 +59,14 @@ class SocketStream(trio.abc.HalfCloseableStream):
         sock.setblocking(False)
         self.socket = sock
         self._closed = False
+        self._unblocked = 0  # calls since this stream last let other tasks run
+
+    async def _ran(self) -> None:
+        """A call done without waiting: every YIELD_EVERY-th one gives the others a turn."""
+        self._unblocked += 1
+        if self._unblocked >= YIELD_EVERY:
+            self._unblocked = 0
+            await trio.lowlevel.cancel_shielded_checkpoint()
 
     def setsockopt(self, level: int, option: int, value: int | bytes) -> None:
         self.socket.setsockopt(level, option, value)
@@ -78,8 +89,10 @@ class SocketStream(trio.abc.HalfCloseableStream):
                     sent += sock.send(view[sent:])
                 except BlockingIOError:
                     await trio.lowlevel.wait_writable(sock)
+                    self._unblocked = 0
                 except OSError as exc:
                     raise trio.BrokenResourceError(str(exc)) from exc
+        await self._ran()
 
     async def wait_send_all_might_not_block(self) -> None:
         if self._closed:
@@ -103,11 +116,15 @@ class SocketStream(trio.abc.HalfCloseableStream):
         size = DEFAULT_RECEIVE_SIZE if max_bytes is None else max_bytes
         while True:
             try:
-                return sock.recv(size)
+                data = sock.recv(size)
             except BlockingIOError:
                 await trio.lowlevel.wait_readable(sock)
+                self._unblocked = 0
             except OSError as exc:
                 raise trio.BrokenResourceError(str(exc)) from exc
+            else:
+                await self._ran()
+                return data
 
     async def aclose(self) -> None:
         if not self._closed:

@@ -12,6 +12,7 @@ import trio
 import trio.testing
 import trustme
 
+import relay.netio
 from relay.netio import SocketStream, TrioNetworkBackend, TrioNetworkStream
 
 LIMIT_S = 5
@@ -203,3 +204,32 @@ async def test_tls_both_ways_and_an_untrusted_certificate(nursery: trio.Nursery)
             await plain.start_tls(
                 ssl.create_default_context(), server_hostname="localhost", timeout=LIMIT_S
             )
+
+
+async def test_a_socket_that_never_runs_dry_still_lets_other_tasks_run() -> None:
+    stream, peer = _pair()
+    peer.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+    stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+    peer.sendall(b"z" * 200_000)  # queued before the reader starts: no read ever waits
+    await trio.sleep(0.05)
+    reads = 1_000
+    turns = 0
+
+    async def other() -> None:
+        nonlocal turns
+        while True:
+            turns += 1
+            await trio.lowlevel.checkpoint()
+
+    with trio.fail_after(LIMIT_S):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(other)
+            await trio.lowlevel.checkpoint()  # the other task is running
+            before = turns
+            for _ in range(reads):
+                assert await stream.receive_some(100) == b"z" * 100
+            nursery.cancel_scope.cancel()
+    # the other task got a turn at least every YIELD_EVERY reads
+    assert turns - before >= reads // relay.netio.YIELD_EVERY
+    await stream.aclose()
+    peer.close()
