@@ -55,6 +55,7 @@ import trio
 
 from protocol.errors import PayloadTooLarge, RelayError, RequestError
 from protocol.openai import error_body, error_from_exception
+from relay.netio import SocketListener, SocketStream
 
 if TYPE_CHECKING:
     from relay.config import Settings
@@ -582,7 +583,7 @@ def _head_size(request: h11.Request) -> int:
 
 def _peer(stream: trio.abc.Stream) -> str:
     inner = stream.transport_stream if isinstance(stream, trio.SSLStream) else stream
-    if isinstance(inner, trio.SocketStream):
+    if isinstance(inner, SocketStream | trio.SocketStream):
         try:
             peer = inner.socket.getpeername()
         except OSError:
@@ -612,14 +613,14 @@ async def open_listeners(
     """TCP (or Unix-socket) listeners, TLS-wrapped when configured."""
     listeners: list[trio.abc.Listener[trio.abc.Stream]] = []
     if settings.uds:
-        listeners.append(await _unix_listener(settings.uds))
+        listeners.append(SocketListener(await _unix_listener(settings.uds)))
     else:
         tcp = await trio.open_tcp_listeners(settings.port, host=settings.host or None,
                                             backlog=1024)
         for listener in tcp:
             if reuse_port and hasattr(socket, "SO_REUSEPORT"):
                 listener.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            listeners.append(listener)
+            listeners.append(SocketListener(listener))
     ctx = ssl_context_from(settings)
     if ctx is not None:
         listeners = [
@@ -649,7 +650,7 @@ def bound_addresses(listeners: Sequence[trio.abc.Listener[trio.abc.Stream]]) -> 
     out = []
     for listener in listeners:
         inner = listener.transport_listener if isinstance(listener, trio.SSLListener) else listener
-        if isinstance(inner, trio.SocketListener):
+        if isinstance(inner, SocketListener | trio.SocketListener):
             name = inner.socket.getsockname()
             if isinstance(name, tuple):
                 host = name[0]

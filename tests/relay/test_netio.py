@@ -13,7 +13,10 @@ import trio.testing
 import trustme
 
 import relay.netio
+import relay.server
+from relay import config
 from relay.netio import SocketStream, TrioNetworkBackend, TrioNetworkStream
+from relay.server import bound_addresses, open_listeners
 
 LIMIT_S = 5
 
@@ -233,3 +236,26 @@ async def test_a_socket_that_never_runs_dry_still_lets_other_tasks_run() -> None
     assert turns - before >= reads // relay.netio.YIELD_EVERY
     await stream.aclose()
     peer.close()
+
+
+async def test_the_relay_s_listeners_hand_out_our_streams_with_nodelay() -> None:
+    settings = config.load({"host": "127.0.0.1", "port": "0"}, environ={})
+    listeners = await open_listeners(settings)
+    try:
+        (address,) = bound_addresses(listeners)
+        host, port = address.rsplit(":", 1)
+        client = socket.create_connection((host, int(port)))
+        with trio.fail_after(LIMIT_S):
+            accepted = await listeners[0].accept()
+        assert isinstance(accepted, SocketStream)
+        assert accepted.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+        here, here_port = client.getsockname()
+        assert relay.server._peer(accepted) == f"{here}:{here_port}"
+        client.sendall(b"ping")
+        with trio.fail_after(LIMIT_S):
+            assert await accepted.receive_some(10) == b"ping"
+        await accepted.aclose()
+        client.close()
+    finally:
+        for listener in listeners:
+            await listener.aclose()
