@@ -81,4 +81,9 @@ class Janitor:
             if not self._closed.is_set():
                 self._nursery = nursery
             task_status.started()
-            await self._closed.wait()
+            try:
+                await self._closed.wait()
+            finally:
+                # cancelled from outside too: the nursery is about to close,
+                # so later jobs are refused (their callers run them)
+                self._nursery = None

@@ -112,3 +112,21 @@ async def test_shutdown_waits_for_pending_cleanup(
         await relay.app.stopped.wait()
     assert step.record.chats_deleted == step.record.chats_created
     assert relay.app.janitor.pending == 0
+
+
+async def test_a_janitor_cancelled_from_outside_refuses_jobs_it_can_no_longer_run() -> None:
+    """A relay cancelled as a whole (not shut down) unwinds requests after the
+    janitor's nursery is gone: their cleanup must be refused (and run by the
+    caller), not crash with 'Nursery is closed to new arrivals'."""
+    janitor = Janitor()
+    ran: list[str] = []
+
+    async def job() -> None:
+        ran.append("job")
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(janitor.run)
+        nursery.cancel_scope.cancel()
+    assert janitor.defer(job) is False
+    assert janitor.pending == 0
+    assert ran == []
