@@ -131,11 +131,15 @@ class SocketStream(trio.abc.HalfCloseableStream):
                 await self._ran()
                 return data
 
-    async def aclose(self) -> None:
+    def close(self) -> None:
+        """Close at once (no checkpoint): for cleanup where awaiting is not possible."""
         if not self._closed:
             self._closed = True
             trio.lowlevel.notify_closing(self.socket)  # a waiting task: ClosedResourceError
             self.socket.close()
+
+    async def aclose(self) -> None:
+        self.close()
         await trio.lowlevel.checkpoint()
 
 
@@ -186,8 +190,12 @@ class TrioNetworkBackend(httpcore.AsyncNetworkBackend):
         if scope.cancelled_caught:
             raise httpcore.ConnectTimeout(f"connecting to {host}:{port} timed out")
         stream = _from_trio(connected.socket)
-        for option in socket_options or ():
-            stream.socket.setsockopt(*option)
+        try:
+            for option in socket_options or ():
+                stream.socket.setsockopt(*option)
+        except OSError as exc:
+            stream.close()
+            raise httpcore.ConnectError(f"socket option refused: {exc}") from exc
         return TrioNetworkStream(stream)
 
     async def connect_unix_socket(
@@ -254,17 +262,19 @@ class TrioNetworkStream(httpcore.AsyncNetworkStream):
         tls = trio.SSLStream(
             self._stream, ssl_context, server_hostname=server_hostname, https_compatible=True
         )
-        with _deadline_scope(timeout) as scope:
-            try:
-                await tls.do_handshake()
-            except trio.BrokenResourceError as exc:
-                with trio.CancelScope(shield=True):
-                    await tls.aclose()
-                raise httpcore.ConnectError(str(exc.__cause__ or exc)) from exc
-        if scope.cancelled_caught:
-            with trio.CancelScope(shield=True):
-                await tls.aclose()
-            raise httpcore.ConnectTimeout("TLS handshake timed out")
+        # httpcore drops a stream whose handshake fails without closing it, so
+        # every way out but success closes the socket here, cancellation included
+        try:
+            with _deadline_scope(timeout) as scope:
+                try:
+                    await tls.do_handshake()
+                except trio.BrokenResourceError as exc:
+                    raise httpcore.ConnectError(str(exc.__cause__ or exc)) from exc
+            if scope.cancelled_caught:
+                raise httpcore.ConnectTimeout("TLS handshake timed out")
+        except BaseException:
+            self._socket.close()
+            raise
         return TrioNetworkStream(tls)
 
     def get_extra_info(self, info: str) -> Any:  # noqa: ANN401 (httpcore's signature)
