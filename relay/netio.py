@@ -26,14 +26,16 @@ clients' connections come from :class:`SocketListener`:
   ``TCP_NODELAY``), and each connection is handed over as a
   :class:`SocketStream`; a paced stream's frame then costs the relay one
   scheduler step (the upstream socket's wake-up) instead of two.
-- :class:`TrioNetworkStream` gives it to httpcore: a read or write with no
-  timeout has no cancel scope at all, one with a timeout a bare
-  :class:`trio.CancelScope`, and trio's errors become httpcore's in one
-  ``except``.
+- :class:`TrioNetworkStream` gives it to httpcore. Over plain TCP a read or
+  write with a timeout sets up a cancel scope only if it has to wait (data
+  already there, or a send the kernel takes at once, needs no timer); over
+  TLS a call with a timeout has one bare :class:`trio.CancelScope`. trio's
+  errors become httpcore's in one ``except``.
 """
 
 from __future__ import annotations
 
+import math
 import select
 import socket
 from typing import TYPE_CHECKING, Any
@@ -43,7 +45,7 @@ import trio
 
 if TYPE_CHECKING:
     import ssl
-    from collections.abc import Iterable
+    from collections.abc import Awaitable, Callable, Iterable
 
     from httpcore import AsyncNetworkStream
 
@@ -83,6 +85,14 @@ class SocketStream(trio.abc.HalfCloseableStream):
         return bool(poller.poll(0))
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self.send_all_before(data, math.inf)
+
+    async def send_all_before(self, data: bytes | bytearray | memoryview, deadline: float) -> None:
+        """:meth:`send_all` whose waits for room end at ``deadline`` (:exc:`trio.TooSlowError`).
+
+        A send the kernel takes at once needs no timer: a cancel scope is set
+        up only when the socket is full.
+        """
         if self._closed:
             raise trio.ClosedResourceError("the stream is closed")
         await trio.lowlevel.checkpoint_if_cancelled()
@@ -93,7 +103,7 @@ class SocketStream(trio.abc.HalfCloseableStream):
                 try:
                     sent += sock.send(view[sent:])
                 except BlockingIOError:
-                    await trio.lowlevel.wait_writable(sock)
+                    await _wait(trio.lowlevel.wait_writable, sock, deadline)
                     self._unblocked = 0
                 except OSError as exc:
                     raise trio.BrokenResourceError(str(exc)) from exc
@@ -114,6 +124,14 @@ class SocketStream(trio.abc.HalfCloseableStream):
             raise trio.BrokenResourceError(str(exc)) from exc
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        return await self.receive_before(max_bytes, math.inf)
+
+    async def receive_before(self, max_bytes: int | None, deadline: float) -> bytes:
+        """:meth:`receive_some` whose wait for data ends at ``deadline`` (:exc:`trio.TooSlowError`).
+
+        Data already there is read without a timer: a cancel scope is set up
+        only when the read has to wait.
+        """
         if self._closed:
             raise trio.ClosedResourceError("the stream is closed")
         await trio.lowlevel.checkpoint_if_cancelled()
@@ -123,7 +141,7 @@ class SocketStream(trio.abc.HalfCloseableStream):
             try:
                 data = sock.recv(size)
             except BlockingIOError:
-                await trio.lowlevel.wait_readable(sock)
+                await _wait(trio.lowlevel.wait_readable, sock, deadline)
                 self._unblocked = 0
             except OSError as exc:
                 raise trio.BrokenResourceError(str(exc)) from exc
@@ -141,6 +159,19 @@ class SocketStream(trio.abc.HalfCloseableStream):
     async def aclose(self) -> None:
         self.close()
         await trio.lowlevel.checkpoint()
+
+
+async def _wait(
+    wait: Callable[[socket.socket], Awaitable[None]], sock: socket.socket, deadline: float
+) -> None:
+    """``wait(sock)``, given up at ``deadline`` with :exc:`trio.TooSlowError` (inf: never)."""
+    if deadline == math.inf:
+        await wait(sock)
+        return
+    with trio.CancelScope(deadline=deadline) as scope:
+        await wait(sock)
+    if scope.cancelled_caught:
+        raise trio.TooSlowError
 
 
 def _from_trio(trio_socket: trio.socket.SocketType) -> SocketStream:
@@ -223,21 +254,32 @@ class TrioNetworkStream(httpcore.AsyncNetworkStream):
     def __init__(self, stream: SocketStream | trio.SSLStream[SocketStream]) -> None:
         self._stream = stream
         self._socket = stream.transport_stream if isinstance(stream, trio.SSLStream) else stream
+        #: the stream itself when it is plain TCP: its reads and writes take deadlines
+        self._plain = stream if isinstance(stream, SocketStream) else None
 
     async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:  # noqa: ASYNC109
         try:
+            if self._plain is not None:
+                deadline = math.inf if timeout is None else trio.current_time() + timeout
+                return await self._plain.receive_before(max_bytes, deadline)
             if timeout is None:
                 return bytes(await self._stream.receive_some(max_bytes))
             with trio.CancelScope(deadline=trio.current_time() + timeout):
                 return bytes(await self._stream.receive_some(max_bytes))
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             raise httpcore.ReadError(str(exc) or type(exc).__name__) from exc
-        raise httpcore.ReadTimeout("upstream read timed out")  # the scope's deadline came
+        except trio.TooSlowError:
+            pass
+        raise httpcore.ReadTimeout("upstream read timed out")  # the deadline came
 
     async def write(self, buffer: bytes, timeout: float | None = None) -> None:  # noqa: ASYNC109
         if not buffer:
             return
         try:
+            if self._plain is not None:
+                deadline = math.inf if timeout is None else trio.current_time() + timeout
+                await self._plain.send_all_before(buffer, deadline)
+                return
             if timeout is None:
                 await self._stream.send_all(buffer)
                 return
@@ -246,6 +288,8 @@ class TrioNetworkStream(httpcore.AsyncNetworkStream):
                 return
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             raise httpcore.WriteError(str(exc) or type(exc).__name__) from exc
+        except trio.TooSlowError:
+            pass
         raise httpcore.WriteTimeout("upstream write timed out")
 
     async def aclose(self) -> None:

@@ -196,15 +196,18 @@ class Exchange:
         chunks: list[bytes] = []
         size = 0
         while True:
-            with trio.move_on_after(self.settings.keepalive_timeout) as scope:
-                try:
-                    event = await conn.next_event()
-                except h11.RemoteProtocolError as exc:
-                    self._close_after = True
-                    raise RequestError(f"malformed request body: {exc}") from exc
-            if scope.cancelled_caught:
+            try:
+                # a body that came with the head is parsed without setting up a timer
+                event = conn.h11.next_event()
+                if event is h11.NEED_DATA:
+                    with trio.move_on_after(self.settings.keepalive_timeout) as scope:
+                        event = await conn.next_event()
+                    if scope.cancelled_caught:
+                        self._close_after = True
+                        raise RequestError("timed out reading the request body")
+            except h11.RemoteProtocolError as exc:
                 self._close_after = True
-                raise RequestError("timed out reading the request body")
+                raise RequestError(f"malformed request body: {exc}") from exc
             if isinstance(event, h11.Data):
                 size += len(event.data)
                 if size > limit:
@@ -492,20 +495,21 @@ class Server:
             return None
         # the first head is due header_timeout after the connection opened (a late
         # first byte must not restart the clock); a later one, after its first byte
-        head_deadline = (
-            idle_scope.deadline if first else trio.current_time() + s.header_timeout
-        )
-        with trio.move_on_at(head_deadline) as head_scope:
-            try:
-                while event is h11.NEED_DATA and not conn.gone:
-                    await conn.receive()
-                    event = conn.h11.next_event()
-            except h11.RemoteProtocolError as exc:
-                await self._reject(conn, exc)
+        if event is h11.NEED_DATA and not conn.gone:  # part of a head: a timer only then
+            head_deadline = (
+                idle_scope.deadline if first else trio.current_time() + s.header_timeout
+            )
+            with trio.move_on_at(head_deadline) as head_scope:
+                try:
+                    while event is h11.NEED_DATA and not conn.gone:
+                        await conn.receive()
+                        event = conn.h11.next_event()
+                except h11.RemoteProtocolError as exc:
+                    await self._reject(conn, exc)
+                    return None
+            if head_scope.cancelled_caught:
+                log.debug("client %s was too slow sending a request head", conn.client)
                 return None
-        if head_scope.cancelled_caught:
-            log.debug("client %s was too slow sending a request head", conn.client)
-            return None
         if isinstance(event, h11.Request):
             # h11 bounds only an *incomplete* head; a whole one that arrived in a
             # single read is checked here

@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import socket
 import ssl
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import httpcore
 import pytest
@@ -165,6 +165,32 @@ async def test_read_and_write_timeouts_and_errors_are_httpcore_s(pair: Pair) -> 
     with pytest.raises(httpcore.WriteError):
         await network.write(b"x")
     peer.close()
+
+
+async def test_a_timeout_costs_a_timer_only_when_the_call_has_to_wait(
+    pair: Pair, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    stream, peer = pair
+    network = TrioNetworkStream(stream)
+    scopes = 0
+    real_scope = trio.CancelScope
+
+    def counted(*args: Any, **kwargs: Any) -> trio.CancelScope:
+        nonlocal scopes
+        scopes += 1
+        return real_scope(*args, **kwargs)
+
+    peer.send(b"ready")
+    await trio.sleep(0.02)
+    with trio.fail_after(LIMIT_S):
+        monkeypatch.setattr(trio, "CancelScope", counted)
+        assert await network.read(10, timeout=1.0) == b"ready"  # there already
+        await network.write(b"taken at once", timeout=1.0)
+        assert scopes == 0
+        with pytest.raises(httpcore.ReadTimeout):  # has to wait: a timer, and it fires
+            await network.read(10, timeout=0.05)
+        assert scopes == 1
+    assert peer.recv(100) == b"taken at once"
 
 
 async def test_connect_refused_is_a_connect_error() -> None:

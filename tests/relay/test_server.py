@@ -429,6 +429,50 @@ async def test_malformed_request_line_gets_400_then_close(relay: Running) -> Non
     assert data.endswith(reply.body)
 
 
+async def test_a_body_that_stops_coming_is_a_400_after_the_keepalive_timeout(
+    relay_factory: RelayFactory,
+) -> None:
+    """A whole head and part of the body, then silence: a 400, then the connection closes."""
+    relay = await relay_factory(keepalive_timeout=0.3)
+    body = chat_body()
+    head = (
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\ncontent-type: application/json\r\n"
+        b"content-length: %d\r\n\r\n" % len(body)
+    )
+    with trio.fail_after(5):
+        async with connect(relay) as (stream, _):
+            started = trio.current_time()
+            await stream.send_all(head + body[:5])
+            data = await read_to_eof(stream)
+            elapsed = trio.current_time() - started
+    reply = parse_raw(data)
+    assert reply.status == 400
+    assert "timed out reading the request body" in str(assert_openai_error(reply.body)["message"])
+    assert 0.25 <= elapsed < 1.5
+
+
+async def test_a_body_sent_after_the_head_is_waited_for(relay_factory: RelayFactory) -> None:
+    """The head first, the body in later writes: the relay reads on and answers."""
+    relay = await relay_factory(keepalive_timeout=2.0)
+    body = chat_body()
+    head = (
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\ncontent-type: application/json\r\n"
+        b"authorization: %s\r\ncontent-length: %d\r\nconnection: close\r\n\r\n"
+        % (AUTH[0][1], len(body))
+    )
+    with trio.fail_after(5):
+        async with connect(relay) as (stream, _):
+            await stream.send_all(head)
+            await trio.sleep(0.05)
+            await stream.send_all(body[:7])
+            await trio.sleep(0.05)
+            await stream.send_all(body[7:])
+            data = await read_to_eof(stream)
+    reply = parse_raw(data)
+    assert reply.status == 200
+    assert orjson.loads(reply.body)["object"] == "chat.completion"
+
+
 async def test_incomplete_head_is_closed_after_header_timeout(
     relay_factory: RelayFactory,
 ) -> None:
