@@ -73,6 +73,7 @@ from bench.scenarios import Scenario, scenarios, select
 from bench.upstreams import BENCH_PROMPT, PROVIDERS, DirectClient, Provider
 from bench.wire import Endpoint
 from protocol.errors import RelayError, RequestError, UpstreamFailed
+from relay.cli import raise_open_files_limit
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
@@ -522,7 +523,7 @@ async def run_overhead(
         ),
         options.scenario,
     )
-    limits = procs.raise_fd_limit()
+    limits = raise_open_files_limit()
     results: list[ScenarioResult] = []
     failure: Exception | None = None  # raised outside the nursery: no exception group
     async with trio.open_nursery() as nursery:

@@ -29,8 +29,9 @@ trio forks from a worker thread that retires after a few idle seconds: the
 children would be killed in the middle of a run. It is not used.
 
 File descriptors: 1,000 idle streams need about 1,000 fds in the client,
-2,000 in the relay and 1,000 in the emulator. :func:`raise_fd_limit` raises
-the soft ``RLIMIT_NOFILE`` to the hard limit; children inherit it.
+2,000 in the relay and 1,000 in the emulator. The bench raises the soft
+``RLIMIT_NOFILE`` to the hard limit (``relay.cli.raise_open_files_limit``,
+which the relay also does for itself); children inherit it.
 """
 
 from __future__ import annotations
@@ -57,25 +58,6 @@ _LISTENING_RE = re.compile(rb"listening on (\S+)")
 _LOG_TAIL_BYTES = 2000
 #: ``CPUCLOCK_SCHED`` of Linux's posix-cpu-timers: the scheduler's runtime.
 _CPUCLOCK_SCHED = 2
-
-
-def raise_fd_limit() -> tuple[int, int]:
-    """Raise the soft limit of open files to the hard limit.
-
-    Returns:
-        ``(soft, hard)`` after the change (unchanged where not supported).
-    """
-    try:
-        import resource
-    except ImportError:  # pragma: no cover - not POSIX
-        return (0, 0)
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard == resource.RLIM_INFINITY or soft < hard:
-        target = hard if hard != resource.RLIM_INFINITY else max(soft, 65536)
-        with contextlib.suppress(ValueError, OSError):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-            soft = target
-    return soft, hard
 
 
 def free_port(host: str = "127.0.0.1") -> int:

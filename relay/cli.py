@@ -262,6 +262,35 @@ def _print_settings() -> int:
     return 0
 
 
+#: Fewer open files than this after raising the limit is worth a warning:
+#: every stream holds two (the client's connection and the upstream's)
+FEW_OPEN_FILES = 4096
+
+
+def raise_open_files_limit() -> tuple[int, int]:
+    """Raise the soft limit of open files to the hard limit, as servers do.
+
+    Many systems start processes with a soft limit of 1,024, which a relay
+    reaches at about 500 concurrent streams; the hard limit is usually far
+    higher, and any process may raise its soft limit up to it. Workers
+    inherit the raised limit.
+
+    Returns:
+        ``(soft, hard)`` after the change (unchanged where not supported).
+    """
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not POSIX
+        return (0, 0)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 65536)
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+    return soft, hard
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of the ``relay`` console script."""
     parser = build_parser()
@@ -279,6 +308,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"relay: {exc}", file=sys.stderr)
         sys.exit(2)
     setup_logging(settings)
+    soft, hard = raise_open_files_limit()
+    if 0 < soft < FEW_OPEN_FILES:
+        log.warning("open files limited to %d (hard limit %d): about %d concurrent streams; "
+                    "raise it with ulimit -n or LimitNOFILE=", soft, hard, soft // 2)
+    else:
+        log.debug("open files limit: %d", soft)
     if settings.workers > 1 and not settings.demo and not settings.uds:
         sys.exit(run_workers(settings))
     started = time.monotonic()

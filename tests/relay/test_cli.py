@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import resource
 import signal
 import subprocess
 import sys
@@ -191,15 +192,28 @@ class Child:
 
 
 @asynccontextmanager
-async def relay_process(*args: str) -> AsyncIterator[Child]:
+async def relay_process(
+    *args: str, open_files: tuple[int, int | None] | None = None
+) -> AsyncIterator[Child]:
     """Start ``python -m relay serve --port 0 <args>``; report where it listens.
 
-    Killed on the way out if the test did not stop it.
+    ``open_files``: the child's soft and hard limits of open files at its
+    start (None: the hard limit as it is). Killed on the way out if the test
+    did not stop it.
     """
+
+    def limit_open_files() -> None:
+        if open_files is not None:
+            soft, hard = open_files
+            if hard is None:
+                hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
     process = await trio.lowlevel.open_process(
         [sys.executable, "-m", "relay", "serve", "--port", "0", *args],
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         env=child_env(RELAY_LOG_LEVEL="info", RELAY_GRACE_PERIOD="3"),
+        preexec_fn=limit_open_files,
     )
     child = Child(process, bytearray())
     try:
@@ -247,6 +261,58 @@ async def test_demo_serves_and_sigint_exits_0() -> None:
     assert status == 0, child.stderr.decode(errors="replace")
     assert b"shutting down" in child.stderr
     assert b"Traceback" not in child.stderr
+
+
+def _open_files_limits(pid: int) -> tuple[str, str]:
+    """(soft, hard) "Max open files" of a running process, from /proc."""
+    with open(f"/proc/{pid}/limits") as limits:
+        for line in limits:
+            if line.startswith("Max open files"):
+                soft, hard = line.split()[3:5]
+                return soft, hard
+    raise AssertionError("no open-files line in /proc/PID/limits")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/limits"), reason="needs Linux /proc")
+async def test_serve_raises_its_open_files_limit_to_the_hard_limit() -> None:
+    """Started with a soft limit of 256 (about 128 streams), the relay raises it to the
+    hard limit before it listens."""
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard <= 256:
+        pytest.skip("the hard limit leaves nothing to raise")
+    with trio.fail_after(PROCESS_TIMEOUT_S):
+        async with relay_process("--demo", open_files=(256, None)) as child:
+            soft_now, hard_now = _open_files_limits(child.process.pid)
+            status = await stop(child, signal.SIGTERM)
+    assert soft_now == hard_now, (soft_now, hard_now)
+    assert status == 0, child.stderr.decode(errors="replace")
+    if hard == resource.RLIM_INFINITY or hard >= cli.FEW_OPEN_FILES:
+        assert b"open files limited" not in child.stderr
+
+
+async def test_serve_warns_when_the_hard_limit_is_low() -> None:
+    """A hard limit of 300 open files is used whole, and the log says what it allows."""
+    with trio.fail_after(PROCESS_TIMEOUT_S):
+        async with relay_process("--demo", open_files=(200, 300)) as child:
+            status = await stop(child, signal.SIGTERM)
+    assert status == 0, child.stderr.decode(errors="replace")
+    assert b"open files limited to 300 (hard limit 300): about 150 concurrent streams" in (
+        child.stderr
+    )
+
+
+def test_a_low_hard_limit_is_used_whole() -> None:
+    """raise_open_files_limit takes the soft limit up to the hard one, never past it."""
+    script = (
+        "import resource; from relay.cli import raise_open_files_limit as r\n"
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (200, 300))\n"
+        "print(*r(), *resource.getrlimit(resource.RLIMIT_NOFILE))"
+    )
+    done = subprocess.run(  # noqa: S603 (our own interpreter and script)
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=30,
+        env=child_env(), check=True,
+    )
+    assert done.stdout.split() == ["300", "300", "300", "300"]
 
 
 async def test_sigterm_right_after_listening_exits_0() -> None:
