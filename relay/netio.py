@@ -45,7 +45,7 @@ import trio
 
 if TYPE_CHECKING:
     import ssl
-    from collections.abc import Awaitable, Callable, Iterable
+    from collections.abc import Iterable
 
     from httpcore import AsyncNetworkStream
 
@@ -84,14 +84,13 @@ class SocketStream(trio.abc.HalfCloseableStream):
         poller.register(self.socket, select.POLLIN)
         return bool(poller.poll(0))
 
-    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        await self.send_all_before(data, math.inf)
-
-    async def send_all_before(self, data: bytes | bytearray | memoryview, deadline: float) -> None:
-        """:meth:`send_all` whose waits for room end at ``deadline`` (:exc:`trio.TooSlowError`).
+    async def send_all(
+        self, data: bytes | bytearray | memoryview, deadline: float = math.inf
+    ) -> None:
+        """Send it all, waiting for room until ``deadline`` (:exc:`trio.TooSlowError`).
 
         A send the kernel takes at once needs no timer: a cancel scope is set
-        up only when the socket is full.
+        up only when the socket is full (``deadline`` as in :meth:`receive_some`).
         """
         if self._closed:
             raise trio.ClosedResourceError("the stream is closed")
@@ -103,7 +102,10 @@ class SocketStream(trio.abc.HalfCloseableStream):
                 try:
                     sent += sock.send(view[sent:])
                 except BlockingIOError:
-                    await _wait(trio.lowlevel.wait_writable, sock, deadline)
+                    with trio.CancelScope(deadline=deadline) as scope:
+                        await trio.lowlevel.wait_writable(sock)
+                    if scope.cancelled_caught:
+                        raise trio.TooSlowError from None
                     self._unblocked = 0
                 except OSError as exc:
                     raise trio.BrokenResourceError(str(exc)) from exc
@@ -123,14 +125,14 @@ class SocketStream(trio.abc.HalfCloseableStream):
         except OSError as exc:
             raise trio.BrokenResourceError(str(exc)) from exc
 
-    async def receive_some(self, max_bytes: int | None = None) -> bytes:
-        return await self.receive_before(max_bytes, math.inf)
-
-    async def receive_before(self, max_bytes: int | None, deadline: float) -> bytes:
-        """:meth:`receive_some` whose wait for data ends at ``deadline`` (:exc:`trio.TooSlowError`).
+    async def receive_some(self, max_bytes: int | None = None, deadline: float = math.inf) -> bytes:
+        """Read what is there, waiting for data until ``deadline`` (:exc:`trio.TooSlowError`).
 
         Data already there is read without a timer: a cancel scope is set up
-        only when the read has to wait.
+        only when the read has to wait (``deadline`` is an addition of ours
+        to trio's signature; without it the wait has no end). The wait is
+        written out here rather than in a helper: an idle stream keeps two
+        reads waiting, and each layer would be one more frame per read.
         """
         if self._closed:
             raise trio.ClosedResourceError("the stream is closed")
@@ -141,7 +143,13 @@ class SocketStream(trio.abc.HalfCloseableStream):
             try:
                 data = sock.recv(size)
             except BlockingIOError:
-                await _wait(trio.lowlevel.wait_readable, sock, deadline)
+                if deadline == math.inf:
+                    await trio.lowlevel.wait_readable(sock)
+                else:
+                    with trio.CancelScope(deadline=deadline) as scope:
+                        await trio.lowlevel.wait_readable(sock)
+                    if scope.cancelled_caught:
+                        raise trio.TooSlowError from None
                 self._unblocked = 0
             except OSError as exc:
                 raise trio.BrokenResourceError(str(exc)) from exc
@@ -159,19 +167,6 @@ class SocketStream(trio.abc.HalfCloseableStream):
     async def aclose(self) -> None:
         self.close()
         await trio.lowlevel.checkpoint()
-
-
-async def _wait(
-    wait: Callable[[socket.socket], Awaitable[None]], sock: socket.socket, deadline: float
-) -> None:
-    """``wait(sock)``, given up at ``deadline`` with :exc:`trio.TooSlowError` (inf: never)."""
-    if deadline == math.inf:
-        await wait(sock)
-        return
-    with trio.CancelScope(deadline=deadline) as scope:
-        await wait(sock)
-    if scope.cancelled_caught:
-        raise trio.TooSlowError
 
 
 def _from_trio(trio_socket: trio.socket.SocketType) -> SocketStream:
@@ -261,7 +256,7 @@ class TrioNetworkStream(httpcore.AsyncNetworkStream):
         try:
             if self._plain is not None:
                 deadline = math.inf if timeout is None else trio.current_time() + timeout
-                return await self._plain.receive_before(max_bytes, deadline)
+                return await self._plain.receive_some(max_bytes, deadline)
             if timeout is None:
                 return bytes(await self._stream.receive_some(max_bytes))
             with trio.CancelScope(deadline=trio.current_time() + timeout):
@@ -278,7 +273,7 @@ class TrioNetworkStream(httpcore.AsyncNetworkStream):
         try:
             if self._plain is not None:
                 deadline = math.inf if timeout is None else trio.current_time() + timeout
-                await self._plain.send_all_before(buffer, deadline)
+                await self._plain.send_all(buffer, deadline)
                 return
             if timeout is None:
                 await self._stream.send_all(buffer)

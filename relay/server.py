@@ -45,8 +45,8 @@ import os
 import socket
 import ssl
 import stat
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
-from contextlib import asynccontextmanager, contextmanager, suppress
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -58,6 +58,8 @@ from protocol.openai import error_body, error_from_exception
 from relay.netio import SocketListener, SocketStream
 
 if TYPE_CHECKING:
+    from types import TracebackType
+
     from relay.config import Settings
 
 log = logging.getLogger("relay.server")
@@ -350,15 +352,22 @@ class Exchange:
             conn.h11.receive_data(bytes(data))
 
 
-@contextmanager
-def _single_exception() -> Iterator[None]:
-    """Unwrap a nursery's group of one (the watcher never raises; the body may)."""
-    try:
-        yield
-    except BaseExceptionGroup as group:
-        if len(group.exceptions) == 1:
-            raise group.exceptions[0] from None
-        raise
+class _single_exception:
+    """Unwrap a nursery's group of one (the watcher never raises; the body may).
+
+    A class, not a generator: every request holds one open while it runs.
+    """
+
+    __slots__ = ()
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+            raise exc.exceptions[0] from None
 
 
 Handler = Callable[[Exchange], Awaitable[None]]

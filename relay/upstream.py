@@ -40,7 +40,7 @@ import logging
 import mimetypes
 import urllib.parse
 import zlib
-from contextlib import aclosing, asynccontextmanager, contextmanager
+from contextlib import aclosing, asynccontextmanager
 from typing import TYPE_CHECKING, cast
 
 import httpcore
@@ -53,7 +53,8 @@ from relay.pool import TCP_NODELAY, UpstreamPool
 
 if TYPE_CHECKING:
     import ssl
-    from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Iterable, Iterator
+    from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Iterable
+    from types import TracebackType
 
     from relay.config import Settings
 
@@ -71,19 +72,36 @@ DRAIN_LIMIT_S = 0.25
 DRAIN_LIMIT_BYTES = 256 * 1024
 
 
-@contextmanager
-def map_errors(what: str) -> Iterator[None]:
-    """Turn httpcore's exceptions into ours, naming ``what`` failed."""
-    try:
-        yield
-    except httpcore.TimeoutException as exc:
-        raise UpstreamTimeout(f"{what}: timed out ({type(exc).__name__})") from exc
-    except trio.TooSlowError as exc:
-        raise UpstreamTimeout(f"{what}: timed out") from exc
-    except (httpcore.NetworkError, httpcore.ProtocolError, httpcore.ProxyError) as exc:
-        raise UpstreamFailed(f"{what}: {type(exc).__name__}: {exc or 'connection failed'}") from exc
-    except httpcore.UnsupportedProtocol as exc:
-        raise UpstreamFailed(f"{what}: unsupported URL: {exc}") from exc
+class map_errors:
+    """Turn httpcore's exceptions into ours, naming ``what`` failed.
+
+    A class, not a generator: a stream holds two open while it lasts.
+    """
+
+    __slots__ = ("what",)
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if exc is None:
+            return
+        what = self.what
+        if isinstance(exc, httpcore.TimeoutException):
+            raise UpstreamTimeout(f"{what}: timed out ({type(exc).__name__})") from exc
+        if isinstance(exc, trio.TooSlowError):
+            raise UpstreamTimeout(f"{what}: timed out") from exc
+        if isinstance(exc, (httpcore.NetworkError, httpcore.ProtocolError, httpcore.ProxyError)):
+            raise UpstreamFailed(
+                f"{what}: {type(exc).__name__}: {exc or 'connection failed'}"
+            ) from exc
+        if isinstance(exc, httpcore.UnsupportedProtocol):
+            raise UpstreamFailed(f"{what}: unsupported URL: {exc}") from exc
 
 
 def _decoder(headers: Iterable[tuple[bytes, bytes]]) -> zlib._Decompress | None:
