@@ -205,6 +205,8 @@ class SSEWriter:
                 wait = s.sse_keepalive if self.committed else s.commit_timeout
                 with trio.move_on_at(self._last_write + wait):
                     await self._wake.wait()
+                if not self._wake.is_set() and trio.current_time() < self._last_write + wait:
+                    continue  # the reading task wrote meanwhile: no silence yet
             if self._wake.is_set():
                 self._wake = trio.Event()
             elif self._busy:

@@ -488,3 +488,21 @@ async def test_chat_deleted_when_client_leaves_while_it_is_being_created(
         await step.wait_until(lambda r: len(r.chats_created) == 1)
         await step.wait_until(lambda r: r.chats_deleted == r.chats_created)
     assert step.record.streams_finished == 0
+
+
+async def test_events_written_at_once_still_count_as_traffic_for_the_keepalive(
+    relay_factory: RelayFactory, step: StepEmulator
+) -> None:
+    """A paced upstream that is never silent for ``sse_keepalive`` gets no comments.
+
+    Paced events are written by the reading task itself; the flusher's keep-alive
+    clock must see those writes too, not only its own.
+    """
+    relay = await relay_factory(sse_keepalive=0.5)
+    step.behavior.text_frames = [str(i % 10) for i in range(15)]
+    step.behavior.frame_delay_s = 0.1
+    with trio.fail_after(10):
+        response = await post(relay.base_url, PATH, chat_body(stream=True))
+    body = response.content
+    assert sse_text(body) == "".join(str(i % 10) for i in range(15))
+    assert b": keep-alive" not in body
