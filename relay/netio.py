@@ -31,6 +31,15 @@ clients' connections come from :class:`SocketListener`:
   already there, or a send the kernel takes at once, needs no timer); over
   TLS a call with a timeout has one bare :class:`trio.CancelScope`. trio's
   errors become httpcore's in one ``except``.
+- Long timeouts (:data:`WATCHDOG_MIN_S` and more: a stream's 120 s stall
+  timeout, a unary call's 15 s) need no cancel scope at all. A cancel scope
+  costs 5-15 us to set up and tear down on a small VM, and a paced stream
+  waits once per frame (over TLS, every read has one). Instead the call
+  enters its deadline in a dict, and one watchdog task per trio run looks
+  at it every :data:`WATCHDOG_TICK_S` and closes any stream whose call is
+  past its deadline; the call wakes up on the closed socket and raises
+  httpcore's timeout. So a long timeout fires up to one tick late, and a
+  timed-out connection is closed, as httpcore would close it anyway.
 """
 
 from __future__ import annotations
@@ -53,6 +62,10 @@ if TYPE_CHECKING:
 DEFAULT_RECEIVE_SIZE = 65536
 #: Calls in a row that did not block before one reschedules the task anyway
 YIELD_EVERY = 16
+#: Timeouts this long or longer are kept by the watchdog, not a cancel scope
+WATCHDOG_MIN_S = 5.0
+#: How often the watchdog looks for calls past their deadline (its lateness)
+WATCHDOG_TICK_S = 0.25
 
 
 class SocketStream(trio.abc.HalfCloseableStream):
@@ -67,6 +80,8 @@ class SocketStream(trio.abc.HalfCloseableStream):
         self.socket = sock
         self._closed = False
         self._unblocked = 0  # calls since this stream last let other tasks run
+        #: closed by the watchdog: a call waited past its deadline
+        self.expired = False
 
     async def _ran(self) -> None:
         """A call done without waiting: every YIELD_EVERY-th one gives the others a turn."""
@@ -102,10 +117,13 @@ class SocketStream(trio.abc.HalfCloseableStream):
                 try:
                     sent += sock.send(view[sent:])
                 except BlockingIOError:
-                    with trio.CancelScope(deadline=deadline) as scope:
+                    if deadline == math.inf:
                         await trio.lowlevel.wait_writable(sock)
-                    if scope.cancelled_caught:
-                        raise trio.TooSlowError from None
+                    else:
+                        with trio.CancelScope(deadline=deadline) as scope:
+                            await trio.lowlevel.wait_writable(sock)
+                        if scope.cancelled_caught:
+                            raise trio.TooSlowError from None
                     self._unblocked = 0
                 except OSError as exc:
                     raise trio.BrokenResourceError(str(exc)) from exc
@@ -167,6 +185,58 @@ class SocketStream(trio.abc.HalfCloseableStream):
     async def aclose(self) -> None:
         self.close()
         await trio.lowlevel.checkpoint()
+
+    def expire(self) -> None:
+        """Close because a call waited past its deadline (the watchdog's doing)."""
+        self.expired = True
+        self.close()
+
+
+class _Watchdog:
+    """Closes streams whose read or write is past its deadline (module docstring).
+
+    One per trio run, a system task, awake only while calls are watched.
+    """
+
+    def __init__(self) -> None:
+        self._due: dict[SocketStream, float] = {}
+        self._wake = trio.Event()
+
+    def watch(self, stream: SocketStream, deadline: float) -> None:
+        """Expire ``stream`` if it is still watched at ``deadline``."""
+        if not self._due:
+            self._wake.set()
+        self._due[stream] = deadline
+
+    def forget(self, stream: SocketStream) -> None:
+        """The call on ``stream`` is over."""
+        self._due.pop(stream, None)
+
+    async def run(self) -> None:
+        due = self._due
+        while True:
+            await self._wake.wait()
+            while due:
+                await trio.sleep(WATCHDOG_TICK_S)
+                now = trio.current_time()
+                for stream in [stream for stream, deadline in due.items() if deadline <= now]:
+                    del due[stream]
+                    stream.expire()
+            self._wake = trio.Event()
+
+
+_WATCHDOG: trio.lowlevel.RunVar[_Watchdog] = trio.lowlevel.RunVar("relay.netio.watchdog")
+
+
+def _watchdog() -> _Watchdog:
+    """This trio run's watchdog, started on first use."""
+    try:
+        return _WATCHDOG.get()
+    except LookupError:
+        watchdog = _Watchdog()
+        _WATCHDOG.set(watchdog)
+        trio.lowlevel.spawn_system_task(watchdog.run, name="relay.netio watchdog")
+        return watchdog
 
 
 def _from_trio(trio_socket: trio.socket.SocketType) -> SocketStream:
@@ -254,6 +324,13 @@ class TrioNetworkStream(httpcore.AsyncNetworkStream):
 
     async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:  # noqa: ASYNC109
         try:
+            if timeout is not None and timeout >= WATCHDOG_MIN_S:
+                watchdog = _watchdog()
+                watchdog.watch(self._socket, trio.current_time() + timeout)
+                try:
+                    return bytes(await self._stream.receive_some(max_bytes))
+                finally:
+                    watchdog.forget(self._socket)
             if self._plain is not None:
                 deadline = math.inf if timeout is None else trio.current_time() + timeout
                 return await self._plain.receive_some(max_bytes, deadline)
@@ -262,7 +339,8 @@ class TrioNetworkStream(httpcore.AsyncNetworkStream):
             with trio.CancelScope(deadline=trio.current_time() + timeout):
                 return bytes(await self._stream.receive_some(max_bytes))
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            raise httpcore.ReadError(str(exc) or type(exc).__name__) from exc
+            if not self._socket.expired:
+                raise httpcore.ReadError(str(exc) or type(exc).__name__) from exc
         except trio.TooSlowError:
             pass
         raise httpcore.ReadTimeout("upstream read timed out")  # the deadline came
@@ -271,6 +349,14 @@ class TrioNetworkStream(httpcore.AsyncNetworkStream):
         if not buffer:
             return
         try:
+            if timeout is not None and timeout >= WATCHDOG_MIN_S:
+                watchdog = _watchdog()
+                watchdog.watch(self._socket, trio.current_time() + timeout)
+                try:
+                    await self._stream.send_all(buffer)
+                finally:
+                    watchdog.forget(self._socket)
+                return
             if self._plain is not None:
                 deadline = math.inf if timeout is None else trio.current_time() + timeout
                 await self._plain.send_all(buffer, deadline)
@@ -282,7 +368,8 @@ class TrioNetworkStream(httpcore.AsyncNetworkStream):
                 await self._stream.send_all(buffer)
                 return
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            raise httpcore.WriteError(str(exc) or type(exc).__name__) from exc
+            if not self._socket.expired:
+                raise httpcore.WriteError(str(exc) or type(exc).__name__) from exc
         except trio.TooSlowError:
             pass
         raise httpcore.WriteTimeout("upstream write timed out")

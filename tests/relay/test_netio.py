@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import socket
 import ssl
+import sys
 from typing import TYPE_CHECKING, Any
 
 import httpcore
@@ -191,6 +192,92 @@ async def test_a_timeout_costs_a_timer_only_when_the_call_has_to_wait(
             await network.read(10, timeout=0.05)
         assert scopes == 1
     assert peer.recv(100) == b"taken at once"
+
+
+@pytest.fixture
+def short_watchdog(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The watchdog's thresholds made short enough for real loopback waits.
+
+    Returns where the cancel scopes relay/netio.py creates from then on are
+    counted (trio's own, such as the watchdog's sleeps, are not).
+    """
+    monkeypatch.setattr(relay.netio, "WATCHDOG_MIN_S", 0.1)
+    monkeypatch.setattr(relay.netio, "WATCHDOG_TICK_S", 0.02)
+    scopes = [0]
+    real_scope = trio.CancelScope
+
+    def counted(*args: Any, **kwargs: Any) -> trio.CancelScope:
+        if sys._getframe(1).f_code.co_filename == relay.netio.__file__:
+            scopes[0] += 1
+        return real_scope(*args, **kwargs)
+
+    monkeypatch.setattr(trio, "CancelScope", counted)
+    return scopes
+
+
+async def test_a_long_timeout_is_kept_by_the_watchdog_not_a_cancel_scope(
+    pair: Pair, short_watchdog: list[int]
+) -> None:
+    """A wait past a long timeout closes the stream and raises httpcore's timeout."""
+    stream, peer = pair
+    network = TrioNetworkStream(stream)
+    with trio.fail_after(LIMIT_S):
+        peer.send(b"abc")
+        assert await network.read(10, timeout=0.2) == b"abc"  # there already
+        await trio.sleep(0.2)  # past that read's deadline: it is forgotten, the stream open
+        assert not stream.expired
+        peer.send(b"def")
+        assert await network.read(10, timeout=0.2) == b"def"
+        await network.write(b"taken at once", timeout=0.2)
+        assert relay.netio._watchdog()._due == {}
+        assert peer.recv(100) == b"taken at once"
+        with pytest.raises(httpcore.ReadTimeout):  # the peer is silent
+            await network.read(10, timeout=0.2)
+    assert stream.expired
+    assert stream.socket.fileno() == -1  # closed, as httpcore would close it
+    assert short_watchdog == [0]
+
+
+async def test_a_write_that_waits_past_a_long_timeout_times_out(
+    pair: Pair, short_watchdog: list[int]
+) -> None:
+    stream, _ = pair
+    network = TrioNetworkStream(stream)
+    stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    with trio.fail_after(LIMIT_S), pytest.raises(httpcore.WriteTimeout):
+        await network.write(b"x" * 50_000_000, timeout=0.2)  # nobody reads
+    assert stream.socket.fileno() == -1
+    assert short_watchdog == [0]
+
+
+async def test_a_tls_read_past_a_long_timeout_times_out(
+    nursery: trio.Nursery, short_watchdog: list[int]
+) -> None:
+    """Over TLS a read always had a scope of its own; a long timeout now has none."""
+    ca = trustme.CA()
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("localhost").configure_cert(server_context)
+
+    async def greet_then_mute(plain: trio.SocketStream) -> None:
+        tls = trio.SSLStream(plain, server_context, server_side=True)
+        await tls.send_all(b"hello")
+        await trio.sleep_forever()
+
+    listeners = await nursery.start(
+        functools.partial(trio.serve_tcp, greet_then_mute, 0, host="127.0.0.1")
+    )
+    port = listeners[0].socket.getsockname()[1]
+    trusted = ssl.create_default_context()
+    ca.configure_trust(trusted)
+    with trio.fail_after(LIMIT_S):
+        plain = await TrioNetworkBackend().connect_tcp("127.0.0.1", port, timeout=LIMIT_S)
+        tls = await plain.start_tls(trusted, server_hostname="localhost", timeout=LIMIT_S)
+        scopes = short_watchdog[0]
+        assert await tls.read(10, timeout=0.2) == b"hello"
+        with pytest.raises(httpcore.ReadTimeout):
+            await tls.read(10, timeout=0.2)
+    assert short_watchdog[0] == scopes
+    assert tls.get_extra_info("socket").fileno() == -1
 
 
 async def test_connect_refused_is_a_connect_error() -> None:
