@@ -116,17 +116,19 @@ class SocketStream(trio.abc.HalfCloseableStream):
             while sent < len(view):
                 try:
                     sent += sock.send(view[sent:])
+                    continue
                 except BlockingIOError:
-                    if deadline == math.inf:
-                        await trio.lowlevel.wait_writable(sock)
-                    else:
-                        with trio.CancelScope(deadline=deadline) as scope:
-                            await trio.lowlevel.wait_writable(sock)
-                        if scope.cancelled_caught:
-                            raise trio.TooSlowError from None
-                    self._unblocked = 0
+                    pass  # waited for below, outside the handler (see receive_some)
                 except OSError as exc:
                     raise trio.BrokenResourceError(str(exc)) from exc
+                if deadline == math.inf:
+                    await trio.lowlevel.wait_writable(sock)
+                else:
+                    with trio.CancelScope(deadline=deadline) as scope:
+                        await trio.lowlevel.wait_writable(sock)
+                    if scope.cancelled_caught:
+                        raise trio.TooSlowError from None
+                self._unblocked = 0
         await self._ran()
 
     async def wait_send_all_might_not_block(self) -> None:
@@ -150,7 +152,10 @@ class SocketStream(trio.abc.HalfCloseableStream):
         only when the read has to wait (``deadline`` is an addition of ours
         to trio's signature; without it the wait has no end). The wait is
         written out here rather than in a helper: an idle stream keeps two
-        reads waiting, and each layer would be one more frame per read.
+        reads waiting, and each layer would be one more frame per read. It
+        is also outside the ``except BlockingIOError`` clause: a wait inside
+        it would keep the exception and its traceback alive for as long as
+        the stream is idle (about 1 KiB per waiting read).
         """
         if self._closed:
             raise trio.ClosedResourceError("the stream is closed")
@@ -161,19 +166,20 @@ class SocketStream(trio.abc.HalfCloseableStream):
             try:
                 data = sock.recv(size)
             except BlockingIOError:
-                if deadline == math.inf:
-                    await trio.lowlevel.wait_readable(sock)
-                else:
-                    with trio.CancelScope(deadline=deadline) as scope:
-                        await trio.lowlevel.wait_readable(sock)
-                    if scope.cancelled_caught:
-                        raise trio.TooSlowError from None
-                self._unblocked = 0
+                pass
             except OSError as exc:
                 raise trio.BrokenResourceError(str(exc)) from exc
             else:
                 await self._ran()
                 return data
+            if deadline == math.inf:
+                await trio.lowlevel.wait_readable(sock)
+            else:
+                with trio.CancelScope(deadline=deadline) as scope:
+                    await trio.lowlevel.wait_readable(sock)
+                if scope.cancelled_caught:
+                    raise trio.TooSlowError from None
+            self._unblocked = 0
 
     def close(self) -> None:
         """Close at once (no checkpoint): for cleanup where awaiting is not possible."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import gc
 import socket
 import ssl
 import sys
@@ -85,6 +86,30 @@ async def test_receive_waits_for_data_and_reads_the_end_as_empty(pair: Pair) -> 
             assert await stream.receive_some(100) == b"hello"
             assert await stream.receive_some() == b""
     await stream.aclose()
+
+
+async def test_a_waiting_read_keeps_no_exception_alive(pair: Pair) -> None:
+    """The wait is outside the ``except BlockingIOError`` clause.
+
+    Inside it, the exception and its traceback stay alive for as long as the
+    stream is idle (an idle stream has two waiting reads).
+    """
+    stream, peer = pair
+
+    def held() -> list[BaseException]:
+        return [
+            obj for obj in gc.get_objects()
+            if isinstance(obj, BlockingIOError)
+            and obj.__traceback__ is not None
+            and obj.__traceback__.tb_frame.f_code is SocketStream.receive_some.__code__
+        ]
+
+    with trio.fail_after(LIMIT_S):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(stream.receive_some, 10)
+            await trio.sleep(0.05)  # the read is waiting
+            assert held() == []
+            peer.send(b"x")
 
 
 async def test_a_cancelled_task_is_stopped_at_entry_even_when_data_is_there(pair: Pair) -> None:
