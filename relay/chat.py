@@ -23,8 +23,10 @@ Streaming (:class:`SSEWriter`):
 - If the upstream is silent for ``commit_timeout`` (search and thinking can
   take long), the flusher (below) commits anyway and from then on sends an
   SSE comment every ``sse_keepalive`` seconds of silence, so that proxies
-  and clients do not time out. The flusher's wait for work carries that
-  deadline, so a stream costs one task besides the reader, not two.
+  and clients do not time out. The flusher keeps that clock (one task
+  besides the reader, not two), and the deadline itself is a
+  :mod:`relay.timers` entry, re-armed only when it rings: a wake-up for
+  data costs no timer.
 - Hot path: the task that reads the upstream encodes each batch of deltas
   and queues the bytes; a flusher task writes whatever is queued with one
   ``send_all``. When the upstream is slow, that is one write per event, as
@@ -63,6 +65,7 @@ from protocol.errors import (
 )
 from protocol.openai import ChunkEncoder, CompletionAccumulator, prompt_tokens
 from relay.server import ClientGone
+from relay.timers import SLACK_S, CoarseTimers, coarse_timers
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -188,6 +191,7 @@ class SSEWriter:
         self._ending = False
         self._started = False  # the response head was written
         self._busy = False  # a write is in progress
+        self._rung = False  # the commit or keep-alive deadline came
         self._last_write = self._last_send = trio.current_time()
         #: True once the 200 was asked for: from then on failures go in-band
         self.committed = False
@@ -223,59 +227,80 @@ class SSEWriter:
 
     async def flusher(self) -> None:
         """Write what is queued until the response ends (or the client goes)."""
+        timers = coarse_timers()
+        self._arm(timers)
         try:
-            await self._flush_loop()
+            await self._flush_loop(timers)
         except ClientGone:
             self._ex.abandon()
+        finally:
+            timers.cancel(self)
 
-    async def _flush_loop(self) -> None:
-        ex = self._ex
-        s = self._settings
+    def expire(self) -> None:
+        """The commit or keep-alive deadline came (relay.timers): wake the flusher."""
+        self._rung = True
+        self._wake.set()
+
+    def _silence_allowed(self) -> float:
+        return self._settings.sse_keepalive if self.committed else self._settings.commit_timeout
+
+    def _arm(self, timers: CoarseTimers) -> None:
+        """Ring when the silence since the last write runs out."""
+        allowed = self._silence_allowed()
+        timers.set(self, self._last_write + allowed, slack=min(SLACK_S, allowed / 4))
+
+    async def _flush_loop(self, timers: CoarseTimers) -> None:
         while True:
             # The flusher is also the stream's clock: silence until the
             # deadline commits the 200 (commit_timeout), later silence sends a
-            # keep-alive comment (sse_keepalive). One task instead of two per
-            # open stream.
-            if not self._wake.is_set():  # at full speed it is: no deadline to set up
-                wait = s.sse_keepalive if self.committed else s.commit_timeout
-                with trio.move_on_at(self._last_write + wait):
-                    await self._wake.wait()
-                if not self._wake.is_set() and trio.current_time() < self._last_write + wait:
-                    continue  # the reading task wrote meanwhile: no silence yet
-            if self._wake.is_set():
-                self._wake = trio.Event()
-            elif self._busy:
-                # the reading task is writing: this silence is over
-                self._last_write = trio.current_time()
-                continue
-            elif not self.committed:
-                self.committed = True  # commit with the head alone
+            # keep-alive comment (sse_keepalive). The deadline is kept by
+            # relay.timers, armed again only when it rings, so that a wake-up
+            # for data costs no timer. One task instead of two per open stream.
+            await self._wake.wait()
+            self._wake = trio.Event()
+            rung = self._rung
+            if rung:
+                self._rung = False
+                now = trio.current_time()
+                if self._busy:
+                    self._last_write = now  # the reading task is writing: no silence
+                elif (not self._pending and not self._ending
+                      and now >= self._last_write + self._silence_allowed()):
+                    if not self.committed:
+                        self.committed = True  # commit with the head alone
+                    else:
+                        self._pending.append(self._encoder.keepalive())
+            writing = self._pending or self._ending or (self.committed and not self._started)
+            if writing and await self._write_pending():
+                return  # the response is complete
+            if rung:
+                self._arm(timers)
+
+    async def _write_pending(self) -> bool:
+        """Write what is queued in one write (with the head first). True once the end is written."""
+        ex = self._ex
+        data = b"".join(self._pending) if len(self._pending) != 1 else self._pending[0]
+        self._pending.clear()
+        self._pending_size = 0
+        ending = self._ending
+        self._busy = True
+        try:
+            if not self._started:
+                self._started = True
+                first = self._encoder.start() + data
+                await ex.start_stream(200, SSE_CONTENT_TYPE, SSE_HEADERS, first=first, end=ending)
+            elif ending:
+                await ex.end_stream(data)
             else:
-                self._pending.append(self._encoder.keepalive())
-            data = b"".join(self._pending) if len(self._pending) != 1 else self._pending[0]
-            self._pending.clear()
-            self._pending_size = 0
-            ending = self._ending
-            self._busy = True
-            try:
-                if not self._started:
-                    self._started = True
-                    first = self._encoder.start() + data
-                    await ex.start_stream(
-                        200, SSE_CONTENT_TYPE, SSE_HEADERS, first=first, end=ending
-                    )
-                elif ending:
-                    await ex.end_stream(data)
-                else:
-                    await ex.send_data(data)
-            finally:
-                self._busy = False
-            self._last_write = trio.current_time()
-            drained, self._drained = self._drained, trio.Event()
-            drained.set()
-            if ending:
-                self._done.set()
-                return
+                await ex.send_data(data)
+        finally:
+            self._busy = False
+        self._last_write = trio.current_time()
+        drained, self._drained = self._drained, trio.Event()
+        drained.set()
+        if ending:
+            self._done.set()
+        return ending
 
 
 async def _serve_stream(

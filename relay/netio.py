@@ -31,15 +31,14 @@ clients' connections come from :class:`SocketListener`:
   already there, or a send the kernel takes at once, needs no timer); over
   TLS a call with a timeout has one bare :class:`trio.CancelScope`. trio's
   errors become httpcore's in one ``except``.
-- Long timeouts (:data:`WATCHDOG_MIN_S` and more: a stream's 120 s stall
-  timeout, a unary call's 15 s) need no cancel scope at all. A cancel scope
-  costs 5-15 us to set up and tear down on a small VM, and a paced stream
-  waits once per frame (over TLS, every read has one). Instead the call
-  enters its deadline in a dict, and one watchdog task per trio run looks
-  at it every :data:`WATCHDOG_TICK_S` and closes any stream whose call is
-  past its deadline; the call wakes up on the closed socket and raises
-  httpcore's timeout. So a long timeout fires up to one tick late, and a
-  timed-out connection is closed, as httpcore would close it anyway.
+- Long timeouts (:data:`COARSE_MIN_S` and more: a stream's 120 s stall
+  timeout, a unary call's 15 s) need no cancel scope at all: the call
+  enters its deadline in :mod:`relay.timers` (a dict store), whose one task
+  per run closes the stream of a call past its deadline; the call wakes up
+  on the closed socket and raises httpcore's timeout. Such a timeout fires
+  up to 0.25 s late, and the timed-out connection is closed, as httpcore
+  would close it anyway. A paced stream waits once per frame, and over TLS
+  every read had a scope of its own.
 """
 
 from __future__ import annotations
@@ -52,6 +51,8 @@ from typing import TYPE_CHECKING, Any
 import httpcore
 import trio
 
+from relay.timers import coarse_timers
+
 if TYPE_CHECKING:
     import ssl
     from collections.abc import Iterable
@@ -62,10 +63,8 @@ if TYPE_CHECKING:
 DEFAULT_RECEIVE_SIZE = 65536
 #: Calls in a row that did not block before one reschedules the task anyway
 YIELD_EVERY = 16
-#: Timeouts this long or longer are kept by the watchdog, not a cancel scope
-WATCHDOG_MIN_S = 5.0
-#: How often the watchdog looks for calls past their deadline (its lateness)
-WATCHDOG_TICK_S = 0.25
+#: Timeouts this long or longer are kept by relay.timers, not a cancel scope
+COARSE_MIN_S = 5.0
 
 
 class SocketStream(trio.abc.HalfCloseableStream):
@@ -80,7 +79,7 @@ class SocketStream(trio.abc.HalfCloseableStream):
         self.socket = sock
         self._closed = False
         self._unblocked = 0  # calls since this stream last let other tasks run
-        #: closed by the watchdog: a call waited past its deadline
+        #: closed by relay.timers: a call waited past its deadline
         self.expired = False
 
     async def _ran(self) -> None:
@@ -193,56 +192,9 @@ class SocketStream(trio.abc.HalfCloseableStream):
         await trio.lowlevel.checkpoint()
 
     def expire(self) -> None:
-        """Close because a call waited past its deadline (the watchdog's doing)."""
+        """Close because a call waited past its deadline (relay.timers calls it)."""
         self.expired = True
         self.close()
-
-
-class _Watchdog:
-    """Closes streams whose read or write is past its deadline (module docstring).
-
-    One per trio run, a system task, awake only while calls are watched.
-    """
-
-    def __init__(self) -> None:
-        self._due: dict[SocketStream, float] = {}
-        self._wake = trio.Event()
-
-    def watch(self, stream: SocketStream, deadline: float) -> None:
-        """Expire ``stream`` if it is still watched at ``deadline``."""
-        if not self._due:
-            self._wake.set()
-        self._due[stream] = deadline
-
-    def forget(self, stream: SocketStream) -> None:
-        """The call on ``stream`` is over."""
-        self._due.pop(stream, None)
-
-    async def run(self) -> None:
-        due = self._due
-        while True:
-            await self._wake.wait()
-            while due:
-                await trio.sleep(WATCHDOG_TICK_S)
-                now = trio.current_time()
-                for stream in [stream for stream, deadline in due.items() if deadline <= now]:
-                    del due[stream]
-                    stream.expire()
-            self._wake = trio.Event()
-
-
-_WATCHDOG: trio.lowlevel.RunVar[_Watchdog] = trio.lowlevel.RunVar("relay.netio.watchdog")
-
-
-def _watchdog() -> _Watchdog:
-    """This trio run's watchdog, started on first use."""
-    try:
-        return _WATCHDOG.get()
-    except LookupError:
-        watchdog = _Watchdog()
-        _WATCHDOG.set(watchdog)
-        trio.lowlevel.spawn_system_task(watchdog.run, name="relay.netio watchdog")
-        return watchdog
 
 
 def _from_trio(trio_socket: trio.socket.SocketType) -> SocketStream:
@@ -330,13 +282,13 @@ class TrioNetworkStream(httpcore.AsyncNetworkStream):
 
     async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:  # noqa: ASYNC109
         try:
-            if timeout is not None and timeout >= WATCHDOG_MIN_S:
-                watchdog = _watchdog()
-                watchdog.watch(self._socket, trio.current_time() + timeout)
+            if timeout is not None and timeout >= COARSE_MIN_S:
+                timers = coarse_timers()
+                timers.set(self._socket, trio.current_time() + timeout)
                 try:
                     return bytes(await self._stream.receive_some(max_bytes))
                 finally:
-                    watchdog.forget(self._socket)
+                    timers.cancel(self._socket)
             if self._plain is not None:
                 deadline = math.inf if timeout is None else trio.current_time() + timeout
                 return await self._plain.receive_some(max_bytes, deadline)
@@ -355,13 +307,13 @@ class TrioNetworkStream(httpcore.AsyncNetworkStream):
         if not buffer:
             return
         try:
-            if timeout is not None and timeout >= WATCHDOG_MIN_S:
-                watchdog = _watchdog()
-                watchdog.watch(self._socket, trio.current_time() + timeout)
+            if timeout is not None and timeout >= COARSE_MIN_S:
+                timers = coarse_timers()
+                timers.set(self._socket, trio.current_time() + timeout)
                 try:
                     await self._stream.send_all(buffer)
                 finally:
-                    watchdog.forget(self._socket)
+                    timers.cancel(self._socket)
                 return
             if self._plain is not None:
                 deadline = math.inf if timeout is None else trio.current_time() + timeout

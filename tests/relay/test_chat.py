@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import functools
+import sys
 from typing import TYPE_CHECKING
 
 import openai
@@ -534,3 +535,33 @@ async def test_the_run_queue_is_looked_at_once_per_window(monkeypatch: pytest.Mo
         assert chat._relay_busy(now + chat.BUSY_LOOK_S) is True  # a new look sees the task
         assert len(looks) == 2
         assert looks[1] >= 1
+
+
+async def test_the_stream_clock_costs_no_timer_per_event(
+    relay_factory: RelayFactory, step: StepEmulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The commit and keep-alive deadline is kept by relay.timers, not a scope per wake-up.
+
+    Paced events that the flusher writes (the relay looks busy) used to set up
+    a fresh ``move_on_at`` each; now the deadline is a dict entry, re-armed only
+    when it rings.
+    """
+    from relay import chat
+
+    relay = await relay_factory()
+    monkeypatch.setattr(chat, "_relay_busy", lambda now: True)  # every event goes to the flusher
+    timed: list[float] = []
+    real_move_on_at = trio.move_on_at
+
+    def counted(deadline: float, *, shield: bool = False) -> trio.CancelScope:
+        if sys._getframe(1).f_code.co_filename == chat.__file__:
+            timed.append(deadline)
+        return real_move_on_at(deadline, shield=shield)
+
+    monkeypatch.setattr(trio, "move_on_at", counted)
+    step.behavior.text_frames = [str(i % 10) for i in range(20)]
+    step.behavior.frame_delay_s = 0.005
+    with trio.fail_after(10):
+        response = await post(relay.base_url, PATH, chat_body(stream=True))
+    assert sse_text(response.content) == "".join(str(i % 10) for i in range(20))
+    assert timed == []

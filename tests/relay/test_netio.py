@@ -17,6 +17,7 @@ import trustme
 
 import relay.netio
 import relay.server
+import relay.timers
 from relay import config
 from relay.netio import SocketStream, TrioNetworkBackend, TrioNetworkStream
 from relay.server import bound_addresses, open_listeners
@@ -220,14 +221,14 @@ async def test_a_timeout_costs_a_timer_only_when_the_call_has_to_wait(
 
 
 @pytest.fixture
-def short_watchdog(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """The watchdog's thresholds made short enough for real loopback waits.
+def short_timers(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Coarse timers' thresholds made short enough for real loopback waits.
 
     Returns where the cancel scopes relay/netio.py creates from then on are
-    counted (trio's own, such as the watchdog's sleeps, are not).
+    counted (trio's own, such as the timer task's sleeps, are not).
     """
-    monkeypatch.setattr(relay.netio, "WATCHDOG_MIN_S", 0.1)
-    monkeypatch.setattr(relay.netio, "WATCHDOG_TICK_S", 0.02)
+    monkeypatch.setattr(relay.netio, "COARSE_MIN_S", 0.1)
+    monkeypatch.setattr(relay.timers, "SLACK_S", 0.02)
     scopes = [0]
     real_scope = trio.CancelScope
 
@@ -240,8 +241,8 @@ def short_watchdog(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     return scopes
 
 
-async def test_a_long_timeout_is_kept_by_the_watchdog_not_a_cancel_scope(
-    pair: Pair, short_watchdog: list[int]
+async def test_a_long_timeout_is_kept_by_coarse_timers_not_a_cancel_scope(
+    pair: Pair, short_timers: list[int]
 ) -> None:
     """A wait past a long timeout closes the stream and raises httpcore's timeout."""
     stream, peer = pair
@@ -254,17 +255,17 @@ async def test_a_long_timeout_is_kept_by_the_watchdog_not_a_cancel_scope(
         peer.send(b"def")
         assert await network.read(10, timeout=0.2) == b"def"
         await network.write(b"taken at once", timeout=0.2)
-        assert relay.netio._watchdog()._due == {}
+        assert len(relay.timers.coarse_timers()) == 0
         assert peer.recv(100) == b"taken at once"
         with pytest.raises(httpcore.ReadTimeout):  # the peer is silent
             await network.read(10, timeout=0.2)
     assert stream.expired
     assert stream.socket.fileno() == -1  # closed, as httpcore would close it
-    assert short_watchdog == [0]
+    assert short_timers == [0]
 
 
 async def test_a_write_that_waits_past_a_long_timeout_times_out(
-    pair: Pair, short_watchdog: list[int]
+    pair: Pair, short_timers: list[int]
 ) -> None:
     stream, _ = pair
     network = TrioNetworkStream(stream)
@@ -272,11 +273,11 @@ async def test_a_write_that_waits_past_a_long_timeout_times_out(
     with trio.fail_after(LIMIT_S), pytest.raises(httpcore.WriteTimeout):
         await network.write(b"x" * 50_000_000, timeout=0.2)  # nobody reads
     assert stream.socket.fileno() == -1
-    assert short_watchdog == [0]
+    assert short_timers == [0]
 
 
 async def test_a_tls_read_past_a_long_timeout_times_out(
-    nursery: trio.Nursery, short_watchdog: list[int]
+    nursery: trio.Nursery, short_timers: list[int]
 ) -> None:
     """Over TLS a read always had a scope of its own; a long timeout now has none."""
     ca = trustme.CA()
@@ -297,11 +298,11 @@ async def test_a_tls_read_past_a_long_timeout_times_out(
     with trio.fail_after(LIMIT_S):
         plain = await TrioNetworkBackend().connect_tcp("127.0.0.1", port, timeout=LIMIT_S)
         tls = await plain.start_tls(trusted, server_hostname="localhost", timeout=LIMIT_S)
-        scopes = short_watchdog[0]
+        scopes = short_timers[0]
         assert await tls.read(10, timeout=0.2) == b"hello"
         with pytest.raises(httpcore.ReadTimeout):
             await tls.read(10, timeout=0.2)
-    assert short_watchdog[0] == scopes
+    assert short_timers[0] == scopes
     assert tls.get_extra_info("socket").fileno() == -1
 
 
