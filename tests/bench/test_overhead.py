@@ -128,6 +128,27 @@ def test_idle_scenario_measures_relay_memory(tiny_report: dict[str, Any]) -> Non
     assert [v["figure"] for v in result["verdicts"]] == ["rss_kib_per_stream"]
 
 
+def test_idle_repeats_measure_fresh_processes_on_both_sides(tmp_path: Path) -> None:
+    """Each idle repeat starts a new emulator as well as a new relay.
+
+    A second run in the same emulator measured the growth of a heap the first
+    run had already grown: the direct column read about 1 KiB per stream
+    instead of 25.
+    """
+    logs = tmp_path / "logs"
+    out = tmp_path / "report.json"
+    argv = ["overhead", *TINY, "--repeats", "2", "--scenario", "idle", "--log-dir", str(logs)]
+    assert main([*argv, "--json", str(out)]) == 0
+    result = scenario(orjson.loads(out.read_bytes()), "idle")
+    assert result["repeats"] == 2
+    assert sorted(p.name for p in logs.glob("idle-emulator-*.log")) == [
+        "idle-emulator-1.log", "idle-emulator-2.log"
+    ]
+    assert sorted(p.name for p in logs.glob("idle-relay-*.log")) == [
+        "idle-relay-1.log", "idle-relay-2.log"
+    ]
+
+
 def test_other_relay_command_with_placeholders(tmp_path: Path) -> None:
     """--relay-cmd starts the given command with {python} {host} {port} {upstream} {token}."""
     out = tmp_path / "report.json"
