@@ -55,7 +55,7 @@ from relay.timers import coarse_timers
 
 if TYPE_CHECKING:
     import ssl
-    from collections.abc import Iterable
+    from collections.abc import Awaitable, Callable, Iterable
 
     from httpcore import AsyncNetworkStream
 
@@ -123,10 +123,7 @@ class SocketStream(trio.abc.HalfCloseableStream):
                 if deadline == math.inf:
                     await trio.lowlevel.wait_writable(sock)
                 else:
-                    with trio.CancelScope(deadline=deadline) as scope:
-                        await trio.lowlevel.wait_writable(sock)
-                    if scope.cancelled_caught:
-                        raise trio.TooSlowError from None
+                    await _wait_until(trio.lowlevel.wait_writable, sock, deadline)
                 self._unblocked = 0
         await self._ran()
 
@@ -149,12 +146,14 @@ class SocketStream(trio.abc.HalfCloseableStream):
 
         Data already there is read without a timer: a cancel scope is set up
         only when the read has to wait (``deadline`` is an addition of ours
-        to trio's signature; without it the wait has no end). The wait is
-        written out here rather than in a helper: an idle stream keeps two
-        reads waiting, and each layer would be one more frame per read. It
-        is also outside the ``except BlockingIOError`` clause: a wait inside
-        it would keep the exception and its traceback alive for as long as
-        the stream is idle (about 1 KiB per waiting read).
+        to trio's signature; without it the wait has no end). A wait without
+        a deadline is written out here rather than in a helper: an idle
+        stream keeps two such reads waiting (the client's side, and the
+        upstream's, whose long timeout :mod:`relay.timers` keeps), and each
+        layer would be one more frame per read. The wait is also outside the
+        ``except BlockingIOError`` clause: a wait inside it would keep the
+        exception and its traceback alive for as long as the stream is idle
+        (about 1 KiB per waiting read).
         """
         if self._closed:
             raise trio.ClosedResourceError("the stream is closed")
@@ -174,10 +173,7 @@ class SocketStream(trio.abc.HalfCloseableStream):
             if deadline == math.inf:
                 await trio.lowlevel.wait_readable(sock)
             else:
-                with trio.CancelScope(deadline=deadline) as scope:
-                    await trio.lowlevel.wait_readable(sock)
-                if scope.cancelled_caught:
-                    raise trio.TooSlowError from None
+                await _wait_until(trio.lowlevel.wait_readable, sock, deadline)
             self._unblocked = 0
 
     def close(self) -> None:
@@ -195,6 +191,16 @@ class SocketStream(trio.abc.HalfCloseableStream):
         """Close because a call waited past its deadline (relay.timers calls it)."""
         self.expired = True
         self.close()
+
+
+async def _wait_until(
+    wait: Callable[[socket.socket], Awaitable[None]], sock: socket.socket, deadline: float
+) -> None:
+    """``wait(sock)``, or :exc:`trio.TooSlowError` once ``deadline`` has passed."""
+    with trio.CancelScope(deadline=deadline) as scope:
+        await wait(sock)
+    if scope.cancelled_caught:
+        raise trio.TooSlowError
 
 
 def _from_trio(trio_socket: trio.socket.SocketType) -> SocketStream:
