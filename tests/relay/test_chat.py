@@ -12,6 +12,7 @@ import orjson
 import pytest
 import trio
 
+from relay.timers import coarse_timers
 from tests.relay.conftest import (
     AUTH,
     STEP_CREDENTIAL,
@@ -198,6 +199,16 @@ async def test_chat_is_deleted_after_client_disconnect(
         await step.wait_until(lambda r: r.streams_aborted == 1 and len(r.chats_deleted) == 1)
     assert step.record.streams_finished == 0
     assert step.record.chats_deleted == step.record.chats_created
+    # the upstream read's stall timeout and the SSE clock were relay.timers
+    # entries (120 s and 15 s by default): the cancelled stream left neither
+    assert len(coarse_timers()) == 0
+
+
+async def test_a_finished_stream_leaves_no_timer_behind(relay: Running) -> None:
+    with trio.fail_after(5):
+        response = await post(relay.base_url, PATH, chat_body(stream=True))
+    assert sse_events(response.content)[-1] == b"[DONE]"
+    assert len(coarse_timers()) == 0
 
 
 async def test_truncated_stream_is_an_error_not_an_answer(
