@@ -200,15 +200,29 @@ async def test_chat_is_deleted_after_client_disconnect(
     assert step.record.streams_finished == 0
     assert step.record.chats_deleted == step.record.chats_created
     # the upstream read's stall timeout and the SSE clock were relay.timers
-    # entries (120 s and 15 s by default): the cancelled stream left neither
-    assert len(coarse_timers()) == 0
+    # entries (120 s and 15 s by default): the cancelled stream leaves neither
+    await _no_timer_left()
 
 
 async def test_a_finished_stream_leaves_no_timer_behind(relay: Running) -> None:
     with trio.fail_after(5):
         response = await post(relay.base_url, PATH, chat_body(stream=True))
     assert sse_events(response.content)[-1] == b"[DONE]"
-    assert len(coarse_timers()) == 0
+    await _no_timer_left()
+
+
+async def _no_timer_left() -> None:
+    """relay.timers empties (the background DelChat may still be reading its reply).
+
+    Within 1 s: an entry a stream forgot to cancel leaves only when it rings
+    (holding the finished writer until then), after the fixture's 2 s commit
+    timeout at the earliest.
+    """
+    for _ in range(100):
+        if not len(coarse_timers()):
+            return
+        await trio.sleep(0.01)
+    raise AssertionError(f"{len(coarse_timers())} relay.timers entries left behind")
 
 
 async def test_truncated_stream_is_an_error_not_an_answer(
@@ -561,7 +575,10 @@ async def test_the_stream_clock_costs_no_timer_per_event(
     from relay import chat
 
     relay = await relay_factory()
-    monkeypatch.setattr(chat, "_relay_busy", lambda now: True)  # every event goes to the flusher
+    def always_busy(now: float) -> bool:
+        return True
+
+    monkeypatch.setattr(chat, "_relay_busy", always_busy)  # every event goes to the flusher
     timed: list[float] = []
     real_move_on_at = trio.move_on_at
 
