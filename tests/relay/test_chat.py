@@ -524,13 +524,13 @@ async def test_events_written_at_once_still_count_as_traffic_for_the_keepalive(
     Paced events are written by the reading task itself; the flusher's keep-alive
     clock must see those writes too, not only its own.
     """
-    relay = await relay_factory(sse_keepalive=0.5)
-    step.behavior.text_frames = [str(i % 10) for i in range(15)]
+    relay = await relay_factory(sse_keepalive=0.8)  # a 0.7 s margin for a loaded machine
+    step.behavior.text_frames = [str(i % 10) for i in range(20)]
     step.behavior.frame_delay_s = 0.1
     with trio.fail_after(10):
         response = await post(relay.base_url, PATH, chat_body(stream=True))
     body = response.content
-    assert sse_text(body) == "".join(str(i % 10) for i in range(15))
+    assert sse_text(body) == "".join(str(i % 10) for i in range(20))
     assert b": keep-alive" not in body
 
 
