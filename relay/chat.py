@@ -270,7 +270,7 @@ class SSEWriter:
                         self.committed = True  # commit with the head alone
                     else:
                         self._pending.append(self._encoder.keepalive())
-            writing = self._pending or self._ending or (self.committed and not self._started)
+            writing = bool(self._pending) or self._ending or (self.committed and not self._started)
             if writing and await self._write_pending():
                 return  # the response is complete
             if rung:
