@@ -86,6 +86,10 @@ class Settings:
     max_body_bytes: int = _opt(64 * MIB, "largest request body accepted (413 above)")
     max_header_bytes: int = _opt(64 * KIB, "largest request head accepted (431 above)")
     file_max_bytes: int = _opt(100 * MIB, "largest file fetched from a URL or data URL")
+    max_files: int = _opt(10, "file and image parts one request may carry (400 above)")
+    files_max_bytes: int = _opt(
+        100 * MIB, "all files of one request together, fetched or decoded (400 above)"
+    )
     allow_private_urls: bool = _opt(
         False, "let file URLs point at loopback, private and link-local addresses"
     )
@@ -98,6 +102,10 @@ class Settings:
     upload_timeout: float = _opt(60.0, "fetching and uploading one file")
     header_timeout: float = _opt(10.0, "a client's request head must arrive within this")
     keepalive_timeout: float = _opt(60.0, "idle client connections are closed after this")
+    body_timeout: float = _opt(30.0, "a whole request body must arrive within this (408 above)")
+    send_timeout: float = _opt(
+        30.0, "a send to the client that makes no progress for this long ends the response"
+    )
     commit_timeout: float = _opt(
         5.0, "how long a stream waits for the first upstream event before sending 200"
     )
@@ -112,6 +120,9 @@ class Settings:
 
     # --- operations ---------------------------------------------------------------
     upstream_proxy: str | None = _opt(None, "HTTP proxy URL for upstream calls")
+    metrics_public: bool = _opt(
+        False, "serve /metrics without an API key even when api_keys is set"
+    )
     log_format: Literal["text", "json"] = _opt("text", "log line format")
     log_level: str = _opt("info", "debug, info, warning or error")
 
@@ -229,6 +240,11 @@ def _validate(s: Settings, origin: Mapping[str, str]) -> None:
             fail(name, "must be at least 1024")
     if s.glm_max_streams < 1:
         fail("glm_max_streams", "must be at least 1")
+    if s.max_files < 0:
+        fail("max_files", "must be at least 0")
+    for name in ("file_max_bytes", "files_max_bytes"):
+        if getattr(s, name) < 1:
+            fail(name, "must be at least 1")
     if s.step_max_streams < 0:
         fail("step_max_streams", "must be at least 0")
     if s.log_level.lower() not in LOG_LEVELS:
