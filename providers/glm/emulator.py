@@ -72,6 +72,7 @@ import logging
 import mimetypes
 import re
 import secrets
+import signal
 import struct
 import time
 import urllib.parse
@@ -1148,7 +1149,14 @@ def emulator_from_args(argv: list[str] | None = None) -> tuple[GlmEmulator, str,
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Run the emulator until interrupted; prints ``listening on <base url>`` once bound.
+    """Serve until SIGINT or SIGTERM, then exit 0; prints ``listening on <base url>`` once bound.
+
+    The signals are caught with a receiver opened before the address is
+    printed, so a caller that signals as soon as it reads that line is
+    heard. Not trio's KeyboardInterrupt: trio only raises it when SIGINT
+    has Python's default handler, and a process started with SIGINT ignored
+    (a background job of a non-interactive shell) keeps it ignored, so it
+    would serve on forever.
 
     Once listening, everything allocated so far is frozen out of the garbage
     collector's reach (``gc.freeze()``): collections then only walk what the
@@ -1161,14 +1169,17 @@ def main(argv: list[str] | None = None) -> None:
         async def serve(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
             await emulator.serve(host=host, port=port, task_status=task_status)
 
-        async with trio.open_nursery() as nursery:
-            await nursery.start(serve)
-            gc.collect()
-            gc.freeze()
-            print(f"listening on {emulator.base_url}", flush=True)
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(serve)
+                gc.collect()
+                gc.freeze()
+                print(f"listening on {emulator.base_url}", flush=True)
+                async for _ in signals:
+                    break
+                nursery.cancel_scope.cancel()
 
-    with contextlib.suppress(KeyboardInterrupt):
-        trio.run(run)
+    trio.run(run)
 
 
 if __name__ == "__main__":

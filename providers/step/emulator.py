@@ -68,6 +68,7 @@ import itertools
 import logging
 import math
 import secrets
+import signal
 import struct
 import time
 import urllib.parse
@@ -1079,7 +1080,14 @@ def parse_args(argv: list[str] | None = None) -> CliOptions:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Serve until SIGINT; prints ``listening on <base url>`` once bound.
+    """Serve until SIGINT or SIGTERM, then exit 0; prints ``listening on <base url>`` once bound.
+
+    The signals are caught with a receiver opened before the address is
+    printed, so a caller that signals as soon as it reads that line is
+    heard. Not trio's KeyboardInterrupt: trio only raises it when SIGINT
+    has Python's default handler, and a process started with SIGINT ignored
+    (a background job of a non-interactive shell) keeps it ignored, so it
+    would serve on forever.
 
     Once listening, everything allocated so far is frozen out of the garbage
     collector's reach (``gc.freeze()``): collections then only walk what the
@@ -1092,16 +1100,17 @@ def main(argv: list[str] | None = None) -> None:
     )
 
     async def run() -> None:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(partial(emulator.serve, host=options.host, port=options.port))
-            gc.collect()
-            gc.freeze()
-            print(f"listening on {emulator.base_url}", flush=True)
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(partial(emulator.serve, host=options.host, port=options.port))
+                gc.collect()
+                gc.freeze()
+                print(f"listening on {emulator.base_url}", flush=True)
+                async for _ in signals:
+                    break
+                nursery.cancel_scope.cancel()
 
-    try:
-        trio.run(run)
-    except* KeyboardInterrupt:
-        pass
+    trio.run(run)
 
 
 if __name__ == "__main__":

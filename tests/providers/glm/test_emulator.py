@@ -9,9 +9,8 @@ with providers.glm.signing) and, where the test must control the socket
 from __future__ import annotations
 
 import itertools
+import signal
 import ssl
-import subprocess
-import sys
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -56,6 +55,7 @@ from providers.glm.emulator_script import (
     snapshot_events,
 )
 from providers.glm.signing import sign
+from tests.providers.emulator_process import PROCESS_TIMEOUT_S, emulator_process
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable
@@ -1294,29 +1294,31 @@ def test_command_line_builds_the_asked_behaviour() -> None:
     assert isinstance(emulator.record, GlmRecord)
 
 
-async def test_module_runs_as_a_process_and_says_where_it_listens() -> None:
-    """`python -m providers.glm.emulator --port 0` prints its base URL and answers a refresh."""
-    with trio.fail_after(5):
-        process = await trio.lowlevel.open_process(
-            [sys.executable, "-m", "providers.glm.emulator", "--port", "0", "--token", "rt"],
-            stdout=subprocess.PIPE,
-        )
-        try:
-            assert process.stdout is not None
-            line = b""
-            while not line.endswith(b"\n"):
-                chunk = await process.stdout.receive_some(1)
-                assert chunk, "emulator exited early"
-                line += chunk
-            base_url = line.decode().strip().removeprefix("listening on ")
-            assert base_url.startswith("http://127.0.0.1:")
+@pytest.mark.parametrize(
+    ("signum", "started_with"),
+    [
+        (signal.SIGINT, signal.SIG_DFL),
+        (signal.SIGINT, signal.SIG_IGN),
+        (signal.SIGTERM, signal.SIG_DFL),
+    ],
+    ids=["sigint", "sigint-started-ignored", "sigterm"],
+)
+async def test_module_runs_as_a_process_and_says_where_it_listens(
+    signum: int, started_with: signal.Handlers
+) -> None:
+    """`python -m providers.glm.emulator --port 0` prints its base URL, answers a refresh,
+    and exits 0 on SIGINT (also when started with SIGINT ignored) or SIGTERM.
+
+    The child is reaped whatever happens, so a failure here cannot leak into a later test.
+    """
+    with trio.fail_after(PROCESS_TIMEOUT_S):
+        async with emulator_process(
+            "providers.glm.emulator", "--token", "rt", sigint=started_with
+        ) as child:
             async with httpcore.AsyncConnectionPool() as pool:
                 response = await pool.request(
-                    "POST", base_url + REFRESH_PATH, headers=signed("rt"), content=b"{}"
+                    "POST", child.base_url + REFRESH_PATH, headers=signed("rt"), content=b"{}"
                 )
-        finally:
-            process.kill()
-            await process.wait()
-            if process.stdout is not None:
-                await process.stdout.aclose()
+            code = await child.stop(signum)
     assert orjson.loads(response.content)["status"] == 0
+    assert code == 0

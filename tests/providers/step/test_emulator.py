@@ -11,8 +11,6 @@ from __future__ import annotations
 import re
 import signal
 import ssl
-import subprocess
-import sys
 import urllib.parse
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -40,6 +38,7 @@ from providers.step.emulator import (
     demo_answer,
     parse_args,
 )
+from tests.providers.emulator_process import PROCESS_TIMEOUT_S, emulator_process
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -1069,24 +1068,29 @@ def test_parse_args_rejects_bad_numbers() -> None:
     assert info.value.code == 2
 
 
-async def test_main_serves_until_sigint() -> None:
-    """`python -m providers.step.emulator --port 0` prints its URL, serves, exits 0 on SIGINT."""
-    with trio.fail_after(5):
-        process = await trio.lowlevel.open_process(
-            [sys.executable, "-m", "providers.step.emulator", "--port", "0", "--answer", "cli"],
-            stdout=subprocess.PIPE,
-        )
-        stdout = process.stdout
-        assert stdout is not None
-        try:
-            line = b""
-            while not line.endswith(b"\n"):
-                chunk = await stdout.receive_some(1024)
-                assert chunk, "the emulator exited before printing its address"
-                line += chunk
-            match = re.fullmatch(rb"listening on http://127\.0\.0\.1:(\d+)\n", line)
-            assert match is not None, line
-            stream = await trio.open_tcp_stream("127.0.0.1", int(match.group(1)))
+@pytest.mark.parametrize(
+    ("signum", "started_with"),
+    [
+        (signal.SIGINT, signal.SIG_DFL),
+        (signal.SIGINT, signal.SIG_IGN),
+        (signal.SIGTERM, signal.SIG_DFL),
+    ],
+    ids=["sigint", "sigint-started-ignored", "sigterm"],
+)
+async def test_main_serves_until_sigint(signum: int, started_with: signal.Handlers) -> None:
+    """`python -m providers.step.emulator --port 0` prints its URL, serves, exits 0 on SIGINT.
+
+    Also when it was started with SIGINT ignored, as a background job of a
+    non-interactive shell is (Python then leaves SIGINT ignored, and trio's
+    KeyboardInterrupt never comes), and on SIGTERM. The child is reaped
+    whatever happens, so a failure here cannot leak into a later test.
+    """
+    with trio.fail_after(PROCESS_TIMEOUT_S):
+        async with emulator_process(
+            "providers.step.emulator", "--answer", "cli", sigint=started_with
+        ) as child:
+            host, port = child.base_url.removeprefix("http://").split(":")
+            stream = await trio.open_tcp_stream(host, int(port))
             async with stream:
                 client = Client(stream)
                 reply = await client.request(
@@ -1095,12 +1099,6 @@ async def test_main_serves_until_sigint() -> None:
                     {"cookie": "Oasis-Token=t", "oasis-webid": "d", "content-type": JSON},
                     b"{}",
                 )
-            process.send_signal(signal.SIGINT)
-            code = await process.wait()
-        finally:
-            if process.returncode is None:
-                process.kill()
-                await process.wait()
-            await stdout.aclose()
+            code = await child.stop(signum)
     assert reply.status == 200
     assert code == 0
