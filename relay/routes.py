@@ -74,7 +74,13 @@ async def models(app: App, ex: Exchange, body: bytes) -> None:
 
 
 async def metrics(app: App, ex: Exchange, body: bytes) -> None:
-    """``GET /metrics``: Prometheus text format."""
+    """``GET /metrics``: Prometheus text format.
+
+    With ``api_keys`` set it needs one of them, like every other endpoint,
+    unless ``metrics_public`` says a scraper may read it without one.
+    """
+    if not app.settings.metrics_public:
+        app.check_api_key(ex)
     await ex.respond(200, app.metrics.render(), METRICS_CONTENT_TYPE)
 
 
