@@ -62,6 +62,12 @@ class PayloadTooLarge(RequestError):
     status = 413
 
 
+class RequestTimeout(RequestError):
+    """The request (its body) did not arrive in time."""
+
+    status = 408
+
+
 class AuthError(RelayError):
     """Missing or wrong credentials: the relay's own key, or an upstream account's."""
 
@@ -84,6 +90,12 @@ class UpstreamTimeout(UpstreamFailed):
     """The upstream did not answer in time."""
 
     status = 504
+
+
+class ServerShuttingDown(RelayError):
+    """The relay is stopping and cut the request short (503, code ``server_shutting_down``)."""
+
+    status = 503
 
 
 class ProtocolError(RelayError):

@@ -39,6 +39,13 @@ Streaming (:class:`SSEWriter`):
   makes the reader wait once ``WRITE_HIGH_WATER`` bytes are queued.
 - Once the stream has started, failures travel in-band as an SSE error event
   followed by ``[DONE]``, never as answer text.
+- A stream still running when the server's grace period ends is stopped
+  (:meth:`relay.server.Exchange.stop`): its work is cancelled like a
+  client's leaving (the conversation is deleted, the account released), and
+  the server then writes the writer's :meth:`SSEWriter.last_words`: what was
+  queued, an error event with code ``server_shutting_down``, and ``[DONE]``.
+  A client that stops reading is cut by the server's ``send_timeout``
+  (a write raises ClientGone), which ends the stream the same way, unwritten.
 
 Not streaming: the deltas are accumulated into one ``chat.completion`` body;
 an upstream error becomes its HTTP status.
@@ -55,15 +62,22 @@ from typing import TYPE_CHECKING, TypeVar
 
 import trio
 
+from protocol.chunks import DONE
 from protocol.deltas import Delta, Finish, UpstreamError
 from protocol.errors import (
     AuthError,
     NoAccountFree,
     RelayError,
+    ServerShuttingDown,
     UpstreamFailed,
     UpstreamTimeout,
 )
-from protocol.openai import ChunkEncoder, CompletionAccumulator, prompt_tokens
+from protocol.openai import (
+    ChunkEncoder,
+    CompletionAccumulator,
+    error_from_exception,
+    prompt_tokens,
+)
 from relay.server import ClientGone
 from relay.timers import SLACK_S, CoarseTimers, coarse_timers
 
@@ -195,6 +209,22 @@ class SSEWriter:
         self._last_write = self._last_send = trio.current_time()
         #: True once the 200 was asked for: from then on failures go in-band
         self.committed = False
+        ex.last_words = self.last_words
+
+    def last_words(self) -> bytes:
+        """The bytes that end this stream if the server stops it (Exchange.stop).
+
+        What was queued and not written, then (unless the end is already
+        among it) an OpenAI error event with code ``server_shutting_down``
+        and ``[DONE]``. Called once, after the stream's tasks are gone.
+        """
+        data = b"".join(self._pending)
+        self._pending.clear()
+        if self._ending:
+            return data  # the stream's own end ([DONE]) is queued
+        error = ServerShuttingDown("the server is shutting down; the answer is incomplete",
+                                   code="server_shutting_down")
+        return data + b"data: " + error_from_exception(error) + b"\n\n" + DONE
 
     async def send(self, data: bytes) -> None:
         """Write or queue SSE bytes; the first call commits the 200."""

@@ -39,6 +39,18 @@ clients' connections come from :class:`SocketListener`:
   up to 0.25 s late, and the timed-out connection is closed, as httpcore
   would close it anyway. A paced stream waits once per frame, and over TLS
   every read had a scope of its own.
+- A send that makes no progress for :attr:`SocketStream.send_timeout`
+  seconds raises :exc:`trio.TooSlowError` (the server sets it on every
+  client connection: a client that stops reading must not hold a stream,
+  its conversation and its account for as long as its socket stays open).
+  The clock is the stream's own, not the caller's, so TLS over the stream
+  (``trio.SSLStream`` calls our ``send_all``) has it too, and it is kept
+  only while a send waits for room: each wait starts right after the
+  kernel took bytes (or at the start of the send), so "no progress for
+  ``send_timeout``" is one deadline per wait, and a send the kernel takes
+  at once sets up nothing. Long ones are :mod:`relay.timers` entries, as
+  above (the stream is closed when one fires, and the send raises
+  ``TooSlowError``); short ones (tests) a cancel scope.
 """
 
 from __future__ import annotations
@@ -81,6 +93,8 @@ class SocketStream(trio.abc.HalfCloseableStream):
         self._unblocked = 0  # calls since this stream last let other tasks run
         #: closed by relay.timers: a call waited past its deadline
         self.expired = False
+        #: seconds a send may wait for room without the kernel taking a byte (module docstring)
+        self.send_timeout = math.inf
 
     async def _ran(self) -> None:
         """A call done without waiting: every YIELD_EVERY-th one gives the others a turn."""
@@ -105,6 +119,8 @@ class SocketStream(trio.abc.HalfCloseableStream):
 
         A send the kernel takes at once needs no timer: a cancel scope is set
         up only when the socket is full (``deadline`` as in :meth:`receive_some`).
+        Each wait for room is also bounded by :attr:`send_timeout` (no progress
+        for that long: :exc:`trio.TooSlowError`).
         """
         if self._closed:
             raise trio.ClosedResourceError("the stream is closed")
@@ -120,12 +136,30 @@ class SocketStream(trio.abc.HalfCloseableStream):
                     pass  # waited for below, outside the handler (see receive_some)
                 except OSError as exc:
                     raise trio.BrokenResourceError(str(exc)) from exc
-                if deadline == math.inf:
+                if deadline == math.inf and self.send_timeout == math.inf:
                     await trio.lowlevel.wait_writable(sock)
                 else:
-                    await _wait_until(trio.lowlevel.wait_writable, sock, deadline)
+                    await self._wait_for_room(deadline)
                 self._unblocked = 0
         await self._ran()
+
+    async def _wait_for_room(self, deadline: float) -> None:
+        """Wait until the socket takes bytes, by ``deadline`` and within :attr:`send_timeout`."""
+        stall = self.send_timeout
+        if stall >= COARSE_MIN_S and deadline == math.inf:
+            timers = coarse_timers()
+            timers.set(self, trio.current_time() + stall)
+            try:
+                await trio.lowlevel.wait_writable(self.socket)
+            except trio.ClosedResourceError:
+                if self.expired:  # relay.timers closed us: the send timed out
+                    raise trio.TooSlowError from None
+                raise
+            finally:
+                timers.cancel(self)
+        else:
+            deadline = min(deadline, trio.current_time() + stall)
+            await _wait_until(trio.lowlevel.wait_writable, self.socket, deadline)
 
     async def wait_send_all_might_not_block(self) -> None:
         if self._closed:

@@ -252,13 +252,15 @@ def _log(app: App, ex: Exchange, path: str, elapsed: float) -> None:
     status = ex.status if ex.started else (499 if ex.conn.gone else 0)
     app.metrics.requests.labels(_route_name(path), str(status)).inc()
     note = ex.note
+    # why the response was cut short: the relay stopping ("shutdown"), a client that
+    # stopped reading ("send-timeout"), or one that left ("client-gone")
+    cut = f" {ex.cut}" if ex.cut else (" client-gone" if ex.conn.gone and not ex.finished else "")
     if note is not None:
         log.info(
             "%s %s %s %.1fms account=%s attempts=%d conversation=%s batches=%d%s",
             ex.request.method, ex.request.path, status or "-", elapsed * 1000,
-            note.account or "-", note.attempts, note.conversation or "-", note.chunks,
-            " client-gone" if ex.conn.gone and not ex.finished else "",
+            note.account or "-", note.attempts, note.conversation or "-", note.chunks, cut,
         )
     else:
-        log.info("%s %s %s %.1fms", ex.request.method, ex.request.path, status or "-",
-                 elapsed * 1000)
+        log.info("%s %s %s %.1fms%s", ex.request.method, ex.request.path, status or "-",
+                 elapsed * 1000, cut)

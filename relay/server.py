@@ -14,14 +14,32 @@ Each connection is a :class:`ClientConnection`: the byte stream and its
 request head, hands an :class:`Exchange` to the application, then either
 starts the next cycle (keep-alive) or closes.
 
-Limits and timeouts, each with a clear answer:
+Limits and timeouts, each with a clear answer (every response carries its
+standard reason phrase, ``HTTP/1.1 200 OK``):
 
 - a request head bigger than ``max_header_bytes`` -> 431, then close;
 - malformed HTTP -> 400 with an OpenAI error body, then close;
+- both ``Content-Length`` and ``Transfer-Encoding`` -> 400, then close (RFC
+  9112 6.1: a server that serves such a request must close the connection
+  after it; refusing it outright leaves no framing for a proxy in front of
+  us to disagree with, which is what request smuggling needs);
+- an HTTP version other than 1.0 or 1.1 -> 505, then close (h11 parses any
+  ``HTTP/x.y``; a request line with no version at all, HTTP/0.9 style, is
+  malformed: 400);
+- empty lines before a request line are skipped, up to
+  :data:`MAX_EMPTY_LINES` of them (RFC 9112 2.2: "a server ... SHOULD ignore
+  at least one empty line (CRLF) received prior to the request-line"), on
+  every request of a connection, a bare LF counted as a line end;
 - a head that takes longer than ``header_timeout`` to arrive -> closed;
 - no new request within ``keepalive_timeout`` of the last -> closed;
 - a body over ``max_body_bytes`` -> 413 (decided from Content-Length before
   reading when possible; ``Expect: 100-continue`` is then never answered);
+- a body not complete ``body_timeout`` after the end of its head -> 408, then
+  close (a body dribbled a byte at a time does not restart the clock);
+- a write to the client that makes no progress for ``send_timeout`` -> the
+  response ends there and the connection is closed (:mod:`relay.netio`
+  keeps that clock, so TLS connections have it too; the access log says
+  ``send-timeout``);
 - ``Expect: 100-continue`` is answered when the application reads the body.
 
 Disconnect detection: once the body is read, the application may run its
@@ -33,14 +51,21 @@ the next cycle; past :data:`PIPELINE_LIMIT_BYTES` the watcher stops reading
 (back-pressure) rather than buffer without bound.
 
 Shutdown (:class:`Server.shutdown`): stop accepting, close idle keep-alive
-connections, let requests in flight finish within ``grace_period``, then
-cancel what is left.
+connections, let requests in flight finish within ``grace_period``. Then
+each exchange still running is *stopped* (:meth:`Exchange.stop`): its
+watched work is cancelled with the reason ``shutdown`` recorded, and on the
+way out of :meth:`Exchange.watch_disconnect` a response not started yet
+becomes a 503 ``server_shutting_down``, and a started stream is ended with
+its last words (the SSE writer's queued bytes, an in-band error event and
+``[DONE]``), written within :data:`LAST_WORDS_S`. After
+:data:`STOP_BOUND_S` whatever is left is cancelled.
 """
 
 from __future__ import annotations
 
 import errno
 import logging
+import math
 import os
 import socket
 import ssl
@@ -48,12 +73,19 @@ import stat
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
+from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
 
 import h11
 import trio
 
-from protocol.errors import PayloadTooLarge, RelayError, RequestError
+from protocol.errors import (
+    PayloadTooLarge,
+    RelayError,
+    RequestError,
+    RequestTimeout,
+    ServerShuttingDown,
+)
 from protocol.openai import error_body, error_from_exception
 from relay.netio import SocketListener, SocketStream
 
@@ -68,6 +100,19 @@ READ_BYTES = 64 * 1024
 PIPELINE_LIMIT_BYTES = 256 * 1024
 SERVER_HEADER = b"trio-llm-relay"
 JSON = b"application/json"
+#: RFC 9110 15: the standard reason phrase of every status (h11 sends none unless told)
+REASONS = {status.value: status.phrase.encode("ascii") for status in HTTPStatus}
+#: RFC 9112 2.2: empty lines skipped before a request line (more is not a client's mistake)
+MAX_EMPTY_LINES = 8
+#: HTTP versions served; others get 505 (RFC 9110 15.6.6)
+HTTP_VERSIONS = (b"1.1", b"1.0")
+#: once the grace period is over, how long stopped exchanges get to end their responses
+STOP_BOUND_S = 2.0
+#: the bound on writing a stopped stream's last words (within STOP_BOUND_S)
+LAST_WORDS_S = 1.0
+#: accept() failures (out of file descriptors) pause the accept loop this long
+ACCEPT_PAUSE_S = 0.1
+_LF, _CR = 10, 13
 
 
 @dataclass(slots=True)
@@ -94,22 +139,123 @@ class ClientGone(Exception):
     """The client closed the connection or a write to it failed."""
 
 
+class EmptyLines:
+    """Drops the empty lines a client sends before a request line (RFC 9112 2.2).
+
+    Sans-IO, fed the bytes of one connection as they arrive until the first
+    byte of a request line; h11 itself answers "no request line received" to
+    a head that starts with one. A line end is CRLF or a bare LF (RFC 9112
+    2.2 allows a recipient to take LF alone); a CR that ends one read may be
+    half of a CRLF, so it is held for the next. At most ``limit`` lines are
+    dropped; the rest are left for h11 to refuse.
+    """
+
+    __slots__ = ("_cr", "_limit", "_lines")
+
+    def __init__(self, limit: int = MAX_EMPTY_LINES) -> None:
+        self._limit = limit
+        self._lines = 0
+        self._cr = False  # the last read ended with a CR
+
+    def skip(self, data: bytes) -> bytes:
+        """``data`` without the empty lines it starts with.
+
+        Returns:
+            What is left: ``b""`` if ``data`` held only empty lines (or a CR
+            held back); otherwise the bytes from the first one that is not
+            part of an empty line (or from the first line over the limit).
+        """
+        if self._cr:
+            self._cr = False
+            data = b"\r" + data
+        pos, end = 0, len(data)
+        while pos < end and self._lines < self._limit:  # at most 2 * limit steps
+            byte = data[pos]
+            if byte == _LF:
+                pos += 1
+            elif byte == _CR and pos + 1 == end:
+                self._cr = True  # maybe half of a CRLF: decided by the next read
+                return b""
+            elif byte == _CR and data[pos + 1] == _LF:
+                pos += 2
+            else:
+                break  # a request line (or a bare CR, which h11 refuses)
+            self._lines += 1
+        return data[pos:] if pos else data
+
+
 class ClientConnection:
-    """One client byte stream and its h11 state machine."""
+    """One client byte stream and its h11 state machine.
+
+    Bytes reach h11 through :meth:`feed` only, which skips the empty lines
+    before each request line (:class:`EmptyLines`).
+    """
 
     def __init__(self, stream: trio.abc.Stream, settings: Settings, client: str) -> None:
         self.stream = stream
         self.settings = settings
         self.client = client
-        self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=settings.max_header_bytes)
+        self.h11 = self._new_h11()
         self.gone = False
+        #: why the response was cut short, for the access log ("send-timeout", "shutdown")
+        self.cut: str | None = None
+        #: no byte of the next request line has been given to h11 yet
+        self.awaiting_head = True
+        self._empty_lines = EmptyLines()
+
+    def _new_h11(self) -> h11.Connection:
+        return h11.Connection(h11.SERVER, max_incomplete_event_size=self.settings.max_header_bytes)
+
+    def feed(self, data: bytes) -> None:
+        """Hand bytes read from the client to h11 (``b""``: EOF)."""
+        if self.awaiting_head and data:
+            data = self._empty_lines.skip(data)
+            if not data:
+                return
+            self.awaiting_head = False
+        self.h11.receive_data(data)
+
+    def next_cycle(self) -> None:
+        """Get ready for the next request on this connection (after a complete exchange).
+
+        Bytes of the next request may already be in h11's buffer (pipelined,
+        or read while the response was written); if they start with an empty
+        line, h11 is started afresh with them fed through :meth:`feed` (it
+        has no way to drop buffered bytes, and a new ``Connection`` is what
+        ``start_next_cycle`` leaves anyway: both sides IDLE, keep-alive on).
+        """
+        self.h11.start_next_cycle()
+        self._empty_lines = EmptyLines()
+        rest, closed = self.h11.trailing_data
+        if not rest:
+            self.awaiting_head = True
+        elif rest[0] in (_CR, _LF):
+            self.h11 = self._new_h11()
+            self.awaiting_head = True
+            self.feed(rest)
+            if closed:
+                self.h11.receive_data(b"")
+        else:
+            self.awaiting_head = False
 
     async def send(self, event: h11.Event) -> None:
         """Write one event (raises ClientGone if the client is gone)."""
         await self.send_many((event,))
 
     async def send_many(self, events: Sequence[h11.Event]) -> None:
-        """Write several events with one ``send_all``: one segment, one syscall."""
+        """Write several events with one ``send_all``: one segment, one syscall.
+
+        A cancellation that has already arrived is raised before h11 is told
+        anything, so the connection stays usable for a last write (a stopped
+        stream's final event); once h11 has produced the bytes, any failure
+        puts it in its ERROR state.
+
+        Raises:
+            ClientGone: the write failed, or made no progress for
+                ``send_timeout`` seconds (:attr:`cut` is then
+                ``"send-timeout"``); the connection is not reusable.
+        """
+        await trio.lowlevel.checkpoint_if_cancelled()
         try:
             parts = []
             for event in events:
@@ -122,6 +268,13 @@ class ClientConnection:
             self.h11.send_failed()
             self.gone = True
             raise ClientGone("client connection closed during a write") from exc
+        except trio.TooSlowError as exc:  # relay.netio: no progress for send_timeout
+            self.h11.send_failed()
+            self.gone = True
+            self.cut = "send-timeout"
+            log.info("client %s read nothing for %.0f s: response cut", self.client,
+                     self.settings.send_timeout)
+            raise ClientGone("the client stopped reading") from exc
         except BaseException:
             self.h11.send_failed()
             raise
@@ -134,7 +287,7 @@ class ClientConnection:
             data = b""
         if not data:
             self.gone = True
-        self.h11.receive_data(bytes(data))
+        self.feed(bytes(data))
         return bool(data)
 
     async def next_event(self) -> h11.Event | type[h11.PAUSED] | type[h11.NEED_DATA]:
@@ -162,9 +315,9 @@ def _cors_headers() -> list[tuple[bytes, bytes]]:
     ]
 
 
-@dataclass
+@dataclass(eq=False)
 class Exchange:
-    """One request and its response, as the application sees it."""
+    """One request and its response, as the application sees it (hashable by identity)."""
 
     conn: ClientConnection
     request: Request
@@ -175,16 +328,29 @@ class Exchange:
     sent_bytes: int = 0
     #: what the handler wants in the access log line (relay.chat.Outcome)
     note: Any = None
+    #: when the whole body must have arrived (``body_timeout`` after the head's end)
+    body_deadline: float = math.inf
+    #: a started response's final bytes if it is stopped (set by relay.chat's SSE writer)
+    last_words: Callable[[], bytes] | None = field(default=None, repr=False)
     _close_after: bool = False
     _watch_scope: trio.CancelScope | None = field(default=None, repr=False)
+
+    @property
+    def cut(self) -> str | None:
+        """Why the response was cut short (``"shutdown"``, ``"send-timeout"``), or None."""
+        return self.conn.cut
 
     # --- request body -----------------------------------------------------------
 
     async def read_body(self) -> bytes:
-        """Read the whole request body, enforcing ``max_body_bytes``.
+        """Read the whole request body, enforcing ``max_body_bytes`` and ``body_timeout``.
+
+        The body is due ``body_timeout`` seconds after the end of its head
+        (:attr:`body_deadline`), however it trickles in.
 
         Raises:
             PayloadTooLarge: over the limit (the connection is then closed).
+            RequestTimeout: (408) not all there in time (the connection is then closed).
             RequestError: the client broke HTTP or left mid-body.
         """
         limit = self.settings.max_body_bytes
@@ -194,7 +360,8 @@ class Exchange:
             raise PayloadTooLarge(f"request body is over the {limit}-byte limit")
         conn = self.conn
         if conn.h11.they_are_waiting_for_100_continue:
-            await conn.send(h11.InformationalResponse(status_code=100, headers=[]))
+            await conn.send(h11.InformationalResponse(status_code=100, headers=[],
+                                                      reason=b"Continue"))
         chunks: list[bytes] = []
         size = 0
         while True:
@@ -202,11 +369,14 @@ class Exchange:
                 # a body that came with the head is parsed without setting up a timer
                 event = conn.h11.next_event()
                 if event is h11.NEED_DATA:
-                    with trio.move_on_after(self.settings.keepalive_timeout) as scope:
+                    with trio.move_on_at(self.body_deadline) as scope:
                         event = await conn.next_event()
                     if scope.cancelled_caught:
                         self._close_after = True
-                        raise RequestError("timed out reading the request body")
+                        raise RequestTimeout(
+                            f"the request body did not arrive within "
+                            f"{self.settings.body_timeout:g} s", code="request_timeout"
+                        )
             except h11.RemoteProtocolError as exc:
                 self._close_after = True
                 raise RequestError(f"malformed request body: {exc}") from exc
@@ -252,7 +422,9 @@ class Exchange:
             head.append((b"content-length", str(len(body)).encode()))
         self.started = True
         self.status = status
-        events: list[h11.Event] = [h11.Response(status_code=status, headers=head)]
+        events: list[h11.Event] = [
+            h11.Response(status_code=status, headers=head, reason=REASONS.get(status, b""))
+        ]
         if body and self.request.method != "HEAD":
             events.append(h11.Data(data=body))
         events.append(h11.EndOfMessage())
@@ -277,7 +449,9 @@ class Exchange:
         head = self._head(status, content_type, headers)
         self.started = True
         self.status = status
-        events: list[h11.Event] = [h11.Response(status_code=status, headers=head)]
+        events: list[h11.Event] = [
+            h11.Response(status_code=status, headers=head, reason=REASONS.get(status, b""))
+        ]
         if first:
             events.append(h11.Data(data=first))
             self.sent_bytes += len(first)
@@ -308,10 +482,20 @@ class Exchange:
         Only valid once the request body was read (the watcher reads the
         socket). On exit, ``scope.cancelled_caught`` tells whether the client
         left; :attr:`ClientConnection.gone` stays set.
+
+        The scope is also cancelled by :meth:`stop` (server shutdown). Then,
+        on the way out, a response not started yet is raised as a 503
+        (:class:`ServerShuttingDown`), and a started one is ended with
+        :attr:`last_words` if the handler left some.
+
+        Raises:
+            ServerShuttingDown: stopped before the response started.
         """
         conn = self.conn
         with trio.CancelScope() as scope, _single_exception():
             self._watch_scope = scope
+            if conn.cut == "shutdown":  # stopped before the work began
+                scope.cancel()
             async with trio.open_nursery() as nursery:
                 if self.body_read and not conn.gone:
                     nursery.start_soon(self._watch, scope)
@@ -319,6 +503,32 @@ class Exchange:
                     yield scope
                 finally:
                     nursery.cancel_scope.cancel()
+        self._watch_scope = None
+        if conn.cut == "shutdown" and scope.cancelled_caught and not self.finished:
+            await self._end_stopped()
+
+    def stop(self, reason: str = "shutdown") -> None:
+        """Cut the response short: cancel the watched work, remembering ``reason``.
+
+        The handler's way out of :meth:`watch_disconnect` then ends the
+        response as well as it can (see there). A cut already recorded (the
+        client stopped reading) is kept.
+        """
+        if self.conn.cut is None:
+            self.conn.cut = reason
+        if self._watch_scope is not None:
+            self._watch_scope.cancel()
+
+    async def _end_stopped(self) -> None:
+        """Answer a stopped request: 503 if nothing was sent, else the last words."""
+        if not self.started:
+            raise ServerShuttingDown("the server is shutting down; retry the request",
+                                     code="server_shutting_down")
+        last_words = self.last_words
+        if last_words is None or self.conn.gone or self.conn.h11.our_state is not h11.SEND_BODY:
+            return  # a write was cut midway (or nothing to say): the close ends it
+        with trio.move_on_after(LAST_WORDS_S, shield=True), suppress(ClientGone):
+            await self.end_stream(last_words())
 
     @property
     def finished(self) -> bool:
@@ -343,13 +553,13 @@ class Exchange:
                 return
             if not data:
                 conn.gone = True
-                conn.h11.receive_data(b"")
+                conn.feed(b"")
                 if not self.finished:  # after the whole response, the rest may finish
                     log.debug("client %s went away mid-request", conn.client)
                     scope.cancel()
                 return
             buffered += len(data)
-            conn.h11.receive_data(bytes(data))
+            conn.feed(bytes(data))
 
 
 class _single_exception:
@@ -382,6 +592,7 @@ class Server:
     connections: int = 0
     requests: int = 0
     _idle: set[trio.CancelScope] = field(default_factory=set)
+    _exchanges: set[Exchange] = field(default_factory=set)
     _stopping: bool = False
     _stop_accepting: trio.CancelScope = field(default_factory=trio.CancelScope)
     _connections: trio.Nursery | None = None
@@ -415,6 +626,15 @@ class Server:
             with trio.move_on_after(self.settings.grace_period):
                 if self.connections:
                     await self._drained.wait()
+            if self._exchanges:
+                # grace is over: stopped exchanges end their responses (503, or a
+                # stream's error event and [DONE]), then what is left is cancelled
+                log.warning("grace period over: stopping %d requests in flight",
+                            len(self._exchanges))
+                for exchange in list(self._exchanges):
+                    exchange.stop("shutdown")
+                with trio.move_on_after(STOP_BOUND_S):
+                    await self._drained.wait()
             connections.cancel_scope.cancel()
 
     def shutdown(self) -> None:
@@ -425,15 +645,23 @@ class Server:
     async def _accept_loop(
         self, listener: trio.abc.Listener[trio.abc.Stream], nursery: trio.Nursery
     ) -> None:
+        """Accept connections; out of descriptors, pause and retry (one warning per episode)."""
+        failures = 0
         while True:
             try:
                 stream = await listener.accept()
             except OSError as exc:
                 if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS):
-                    log.warning("accept failed (%s); pausing briefly", exc)
-                    await trio.sleep(0.1)
+                    if not failures:
+                        log.warning("accept failed (%s); retrying every %g s until it works",
+                                    exc, ACCEPT_PAUSE_S)
+                    failures += 1
+                    await trio.sleep(ACCEPT_PAUSE_S)
                     continue
                 raise
+            if failures:
+                log.warning("accept recovered after %d failures", failures)
+                failures = 0
             nursery.start_soon(self._connection, stream)
 
     async def _connection(self, stream: trio.abc.Stream) -> None:
@@ -450,6 +678,9 @@ class Server:
 
     async def _serve_connection(self, stream: trio.abc.Stream) -> None:
         client = _peer(stream)
+        inner = stream.transport_stream if isinstance(stream, trio.SSLStream) else stream
+        if isinstance(inner, SocketStream):  # netio keeps the clock of every blocked send
+            inner.send_timeout = self.settings.send_timeout
         if isinstance(stream, trio.SSLStream):
             with trio.move_on_after(self.settings.header_timeout) as scope:
                 try:
@@ -469,14 +700,19 @@ class Server:
                 if request is None:
                     break
                 self.requests += 1
-                exchange = Exchange(conn, request, self.settings)
-                await self._run_exchange(exchange)
+                exchange = Exchange(conn, request, self.settings,
+                                    body_deadline=trio.current_time() + self.settings.body_timeout)
+                self._exchanges.add(exchange)
+                try:
+                    await self._run_exchange(exchange)
+                finally:
+                    self._exchanges.discard(exchange)
                 if conn.h11.our_state is not h11.DONE or conn.h11.their_state is not h11.DONE:
                     # the body was never read (error before it) or the response broke
                     break
                 if self._stopping:
                     break
-                conn.h11.start_next_cycle()
+                conn.next_cycle()
         finally:
             await conn.aclose()
 
@@ -493,10 +729,10 @@ class Server:
                 while event is h11.NEED_DATA and not conn.gone:
                     await conn.receive()
                     event = conn.h11.next_event()
-                    if event is h11.NEED_DATA:
+                    if event is h11.NEED_DATA and not conn.awaiting_head:
                         break  # some bytes arrived: the head timeout applies now
             except h11.RemoteProtocolError as exc:
-                await self._reject(conn, exc)
+                await self._reject(conn, exc.error_status_hint, _malformed(exc))
                 return None
             finally:
                 self._idle.discard(idle_scope)
@@ -514,7 +750,7 @@ class Server:
                         await conn.receive()
                         event = conn.h11.next_event()
                 except h11.RemoteProtocolError as exc:
-                    await self._reject(conn, exc)
+                    await self._reject(conn, exc.error_status_hint, _malformed(exc))
                     return None
             if head_scope.cancelled_caught:
                 log.debug("client %s was too slow sending a request head", conn.client)
@@ -523,8 +759,18 @@ class Server:
             # h11 bounds only an *incomplete* head; a whole one that arrived in a
             # single read is checked here
             if _head_size(event) > s.max_header_bytes:
+                await self._reject(conn, 431, "request head is too large")
+                return None
+            if event.http_version not in HTTP_VERSIONS:
+                version = event.http_version.decode("ascii", "replace")
+                await self._reject(conn, 505, f"HTTP/{version} is not supported; use HTTP/1.1")
+                return None
+            if _has_both_lengths(event.headers):
+                # RFC 9112 6.1 (and 6.3 item 3): a request smuggling pattern; we refuse
+                # it rather than pick one framing, and close after the answer
                 await self._reject(
-                    conn, h11.RemoteProtocolError("request head is too large", 431)
+                    conn, 400, "a request must not carry both Content-Length and "
+                    "Transfer-Encoding"
                 )
                 return None
             target = event.target.decode("latin-1")
@@ -540,10 +786,8 @@ class Server:
             )
         return None  # ConnectionClosed, or EOF with nothing
 
-    async def _reject(self, conn: ClientConnection, exc: h11.RemoteProtocolError) -> None:
-        """Answer malformed HTTP with its status (400 or 431) and an OpenAI error body."""
-        status = exc.error_status_hint
-        message = "request head is too large" if status == 431 else f"malformed HTTP request: {exc}"
+    async def _reject(self, conn: ClientConnection, status: int, message: str) -> None:
+        """Answer a request head we refuse with ``status`` and an OpenAI error body; close."""
         body = error_body(message, "invalid_request_error")
         if conn.h11.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
             return
@@ -555,8 +799,9 @@ class Server:
         ]
         with suppress(ClientGone, h11.LocalProtocolError):
             await conn.send_many(
-                [h11.Response(status_code=status, headers=headers), h11.Data(data=body),
-                 h11.EndOfMessage()]
+                [h11.Response(status_code=status, headers=headers,
+                              reason=REASONS.get(status, b"")),
+                 h11.Data(data=body), h11.EndOfMessage()]
             )
 
     async def _run_exchange(self, exchange: Exchange) -> None:
@@ -584,6 +829,24 @@ class Server:
     async def _respond_error(self, exchange: Exchange, exc: RelayError) -> None:
         with suppress(ClientGone, h11.LocalProtocolError):
             await exchange.respond_error(exc)
+
+
+def _malformed(exc: h11.RemoteProtocolError) -> str:
+    """The message for what h11 refused (431: the head is over the size limit)."""
+    if exc.error_status_hint == 431:
+        return "request head is too large"
+    return f"malformed HTTP request: {exc}"
+
+
+def _has_both_lengths(headers: Sequence[tuple[bytes, bytes]]) -> bool:
+    """Whether a head carries both Content-Length and Transfer-Encoding (h11: lower case)."""
+    length = coding = False
+    for name, _ in headers:
+        if name == b"content-length":
+            length = True
+        elif name == b"transfer-encoding":
+            coding = True
+    return length and coding
 
 
 def _head_size(request: h11.Request) -> int:

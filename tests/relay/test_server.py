@@ -429,11 +429,12 @@ async def test_malformed_request_line_gets_400_then_close(relay: Running) -> Non
     assert data.endswith(reply.body)
 
 
-async def test_a_body_that_stops_coming_is_a_400_after_the_keepalive_timeout(
+async def test_a_body_that_stops_coming_is_a_408_after_the_body_timeout(
     relay_factory: RelayFactory,
 ) -> None:
-    """A whole head and part of the body, then silence: a 400, then the connection closes."""
-    relay = await relay_factory(keepalive_timeout=0.3)
+    """A whole head and part of the body, then silence: a 408 (code request_timeout) at
+    body_timeout, then the connection closes."""
+    relay = await relay_factory(body_timeout=0.3)
     body = chat_body()
     head = (
         b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\ncontent-type: application/json\r\n"
@@ -446,8 +447,10 @@ async def test_a_body_that_stops_coming_is_a_400_after_the_keepalive_timeout(
             data = await read_to_eof(stream)
             elapsed = trio.current_time() - started
     reply = parse_raw(data)
-    assert reply.status == 400
-    assert "timed out reading the request body" in str(assert_openai_error(reply.body)["message"])
+    assert data.startswith(b"HTTP/1.1 408 Request Timeout\r\n")
+    assert reply.header(b"connection") == b"close"
+    error = assert_openai_error(reply.body, code="request_timeout")
+    assert error["type"] == "invalid_request_error"
     assert 0.25 <= elapsed < 1.5
 
 
