@@ -522,6 +522,7 @@ class Exchange:
     async def _end_stopped(self) -> None:
         """Answer a stopped request: 503 if nothing was sent, else the last words."""
         if not self.started:
+            self._close_after = True
             raise ServerShuttingDown("the server is shutting down; retry the request",
                                      code="server_shutting_down")
         last_words = self.last_words

@@ -8,12 +8,15 @@ short real timeouts from the settings instead of sleeping.
 
 from __future__ import annotations
 
+import errno
 import logging
+import math
 import os
 import socket
 import ssl
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from http import HTTPStatus
 from typing import TYPE_CHECKING
 
 import h11
@@ -27,7 +30,7 @@ from hypothesis import strategies as st
 
 from relay import config
 from relay.app import App
-from relay.server import open_listeners
+from relay.server import MAX_EMPTY_LINES, EmptyLines, Exchange, Server, open_listeners
 from tests.relay.conftest import (
     AUTH,
     STEP_CREDENTIAL,
@@ -863,3 +866,363 @@ async def test_random_bytes_never_crash_the_server(
     await trio.to_thread.run_sync(check)
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert relay.app.server.requests >= 40  # every example's /ping, at least
+
+
+# --- framing and versions (RFC 9112) -----------------------------------------------------------
+
+
+async def test_content_length_with_transfer_encoding_is_refused_and_closed(
+    relay: Running,
+) -> None:
+    """A request with both Content-Length and Transfer-Encoding: chunked gets a 400 with an
+    OpenAI error body and the connection is closed: a request behind it is never answered
+    (a proxy that framed it by Content-Length would see a different second request)."""
+    smuggled = (
+        b"GET /ping HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+        b"GET /ping HTTP/1.1\r\nHost: x\r\n\r\n"
+    )
+    with trio.fail_after(5):
+        async with connect(relay) as (stream, _):
+            await stream.send_all(smuggled)
+            data = await read_to_eof(stream)
+    reply = parse_raw(data)
+    assert reply.status == 400
+    assert reply.header(b"connection") == b"close"
+    assert "Transfer-Encoding" in str(assert_openai_error(reply.body)["message"])
+    assert data.endswith(reply.body)  # one response, then the close
+    assert relay.app.server.requests == 0
+
+
+@pytest.mark.parametrize(
+    "request_line",
+    [b"GET /ping HTTP/9.9", b"GET /ping HTTP/2.0", b"GET /ping HTTP/0.9", b"GET /ping HTTP/1.2",
+     b"PRI * HTTP/2.0"],
+)
+async def test_other_http_versions_get_505_and_a_close(
+    relay: Running, request_line: bytes
+) -> None:
+    """A request line naming a version other than HTTP/1.0 or 1.1 (HTTP/2's prior-knowledge
+    preface too) gets 505 HTTP Version Not Supported with an OpenAI error body, then a close."""
+    with trio.fail_after(5):
+        async with connect(relay) as (stream, _):
+            await stream.send_all(request_line + b"\r\nHost: x\r\n\r\n")
+            data = await read_to_eof(stream)
+    assert data.startswith(b"HTTP/1.1 505 HTTP Version Not Supported\r\n")
+    reply = parse_raw(data)
+    assert reply.header(b"connection") == b"close"
+    assert_openai_error(reply.body)
+    assert data.endswith(reply.body)
+
+
+async def test_a_request_line_without_a_version_gets_400_and_a_close(relay: Running) -> None:
+    """An HTTP/0.9-style request line (no version at all) is malformed for h11: 400, close."""
+    with trio.fail_after(5):
+        async with connect(relay) as (stream, _):
+            await stream.send_all(b"GET /ping\r\n\r\n")
+            data = await read_to_eof(stream)
+    assert data.startswith(b"HTTP/1.1 400 Bad Request\r\n")
+    assert_openai_error(parse_raw(data).body)
+
+
+async def test_empty_lines_before_request_lines_are_skipped(relay: Running) -> None:
+    """Empty lines (CRLF or a bare LF) before a request line are ignored (RFC 9112 2.2): on
+    the first request, between kept-alive requests, split across writes, and pipelined
+    behind a request; each request is answered and the connection stays open."""
+    ping = b"GET /ping HTTP/1.1\r\nHost: x\r\n\r\n"
+    with trio.fail_after(5):
+        async with connect(relay) as (stream, conn):
+            await stream.send_all(b"\r\n" + ping)
+            encode_request(conn, "GET", "/ping")
+            first = await read_reply(stream, conn)
+            conn.start_next_cycle()
+            for part in (b"\n", b"\r", b"\n\r", b"\n" + ping):  # a CRLF cut between writes
+                await stream.send_all(part)
+                await trio.sleep(0.01)
+            encode_request(conn, "GET", "/ping")
+            second = await read_reply(stream, conn)
+            conn.start_next_cycle()
+            await stream.send_all(ping + b"\r\n\r\n" + ping)  # pipelined, empty lines between
+            encode_request(conn, "GET", "/ping")
+            third = await read_reply(stream, conn)
+            conn.start_next_cycle()
+            encode_request(conn, "GET", "/ping")
+            fourth = await read_reply(stream, conn)
+            conn.start_next_cycle()
+            last = await roundtrip(stream, conn, "GET", "/ping")
+    assert [r.body for r in (first, second, third, fourth, last)] == [b"pong"] * 5
+    assert all(r.header(b"connection") is None for r in (first, second, third, fourth, last))
+
+
+async def test_too_many_empty_lines_get_400(relay: Running) -> None:
+    """More empty lines than MAX_EMPTY_LINES before a request line are refused with 400."""
+    with trio.fail_after(5):
+        async with connect(relay) as (stream, _):
+            await stream.send_all(b"\r\n" * (MAX_EMPTY_LINES + 1)
+                                  + b"GET /ping HTTP/1.1\r\nHost: x\r\n\r\n")
+            data = await read_to_eof(stream)
+    assert parse_raw(data).status == 400
+
+
+def _skip_split(wire: bytes, cuts: list[int]) -> bytes:
+    skipper, out, start = EmptyLines(), [], 0
+    for cut in [*sorted(set(cuts)), len(wire)]:
+        out.append(skipper.skip(wire[start:cut]) if cut > start else b"")
+        start = cut
+        if out[-1]:
+            out.append(wire[cut:])  # the head has begun: the rest goes to h11 as it is
+            break
+    return b"".join(out)
+
+
+@given(
+    lines=st.lists(st.sampled_from([b"\r\n", b"\n"]), max_size=MAX_EMPTY_LINES),
+    rest=st.sampled_from([b"GET / HTTP/1.1\r\n\r\n", b"\rGET", b"x\r\n", b""]),
+    data=st.data(),
+)
+def test_empty_lines_any_split_gives_the_same_bytes(
+    lines: list[bytes], rest: bytes, data: st.DataObject
+) -> None:
+    """However the bytes are cut between reads, EmptyLines drops exactly the leading empty
+    lines (up to its limit) and passes the rest unchanged; a CR that is not half of a CRLF is
+    passed on for h11 to refuse."""
+    wire = b"".join(lines) + rest
+    cuts = data.draw(st.lists(st.integers(0, len(wire))), label="cuts")
+    assert _skip_split(wire, cuts) == _skip_split(wire, list(range(len(wire)))) == rest
+
+
+def test_empty_lines_over_the_limit_are_passed_on() -> None:
+    """Past the limit, empty lines are left for h11 (which refuses them)."""
+    skipper = EmptyLines(limit=2)
+    assert skipper.skip(b"\r\n\n\r\nGET") == b"\r\nGET"
+
+
+async def test_every_status_line_carries_its_reason_phrase(
+    relay_factory: RelayFactory,
+) -> None:
+    """Responses carry the standard reason phrase: 200 OK, 404, 405, 204, 100 Continue, and
+    the server's own refusals (400, 413, 431)."""
+    relay = await relay_factory(max_body_bytes=1024, max_header_bytes=2048)
+
+    async def status_line(raw: bytes) -> bytes:
+        async with connect(relay) as (stream, _):
+            await stream.send_all(raw)
+            data = bytearray()
+            while b"\r\n" not in data:
+                data += await stream.receive_some(65536)
+        return bytes(data).split(b"\r\n", 1)[0]
+
+    with trio.fail_after(5):
+        lines = [
+            await status_line(b"GET /ping HTTP/1.1\r\nHost: x\r\n\r\n"),
+            await status_line(b"GET /nowhere HTTP/1.1\r\nHost: x\r\n\r\n"),
+            await status_line(b"GET /v1/chat/completions HTTP/1.1\r\nHost: x\r\n\r\n"),
+            await status_line(b"OPTIONS /ping HTTP/1.1\r\nHost: x\r\n\r\n"),
+            await status_line(b"POST /ping HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n"
+                              b"Expect: 100-continue\r\n\r\n"),
+            await status_line(b"NOT HTTP\r\n\r\n"),
+            await status_line(b"POST /ping HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\n\r\n"),
+            await status_line(b"GET /ping HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 4000
+                              + b"\r\n\r\n"),
+        ]
+    expected = [200, 404, 405, 204, 100, 400, 413, 431]
+    assert lines == [b"HTTP/1.1 %d %s" % (code, HTTPStatus(code).phrase.encode())
+                     for code in expected]
+
+
+# --- body timeout (autojump clock over a memory stream) ----------------------------------------
+
+
+class OneStreamListener(trio.abc.Listener[trio.abc.Stream]):
+    """A listener that hands out the given streams, then waits forever."""
+
+    def __init__(self, *streams: trio.abc.Stream) -> None:
+        self._streams = list(streams)
+
+    async def accept(self) -> trio.abc.Stream:
+        if not self._streams:
+            await trio.sleep_forever()
+        return self._streams.pop(0)
+
+    async def aclose(self) -> None:
+        await trio.lowlevel.checkpoint()
+
+
+async def _echo_body(ex: Exchange) -> None:
+    body = await ex.read_body()
+    await ex.respond(200, body, b"text/plain")
+
+
+async def _reply_over(client: trio.abc.Stream) -> bytes:
+    """Everything ``client`` receives until the server closes it."""
+    data = bytearray()
+    while chunk := await client.receive_some(65536):
+        data += chunk
+    return bytes(data)
+
+
+async def test_a_body_dribbled_a_byte_a_second_is_cut_at_body_timeout(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A body sent one byte a second (each byte within the idle timeout) is still due
+    body_timeout after the end of its head: 408 request_timeout at exactly 30 s, then close."""
+    settings = config.load({"body_timeout": 30.0, "keepalive_timeout": 60.0}, environ={})
+    client, server_side = trio.testing.memory_stream_pair()
+    server = Server(settings, _echo_body)
+    await nursery.start(server.run, [OneStreamListener(server_side)])
+    body = b"x" * 100
+    cut_at = math.inf
+
+    async def dribble() -> None:
+        nonlocal cut_at
+        try:
+            for byte in body:
+                await trio.sleep(1)
+                await client.send_all(bytes([byte]))
+        except trio.BrokenResourceError:
+            pass
+
+    with trio.fail_after(200):
+        started = trio.current_time()
+        await client.send_all(
+            b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body)
+        )
+        async with trio.open_nursery() as inner:
+            inner.start_soon(dribble)
+            data = await _reply_over(client)
+            cut_at = trio.current_time() - started
+            inner.cancel_scope.cancel()
+    server.shutdown()
+    assert data.startswith(b"HTTP/1.1 408 Request Timeout\r\n")
+    reply = parse_raw(data)
+    assert reply.header(b"connection") == b"close"
+    error = assert_openai_error(reply.body, code="request_timeout")
+    assert error["type"] == "invalid_request_error"
+    assert cut_at == pytest.approx(30.0)
+
+
+async def test_a_body_that_arrives_in_time_is_served(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A body dribbled over 20 s, inside a 30 s body_timeout, is read whole and answered."""
+    settings = config.load({"body_timeout": 30.0}, environ={})
+    client, server_side = trio.testing.memory_stream_pair()
+    server = Server(settings, _echo_body)
+    await nursery.start(server.run, [OneStreamListener(server_side)])
+    with trio.fail_after(100):
+        await client.send_all(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 20\r\n"
+                              b"Connection: close\r\n\r\n")
+        for byte in b"0123456789abcdefghij":
+            await trio.sleep(1)
+            await client.send_all(bytes([byte]))
+        data = await _reply_over(client)
+    server.shutdown()
+    assert data.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert parse_raw(data).body == b"0123456789abcdefghij"
+
+
+# --- accept failures ------------------------------------------------------------------------------
+
+
+class FailingListener(trio.abc.Listener[trio.abc.Stream]):
+    """accept() fails with EMFILE ``failures`` times, then hands out ``stream``, then waits."""
+
+    def __init__(self, failures: int, stream: trio.abc.Stream) -> None:
+        self.failures = failures
+        self._stream: trio.abc.Stream | None = stream
+
+    async def accept(self) -> trio.abc.Stream:
+        await trio.lowlevel.checkpoint()
+        if self.failures:
+            self.failures -= 1
+            raise OSError(errno.EMFILE, "Too many open files")
+        if self._stream is None:
+            await trio.sleep_forever()
+        stream, self._stream = self._stream, None
+        assert stream is not None
+        return stream
+
+    async def aclose(self) -> None:
+        await trio.lowlevel.checkpoint()
+
+
+async def test_running_out_of_descriptors_logs_once_per_episode(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """50 accept failures in a row (EMFILE) log one warning, and the accept that works again
+    logs "accept recovered after 50 failures"; the connection it brings is served."""
+    caplog.set_level(logging.INFO, logger="relay.server")
+    settings = config.load({}, environ={})
+    client, server_side = trio.testing.memory_stream_pair()
+    server = Server(settings, _echo_body)
+    await nursery.start(server.run, [FailingListener(50, server_side)])
+    with trio.fail_after(100):
+        await client.send_all(b"GET /x HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        data = await _reply_over(client)
+    server.shutdown()
+    assert data.startswith(b"HTTP/1.1 200 OK\r\n")
+    messages = [r.getMessage() for r in caplog.records if r.name == "relay.server"]
+    assert len([m for m in messages if m.startswith("accept failed")]) == 1
+    assert "accept recovered after 50 failures" in messages
+
+
+# --- shutdown at the end of the grace period ------------------------------------------------------
+
+
+async def test_a_stream_cut_by_shutdown_ends_with_an_error_event_and_done(
+    relay_factory: RelayFactory, step: StepEmulator, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A stream still running when grace_period ends gets an in-band error event (code
+    server_shutting_down) and [DONE]; its chat is deleted and the access log records the cut."""
+    caplog.set_level(logging.INFO, logger="relay.access")
+    relay = await relay_factory(grace_period=0.2)
+    step.behavior.answer = "abcdefghij"
+    step.behavior.chunk_chars = 1
+    step.behavior.stall_after = 3  # then silence: the stream is in flight when grace ends
+    with trio.fail_after(5):
+        async with connect(relay) as (stream, conn):
+            await stream.send_all(
+                encode_request(conn, "POST", CHAT, JSON_HEADERS, chat_body(stream=True))
+            )
+            received = b""
+            while b'"content"' not in received:
+                received += await stream.receive_some(65536)
+            conn.receive_data(received)
+            relay.app.shutdown()
+            reply = await read_reply(stream, conn)
+        await relay.app.stopped.wait()
+    assert reply.status == 200
+    events = sse_events(reply.body)
+    assert events[-1] == b"[DONE]"
+    error = assert_openai_error(events[-2], code="server_shutting_down")
+    assert error["type"] == "server_error"
+    assert sse_text(b"data: " + b"\n\ndata: ".join(events[:-2])) == "abc"
+    assert step.record.chats_created
+    assert step.record.chats_deleted == step.record.chats_created
+    access = [r.getMessage() for r in caplog.records if r.name == "relay.access"]
+    assert any(" 200 " in line and line.endswith(" shutdown") for line in access), access
+
+
+async def test_a_non_stream_request_cut_by_shutdown_gets_503(
+    relay_factory: RelayFactory, step: StepEmulator
+) -> None:
+    """A non-stream chat still waiting for its answer when grace_period ends is answered 503
+    with code server_shutting_down (and a close); its chat is deleted."""
+    relay = await relay_factory(grace_period=0.2)
+    step.behavior.stall_after = 1
+    with trio.fail_after(5):
+        async with connect(relay) as (stream, conn):
+            await stream.send_all(
+                encode_request(conn, "POST", CHAT, JSON_HEADERS, chat_body(stream=False))
+            )
+            await step.wait_until(lambda r: r.streams_started == 1)
+            relay.app.shutdown()
+            reply = await read_reply(stream, conn)
+        await relay.app.stopped.wait()
+    assert reply.status == 503
+    assert reply.header(b"connection") == b"close"
+    error = assert_openai_error(reply.body, code="server_shutting_down")
+    assert error["type"] == "server_error"
+    assert step.record.chats_created
+    assert step.record.chats_deleted == step.record.chats_created
