@@ -167,6 +167,9 @@ class StepBehavior:
     delete_delay_s: float = 0.0
     #: seconds CreateChat takes before it creates the chat and answers
     create_delay_s: float = 0.0
+    #: when set, each answer stream waits for it after its response head (before
+    #: ``first_delay_s``): a load test holds every stream open until all have started
+    hold: trio.Event | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -829,6 +832,9 @@ class StepEmulator:
         script = self._script(behavior, chat_id, prompt, chunked)
         try:
             await writer.write(conn.send(head) or b"")
+            if behavior.hold is not None:
+                await writer.pause()
+                await behavior.hold.wait()
             if behavior.first_delay_s > 0:
                 await writer.pause()
                 await trio.sleep(behavior.first_delay_s)

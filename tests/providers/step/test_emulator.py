@@ -362,6 +362,30 @@ async def test_frame_delays_space_the_envelopes(emulator: StepEmulator, client: 
     assert texts(decode(reply.body)) == ["a", "b"]
 
 
+async def test_hold_keeps_the_stream_open_after_its_head(
+    emulator: StepEmulator, client: Client
+) -> None:
+    """With ``hold`` set, a stream sends its response head, counts as active and sends no
+    frame until the event is set; then it sends its whole answer."""
+    emulator.behavior.text_frames = ["a", "b"]
+    emulator.behavior.hold = hold = trio.Event()
+    with trio.fail_after(5):
+        session, chat_id = await ready(client)
+        head = await client.start(
+            "POST", SEND_MESSAGE_PATH, session.headers("application/connect+json"),
+            send_body(chat_id),
+        )
+        assert head.status_code == 200
+        await emulator.wait_until(lambda r: r.active_streams == 1)
+        with trio.move_on_after(0.05):  # nothing may arrive while held: a short look is enough
+            await client.next_chunk()
+            raise AssertionError("a held stream sent a frame")
+        hold.set()
+        body = await client.body()
+    assert texts(decode(body)) == ["a", "b"]
+    assert emulator.record.streams_finished == 1
+
+
 # --- auth --------------------------------------------------------------------
 
 
