@@ -56,7 +56,7 @@ from protocol.chunks import (
 from protocol.errors import RequestError
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable
+    from collections.abc import Iterable, Sequence
 
     from protocol.errors import RelayError
 
@@ -354,6 +354,29 @@ def parse_chat_request(body: bytes) -> ChatRequest:
         conversation_id=conversation_id,
         use_search=use_search,
     )
+
+
+def file_parts(messages: Sequence[Message]) -> list[ContentPart]:
+    """The parts a provider fetches: ``file`` and ``image_url`` of the last message (1.4)."""
+    if not messages:
+        return []
+    return [part for part in messages[-1].parts if part.type in ("file", "image_url")]
+
+
+def check_file_count(request: ChatRequest, max_files: int) -> None:
+    """Refuse a request naming more than ``max_files`` files, before any is fetched.
+
+    Raises:
+        RequestError: (400, ``too_many_files``, ``param`` the last message's content).
+    """
+    count = len(file_parts(request.messages))
+    if count > max_files:
+        raise RequestError(
+            f"a request may carry at most {max_files} file and image parts; this one has "
+            f"{count} (RELAY_MAX_FILES)",
+            param=f"messages[{len(request.messages) - 1}].content",
+            code="too_many_files",
+        )
 
 
 def prompt_tokens(request: ChatRequest) -> int:

@@ -8,8 +8,8 @@ passes in objects that satisfy the protocols here:
   upstream, over the relay's shared httpcore pool, with httpcore's errors
   already turned into :mod:`protocol.errors` classes;
 - :class:`Fetcher`: downloads a file a client named by URL (with the
-  server-side request forgery guard and size limit applied) or decodes a
-  data URL.
+  server-side request forgery guard and size limits applied) or decodes a
+  data URL; a :class:`FileBatch` holds one request's files to one budget.
 
 - :class:`Background`: runs a cleanup job (deleting an upstream
   conversation) after the answer, off the request's path, so a keep-alive
@@ -135,16 +135,29 @@ class FetchedFile:
     data: bytes
 
 
+class FileBatch(Protocol):
+    """The files of one request: their fetches share one byte budget."""
+
+    async def fetch(self, url: str) -> FetchedFile:
+        """As :meth:`Fetcher.fetch`; also RequestError (``files_too_large``) once the
+        request's files together are over the relay's limit (found as bytes arrive)."""
+        ...
+
+
 class Fetcher(Protocol):
     """Resolves file references from chat messages into bytes."""
 
     async def fetch(self, url: str) -> FetchedFile:
-        """Download an http(s) URL or decode a data URL.
+        """Download an http(s) URL or decode a data URL (one file, alone).
 
         Raises:
             RequestError: the URL is malformed, forbidden (private address),
                 unreachable, answers an error status, or is over the size limit.
         """
+        ...
+
+    def batch(self) -> FileBatch:
+        """A new request's files (see :func:`providers.files.each_file`)."""
         ...
 
 

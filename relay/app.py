@@ -28,19 +28,21 @@ from providers.glm.client import GlmProvider
 from providers.step.client import StepProvider
 from relay import routes
 from relay.accounts import Account, AccountPool, PoolStatistics
+from relay.fetcher import UrlFetcher
 from relay.janitor import Janitor
 from relay.metrics import Metrics
 from relay.pool import UpstreamPool
 from relay.server import Exchange, Server, bound_addresses, open_listeners
-from relay.upstream import HttpTransport, UrlFetcher, make_pool
+from relay.upstream import HttpTransport, make_pool
 
 if TYPE_CHECKING:
     import ssl
-    from collections.abc import Sequence
+    from collections.abc import Collection, Sequence
     from types import TracebackType
 
     from providers.contract import Provider
     from relay.config import Settings
+    from relay.fetcher import Origin
 
 log = logging.getLogger("relay.app")
 
@@ -63,11 +65,23 @@ class App:
     """Everything one relay process serves."""
 
     def __init__(
-        self, settings: Settings, *, upstream_ssl_context: ssl.SSLContext | None = None
+        self,
+        settings: Settings,
+        *,
+        upstream_ssl_context: ssl.SSLContext | None = None,
+        trusted_file_origins: Collection[Origin] = (),
     ) -> None:
+        """
+        Args:
+            settings: the configuration.
+            upstream_ssl_context: TLS for upstream calls (tests: a private CA).
+            trusted_file_origins: (scheme, host, port) whose file URLs are
+                fetched even on private addresses: the emulators ``relay serve
+                --demo`` started, never anything a client names.
+        """
         self.settings = settings
         self._pool = make_pool(settings, ssl_context=upstream_ssl_context)
-        self.fetcher = UrlFetcher(settings)
+        self.fetcher = UrlFetcher(settings, trusted_origins=trusted_file_origins)
         #: runs conversation cleanup after the answers, while serve() runs
         self.janitor = Janitor()
         self.providers: dict[str, ProviderRuntime] = {}

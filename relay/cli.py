@@ -34,6 +34,8 @@ from relay.config import ConfigError, Settings
 if typing.TYPE_CHECKING:
     from collections.abc import Sequence
 
+    from relay.fetcher import Origin
+
 log = logging.getLogger("relay")
 
 # accounts of the built-in emulators: not secrets
@@ -135,13 +137,16 @@ async def serve(settings: Settings, *, reuse_port: bool = False) -> None:
             trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM)
         )
         async with trio.open_nursery() as nursery:
+            trusted: frozenset[Origin] = frozenset()
             if settings.demo:
                 settings = await _start_emulators(settings, nursery)
+                trusted = demo_file_origins(settings)
             if not settings.api_keys and (settings.step_tokens or settings.glm_tokens) \
                     and not settings.demo:
                 log.warning("server-side accounts are configured without RELAY_API_KEYS: "
                             "anyone who reaches this port can use them")
-            async with App(settings) as app, trio.open_nursery() as serving:
+            async with App(settings, trusted_file_origins=trusted) as app, \
+                    trio.open_nursery() as serving:
                 addresses = await serving.start(
                     functools.partial(app.serve, reuse_port=reuse_port)
                 )
@@ -184,6 +189,18 @@ async def _start_emulators(settings: Settings, nursery: trio.Nursery) -> Setting
         await nursery.start(glm.serve)
         changes.update(glm_base_url=glm.base_url, glm_tokens=(DEMO_GLM_TOKEN,))
     return dataclasses.replace(settings, **changes)
+
+
+def demo_file_origins(settings: Settings) -> frozenset[Origin]:
+    """The emulators' origins, once :func:`_start_emulators` has pointed ``settings`` at them.
+
+    Their file URLs (the images the ChatGLM emulator draws, which ``b64_json``
+    downloads) are on loopback, which the fetcher's guard refuses; the demo
+    trusts these origins, and no other private address.
+    """
+    from relay.fetcher import origin_of
+
+    return frozenset(origin_of(url) for url in (settings.step_base_url, settings.glm_base_url))
 
 
 def _print_demo(scheme: str, address: str) -> None:

@@ -20,7 +20,12 @@ import orjson
 import trio
 
 from protocol.errors import MethodNotAllowed, NotFound, RelayError, RequestError
-from protocol.openai import error_from_exception, models_body, parse_chat_request
+from protocol.openai import (
+    check_file_count,
+    error_from_exception,
+    models_body,
+    parse_chat_request,
+)
 from providers.glm.client import GlmProvider
 from providers.glm.media import parse_image_request, parse_video_request, videos_body
 from relay.chat import Outcome, complete, with_account
@@ -115,6 +120,7 @@ async def token_check(app: App, ex: Exchange, body: bytes) -> None:
 
 async def _chat(app: App, ex: Exchange, body: bytes, runtime: ProviderRuntime | None) -> None:
     request = parse_chat_request(body)
+    check_file_count(request, app.settings.max_files)
     if runtime is None:
         runtime = app.provider_for_model(request.model)
     accounts = app.accounts_for(ex, runtime)

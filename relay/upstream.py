@@ -1,20 +1,11 @@
-"""Upstream HTTP over httpcore: the shared pool, streamed calls, file fetching.
+"""Upstream HTTP over httpcore: the shared pool and streamed calls.
 
-Two pools, two trust levels:
-
-- :class:`HttpTransport` talks to the configured upstream services (base URLs
-  from the settings, which may be loopback in demo mode and tests). One
-  pool (:class:`relay.pool.UpstreamPool`: httpcore's HTTP/1.1 connections,
-  kept per origin) is shared by every request, so TLS handshakes and TCP
-  connections are reused across requests.
-- :class:`UrlFetcher` downloads files that *clients* name in chat messages.
-  Those URLs are hostile until proven otherwise, so its pool runs on
-  :class:`GuardedBackend`, which resolves each host itself and refuses to
-  connect to loopback, private, link-local and other non-global addresses
-  unless ``allow_private_urls`` is set. The check happens at connect time on
-  the very address connected to, so DNS rebinding cannot slip past it.
-  Redirects are followed by hand (at most :data:`MAX_REDIRECTS`), each hop
-  going through the same guard, and bodies are read against a size limit.
+:class:`HttpTransport` talks to the configured upstream services (base URLs
+from the settings, which may be loopback in demo mode and tests). One pool
+(:class:`relay.pool.UpstreamPool`: httpcore's HTTP/1.1 connections, kept per
+origin) is shared by every request, so TLS handshakes and TCP connections are
+reused across requests. Files that *clients* name are fetched elsewhere, by
+:class:`relay.fetcher.UrlFetcher`, behind the private-address guard.
 
 httpcore's exceptions are translated once, here, into :mod:`protocol.errors`
 (STYLE.md section 5): timeouts become :class:`UpstreamTimeout`, everything
@@ -35,10 +26,7 @@ claim what we cannot decode) and decode those incrementally with zlib.
 
 from __future__ import annotations
 
-import ipaddress
 import logging
-import mimetypes
-import urllib.parse
 import zlib
 from contextlib import aclosing, asynccontextmanager
 from typing import TYPE_CHECKING, cast
@@ -46,9 +34,8 @@ from typing import TYPE_CHECKING, cast
 import httpcore
 import trio
 
-from protocol.datauri import is_data_url, parse_data_url
-from protocol.errors import RequestError, UpstreamFailed, UpstreamTimeout
-from providers.contract import FetchedFile, Headers, Response
+from protocol.errors import UpstreamFailed, UpstreamTimeout
+from providers.contract import Headers, Response
 from relay.pool import TCP_NODELAY, UpstreamPool
 
 if TYPE_CHECKING:
@@ -65,8 +52,6 @@ Pool = UpstreamPool | httpcore.AsyncConnectionPool
 
 UNARY_BODY_LIMIT_BYTES = 16 * 1024 * 1024
 ERROR_BODY_LIMIT_BYTES = 64 * 1024
-MAX_REDIRECTS = 3
-FETCH_USER_AGENT = b"Mozilla/5.0 (compatible; trio-llm-relay)"
 #: after the answer, the rest of a stream is read for this long (and this much) at most
 DRAIN_LIMIT_S = 0.25
 DRAIN_LIMIT_BYTES = 256 * 1024
@@ -324,161 +309,3 @@ def make_pool(settings: Settings, *, ssl_context: ssl.SSLContext | None = None,
         keepalive_expiry=30.0,
         network_backend=network_backend,
     )
-
-
-# --- files named by clients --------------------------------------------------------
-
-
-def is_public_address(address: str) -> bool:
-    """True when ``address`` is a globally routable unicast IP."""
-    try:
-        ip = ipaddress.ip_address(address.split("%", 1)[0])
-    except ValueError:
-        return False
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return ip.is_global and not ip.is_multicast
-
-
-class ForbiddenAddress(httpcore.ConnectError):
-    """The host resolved only to addresses we may not connect to."""
-
-
-class GuardedBackend(httpcore.AsyncNetworkBackend):
-    """A trio network backend that connects only to public addresses."""
-
-    def __init__(self, allow_private: bool) -> None:
-        self._inner = httpcore.TrioBackend()
-        self._allow_private = allow_private
-
-    async def connect_tcp(
-        self,
-        host: str,
-        port: int,
-        timeout: float | None = None,  # noqa: ASYNC109 - httpcore's interface
-        local_address: str | None = None,
-        socket_options: Iterable[httpcore.SOCKET_OPTION] | None = None,
-    ) -> httpcore.AsyncNetworkStream:
-        if self._allow_private:
-            return await self._inner.connect_tcp(
-                host, port, timeout, local_address, socket_options
-            )
-        try:
-            infos = await trio.socket.getaddrinfo(host, port, type=trio.socket.SOCK_STREAM)
-        except OSError as exc:
-            raise httpcore.ConnectError(f"cannot resolve {host}: {exc}") from exc
-        addresses = [str(info[4][0]) for info in infos]
-        allowed = [a for a in addresses if is_public_address(a)]
-        if not allowed:
-            raise ForbiddenAddress(f"{host} resolves to a private or local address")
-        return await self._inner.connect_tcp(
-            allowed[0], port, timeout, local_address, socket_options
-        )
-
-    async def connect_unix_socket(
-        self,
-        path: str,
-        timeout: float | None = None,  # noqa: ASYNC109 - httpcore's interface
-        socket_options: Iterable[httpcore.SOCKET_OPTION] | None = None,
-    ) -> httpcore.AsyncNetworkStream:
-        raise ForbiddenAddress("unix sockets are not fetched")
-
-    async def sleep(self, seconds: float) -> None:
-        await trio.sleep(seconds)
-
-
-def filename_from_url(url: str) -> str:
-    """The last path segment without the query string, URL-decoded."""
-    path = urllib.parse.urlsplit(url).path
-    name = urllib.parse.unquote(path.rsplit("/", 1)[-1])
-    return name or "file"
-
-
-class UrlFetcher:
-    """Resolves client file references (providers.contract.Fetcher)."""
-
-    def __init__(
-        self, settings: Settings, pool: Pool | None = None
-    ) -> None:
-        self._settings = settings
-        self._pool = pool or make_pool(
-            settings,
-            network_backend=GuardedBackend(settings.allow_private_urls),
-            max_connections=100,
-        )
-
-    async def aclose(self) -> None:
-        """Close the pool's connections."""
-        await self._pool.aclose()
-
-    async def fetch(self, url: str) -> FetchedFile:
-        limit = self._settings.file_max_bytes
-        if is_data_url(url):
-            decoded = parse_data_url(url, limit)
-            return FetchedFile(decoded.filename(), decoded.mime, decoded.data)
-        scheme = urllib.parse.urlsplit(url).scheme.lower()
-        if scheme not in ("http", "https"):
-            raise RequestError(
-                "file URLs must be http(s):// or data: URLs", code="invalid_file_url"
-            )
-        current = url
-        try:
-            with trio.fail_after(self._settings.upload_timeout):
-                for _ in range(MAX_REDIRECTS + 1):
-                    result = await self._get(current, limit)
-                    if isinstance(result, FetchedFile):
-                        return result
-                    current = urllib.parse.urljoin(current, result)
-        except trio.TooSlowError as exc:
-            raise RequestError(f"fetching {url} timed out", code="invalid_file_url") from exc
-        raise RequestError(f"too many redirects fetching {url}", code="invalid_file_url")
-
-    async def _get(self, url: str, limit: int) -> FetchedFile | str:
-        """GET one URL: the file, or the next URL when redirected."""
-        s = self._settings
-        timeouts = {"connect": s.connect_timeout, "read": s.upload_timeout,
-                    "write": s.upload_timeout, "pool": s.upload_timeout}
-        try:
-            async with self._pool.stream(
-                b"GET", url, headers=[(b"User-Agent", FETCH_USER_AGENT), (b"Accept", b"*/*")],
-                extensions={"timeout": timeouts},
-            ) as response:
-                status = response.status
-                if status in (301, 302, 303, 307, 308):
-                    location = _header(response.headers, b"location")
-                    if not location:
-                        raise RequestError(f"{url} redirects nowhere", code="invalid_file_url")
-                    return location.decode("latin-1")
-                if status >= 400:
-                    raise RequestError(
-                        f"file URL {url} answered HTTP {status}", code="invalid_file_url"
-                    )
-                length = _header(response.headers, b"content-length")
-                if length is not None and length.isdigit() and int(length) > limit:
-                    raise RequestError(
-                        f"file at {url} is over the {limit}-byte limit", code="file_too_large"
-                    )
-                data = bytearray()
-                async for chunk in response.aiter_stream():
-                    data += chunk
-                    if len(data) > limit:
-                        raise RequestError(
-                            f"file at {url} is over the {limit}-byte limit", code="file_too_large"
-                        )
-                content_type = _header(response.headers, b"content-type") or b""
-        except ForbiddenAddress as exc:
-            raise RequestError(
-                f"file URL {url} points at a private or local address; "
-                "set RELAY_ALLOW_PRIVATE_URLS=true to allow it",
-                code="forbidden_file_url",
-            ) from exc
-        except (httpcore.TimeoutException, httpcore.NetworkError, httpcore.ProtocolError,
-                httpcore.UnsupportedProtocol, httpcore.ProxyError) as exc:
-            raise RequestError(
-                f"could not fetch file URL {url}: {type(exc).__name__}", code="invalid_file_url"
-            ) from exc
-        name = filename_from_url(url)
-        mime = content_type.split(b";", 1)[0].strip().decode("latin-1").lower()
-        if not mime or mime == "application/octet-stream":
-            mime = mimetypes.guess_type(name, strict=False)[0] or "application/octet-stream"
-        return FetchedFile(name, mime, bytes(data))

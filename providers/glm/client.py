@@ -80,13 +80,14 @@ from protocol.errors import (
     UpstreamFailed,
     UpstreamTimeout,
 )
+from protocol.openai import file_parts
 from protocol.sse import SSEDecoder
 from providers.cancel import create_held, hold_on_cancel
 from providers.contract import FetchedFile, after_answer
+from providers.files import each_file
 from providers.glm import media, prompt
 from providers.glm.signing import DEFAULT_SECRET, sign
 from providers.glm.stream import CITATION_LINE, GlmModes, GlmStream
-from providers.step.client import gather
 
 if TYPE_CHECKING:
     from collections.abc import AsyncGenerator, AsyncIterator, Sequence
@@ -467,14 +468,13 @@ class GlmProvider:
 
     # --- files ----------------------------------------------------------------------------
 
-    async def _upload(self, session: GlmSession, url: str, name: str, path: str,
+    async def _upload(self, session: GlmSession, file: FetchedFile, name: str, path: str,
                       referer: bytes, *, video_frame: bool = False) -> dict[str, Any]:
-        """Fetch a client's file and upload it as multipart (3.8); the ``result``.
+        """Upload a client's (fetched) file as multipart (3.8); the ``result``.
 
         ``video_frame``: the file is a video's first frame, resized and
         cropped first (off the event loop).
         """
-        file = await self._fetcher.fetch(url)
         if video_frame:
             data, mime, extension = await trio.to_thread.run_sync(media.first_frame, file.data)
             stem = (name or file.name).rsplit(".", 1)[0] or "frame"
@@ -490,9 +490,11 @@ class GlmProvider:
             raise RemoteProtocolError("ChatGLM upload answer is not an object")
         return result
 
-    async def _chat_upload(self, session: GlmSession, part: ContentPart) -> dict[str, Any]:
+    async def _chat_upload(
+        self, session: GlmSession, part: ContentPart, file: FetchedFile
+    ) -> dict[str, Any]:
         result = await self._upload(
-            session, part.url, part.name, prompt.UPLOAD_PATH, prompt.upload_referer(self._base)
+            session, file, part.name, prompt.UPLOAD_PATH, prompt.upload_referer(self._base)
         )
         if not isinstance(result.get("file_url"), str):
             raise RemoteProtocolError("ChatGLM upload answer has no file_url")
@@ -503,7 +505,10 @@ class GlmProvider:
     ) -> list[dict[str, Any]]:
         if not parts:
             return []
-        return await gather(*[lambda p=p: self._chat_upload(session, p) for p in parts])
+        return await each_file(
+            self._fetcher, [part.url for part in parts],
+            lambda index, file: self._chat_upload(session, parts[index], file),
+        )
 
     # --- the stream -----------------------------------------------------------------------
 
@@ -555,8 +560,7 @@ class GlmProvider:
             raise TypeError("not a ChatGLM session")
         choice = prompt.resolve_model(request.model or DEFAULT_MODEL, self._default_assistant)
         reuse = prompt.valid_conversation_id(request.conversation_id)
-        last = request.messages[-1]
-        parts = [part for part in last.parts if part.type in ("image_url", "file")]
+        parts = file_parts(request.messages)
         files, images = prompt.attachment_items(await self._attachments(session, parts))
         body = prompt.stream_body(
             assistant_id=choice.assistant_id,
@@ -681,15 +685,15 @@ class GlmProvider:
         if request.response_format != "b64_json":
             return media.images_body(urls, created)
 
-        async def download(url: str) -> bytes:
-            try:
-                return (await self._fetcher.fetch(url)).data
-            except RequestError as exc:
-                raise UpstreamFailed(
-                    f"could not download a generated image: {exc.message}", code="image_download"
-                ) from exc
+        async def keep(index: int, file: FetchedFile) -> bytes:
+            return file.data
 
-        images = await gather(*[lambda u=u: download(u) for u in urls])
+        try:
+            images = await each_file(self._fetcher, urls, keep)
+        except RequestError as exc:
+            raise UpstreamFailed(
+                f"could not download a generated image: {exc.message}", code="image_download"
+            ) from exc
         return media.images_b64_body(images, created)
 
     # --- videos (3.12) -------------------------------------------------------------------
@@ -716,7 +720,8 @@ class GlmProvider:
             image_url = (await self.draw(session, media.ImageRequest(prompt=request.prompt)))[0]
         source_ids: list[str] = []
         if image_url is not None:
-            result = await self._upload(session, image_url, "", media.VIDEO_UPLOAD_PATH, referer,
+            frame = await self._fetcher.fetch(image_url)
+            result = await self._upload(session, frame, "", media.VIDEO_UPLOAD_PATH, referer,
                                         video_frame=True)
             source_ids.append(media.parse_upload_source(result))
 

@@ -23,7 +23,7 @@ import functools
 import logging
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -31,16 +31,18 @@ from protocol.connect import EnvelopeDecoder
 from protocol.errors import RelayError, UpstreamFailed, UpstreamTimeout
 from providers.cancel import create_held
 from providers.contract import after_answer
+from providers.files import each_file
 from providers.step import prompt
 from providers.step.stream import CITATION_LINE, StepStream
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
+    from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 
     from protocol.deltas import Delta
     from protocol.openai import ChatRequest, ContentPart
     from providers.contract import (
         Background,
+        FetchedFile,
         Fetcher,
         Headers,
         Response,
@@ -58,8 +60,6 @@ POLL_FIRST_S, POLL_GROWTH, POLL_MAX_S = 0.2, 1.5, 2.0
 UPLOAD_PROCESSING_LIMIT_S = 60.0
 #: 2.10: the reference lists step-v1 and step-v1-vision; "step" is its default model name
 MODELS = ["step", "step-v1", "step-v1-vision"]
-
-T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,31 +97,6 @@ class StepAnswer:
         tail = translator.close(ended=decoder.ended)
         if tail:
             yield tail
-
-
-async def gather(*calls: Callable[[], Awaitable[T]]) -> list[T]:
-    """Run ``calls`` concurrently; return their results in order.
-
-    The first failure cancels the rest and is raised as itself (not wrapped
-    in an ExceptionGroup), so callers can map it to a status.
-    """
-    results: list[T | None] = [None] * len(calls)
-    failure: list[BaseException] = []
-
-    async def run(i: int, call: Callable[[], Awaitable[T]], nursery: trio.Nursery) -> None:
-        try:
-            results[i] = await call()
-        except Exception as exc:
-            if not failure:
-                failure.append(exc)
-            nursery.cancel_scope.cancel()
-
-    async with trio.open_nursery() as nursery:
-        for i, call in enumerate(calls):
-            nursery.start_soon(run, i, call, nursery)
-    if failure:
-        raise failure[0]
-    return [r for r in results if r is not None]
 
 
 class StepProvider:
@@ -236,8 +211,9 @@ class StepProvider:
 
     # --- files ----------------------------------------------------------------------------
 
-    async def _upload(self, session: StepSession, part: ContentPart) -> dict[str, str]:
-        file = await self._fetcher.fetch(part.url)
+    async def _upload(
+        self, session: StepSession, part: ContentPart, file: FetchedFile
+    ) -> dict[str, str]:
         name = part.name or file.name
         headers = self._headers(session, prompt.new_chat_referer(self._base), file.mime.encode())
         headers.append((b"Stepchat-Meta-Size", str(len(file.data)).encode()))
@@ -275,7 +251,10 @@ class StepProvider:
                            ) -> list[dict[str, str]]:
         if not parts:
             return []
-        return await gather(*[lambda p=p: self._upload(session, p) for p in parts])
+        return await each_file(
+            self._fetcher, [part.url for part in parts],
+            lambda index, file: self._upload(session, parts[index], file),
+        )
 
     # --- chat -------------------------------------------------------------------------------
 

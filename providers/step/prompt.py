@@ -57,6 +57,7 @@ from protocol.errors import (
     UpstreamFailed,
     UpstreamTimeout,
 )
+from protocol.openai import file_parts
 
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
@@ -357,9 +358,7 @@ def attachments_of(messages: Sequence[Message]) -> list[ContentPart]:
     Returns:
         Parts of type ``file`` or ``image_url``; empty for no messages.
     """
-    if not messages:
-        return []
-    return [part for part in messages[-1].parts if part.type in ("file", "image_url")]
+    return file_parts(messages)
 
 
 def attachment(

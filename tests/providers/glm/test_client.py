@@ -31,7 +31,8 @@ from providers.glm.client import (
 from providers.glm.emulator import ERR_AUTH, TINY_PNG, GlmBehavior, GlmEmulator
 from providers.glm.signing import verify
 from relay import config
-from relay.upstream import HttpTransport, UrlFetcher, make_pool
+from relay.fetcher import UrlFetcher
+from relay.upstream import HttpTransport, make_pool
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
