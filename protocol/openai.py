@@ -17,8 +17,10 @@ their own envelope (PROTOCOLS.md 1.2, 5), which SDKs cannot detect.
 
 What is accepted, and why:
 
-- any string ``role``: besides system/user/assistant, OpenAI has ``tool``,
-  ``function`` and ``developer``; providers decide what to make of them;
+- OpenAI's roles only: system, developer, user, assistant, tool and
+  function; providers decide what to make of the last three. Any other
+  role is a 400 naming ``messages[i].role`` (a provider would otherwise
+  merge it into the prompt as if it were text);
 - ``content`` as a string or an array of parts; null or missing only in
   assistant messages (those with tool calls carry none) and tool messages,
   as OpenAI: a system, user or developer message without content is a 400. Text parts, ``image_url``
@@ -27,8 +29,13 @@ What is accepted, and why:
   form, 1.4) or by OpenAI's ``file.file_data`` data URL with its
   ``filename``. Other part types (``input_audio``, ``refusal``, ...) are
   dropped: no upstream can use them and refusing would break clients that
-  replay whole conversations. URLs are not checked here: the fetcher
-  applies its scheme, address and size rules when (and if) it fetches;
+  replay whole conversations. What a file reference will put into
+  upstream headers is checked here, where the field can be named
+  (``messages[0].content[1].image_url.url``): a data URL's media type
+  must be ``type/subtype``, and a file name (OpenAI's ``filename``, or an
+  http(s) URL's last path segment) may hold no control character
+  (:mod:`protocol.datauri`). The rest of a URL is the fetcher's to judge
+  (scheme, address and size) when, and if, it fetches;
 - optional parameters may be null, which means absent, as with OpenAI;
 - sampling parameters, ``stop``, ``tools`` and ``user`` are type-checked and
   then ignored: the web upstreams have no such knobs, but a wrong type is a
@@ -53,10 +60,11 @@ from protocol.chunks import (
     error_body,
     estimate_tokens,
 )
+from protocol.datauri import check_file_name, check_file_url
 from protocol.errors import RequestError
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable, Sequence
+    from collections.abc import Callable, Iterable, Sequence
 
     from protocol.errors import RelayError
 
@@ -173,16 +181,27 @@ def _optional_str(obj: dict[str, Any], key: str, param: str) -> str | None:
     raise _invalid_type(param, "a string")
 
 
+def _checked(check: Callable[[str], object], value: str, param: str) -> str:
+    """``value`` if ``check`` passes; else its RequestError, naming ``param``."""
+    try:
+        check(value)
+    except RequestError as exc:
+        raise RequestError(f"Invalid '{param}': {exc.message}.", param=param,
+                           code=exc.code) from None
+    return value
+
+
 def _part_url(value: object, param: str) -> str:
     """The URL of an ``image_url`` or ``file_url`` field: ``{"url": str, ...}`` or a string.
 
-    Every fault is reported with ``param`` itself (``...content[1].image_url``).
+    Type faults are reported with ``param`` itself (``...content[1].image_url``),
+    a URL that cannot be sent on with its own path (``...image_url.url``).
     """
     if isinstance(value, str):
-        return value
+        return _checked(check_file_url, value, param)
     if isinstance(value, dict) and isinstance(value.get("url"), str):
         url: str = value["url"]
-        return url
+        return _checked(check_file_url, url, f"{param}.url")
     if value is None:
         raise _missing(param)
     raise _invalid_type(param, "an object with a 'url' string, or a string")
@@ -194,7 +213,7 @@ def _parse_file(part: dict[str, Any], param: str) -> ContentPart:
         return ContentPart("file", url=_part_url(part["file_url"], f"{param}.file_url"))
     file = part.get("file")
     if isinstance(file, str):
-        return ContentPart("file", url=file)
+        return ContentPart("file", url=_checked(check_file_url, file, f"{param}.file"))
     if not isinstance(file, dict):
         if file is None:
             raise RequestError(
@@ -214,7 +233,10 @@ def _parse_file(part: dict[str, Any], param: str) -> ContentPart:
     name = file.get("filename")
     if name is not None and not isinstance(name, str):
         raise _invalid_type(f"{param}.file", "a 'filename' string")
-    return ContentPart("file", url=data, name=name or "")
+    url = _checked(check_file_url, data, f"{param}.file.file_data")
+    if name:
+        _checked(check_file_name, name, f"{param}.file.filename")
+    return ContentPart("file", url=url, name=name or "")
 
 
 def _parse_part(part: object, param: str) -> ContentPart | None:
@@ -241,6 +263,8 @@ def _parse_part(part: object, param: str) -> ContentPart | None:
 
 #: Roles whose messages must carry content (a string or parts; "" is fine).
 _CONTENT_REQUIRED = frozenset({"system", "user", "developer"})
+#: OpenAI's chat roles (API reference, "messages"); "function" is deprecated but sent.
+ROLES = frozenset({*_CONTENT_REQUIRED, "assistant", "tool", "function"})
 
 
 def _parse_message(raw: object, param: str) -> Message:
@@ -251,6 +275,12 @@ def _parse_message(raw: object, param: str) -> Message:
         if role is None:
             raise _missing(f"{param}.role")
         raise _invalid_type(f"{param}.role", "a string")
+    if role not in ROLES:
+        raise RequestError(
+            f"Invalid value for '{param}.role': {role[:40]!r}; supported values are "
+            f"{', '.join(sorted(ROLES))}.",
+            param=f"{param}.role", code="invalid_value",
+        )
     content = raw.get("content")
     if isinstance(content, str):
         return Message(role, (ContentPart("text", text=content),), False)

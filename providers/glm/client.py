@@ -71,9 +71,11 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from protocol.datauri import check_file_name, upload_media_type
 from protocol.deltas import Finish, ImageResult, TextDelta, UpstreamError
 from protocol.errors import (
     AuthError,
+    NotFound,
     RelayError,
     RemoteProtocolError,
     RequestError,
@@ -480,8 +482,9 @@ class GlmProvider:
             stem = (name or file.name).rsplit(".", 1)[0] or "frame"
             file = FetchedFile(f"{stem}.{extension}", mime, data)
         boundary = _boundary(file.data)
-        body = prompt.multipart_body(UPLOAD_FIELD, name or file.name, file.mime, file.data,
-                                     boundary)
+        # both go into the part's header: a redirect names files too, a server their type
+        body = prompt.multipart_body(UPLOAD_FIELD, check_file_name(name or file.name),
+                                     upload_media_type(file.mime), file.data, boundary)
         headers = self._session_headers(
             session, referer, prompt.multipart_content_type(boundary), signed=False
         )
@@ -517,10 +520,17 @@ class GlmProvider:
                                  default_assistant=self._default_assistant)
         return self._session_headers(session, referer, accept=SSE_ACCEPT)
 
-    async def _check_stream_response(self, response: StreamedResponse) -> None:
+    async def _check_stream_response(
+        self, response: StreamedResponse, continued: str | None = None
+    ) -> None:
         """Return if the response is an SSE stream; else raise what its body says.
 
+        Args:
+            continued: the conversation the request continued, if any.
+
         Raises:
+            NotFound: (404, ``param`` conversation_id) the site does not know
+                the ``continued`` conversation (on this account).
             AuthError: 401/403, or an auth envelope (3.6).
             UpstreamFailed: status 429 for a busy account; 502 otherwise.
         """
@@ -528,6 +538,13 @@ class GlmProvider:
         if response.status == 200 and content_type == SSE_CONTENT_TYPE:
             return
         body = await response.read()
+        if continued is not None and prompt.conversation_missing(response.status, body):
+            raise NotFound(
+                f"ChatGLM has no conversation {continued!r} for this account (it may have "
+                "been deleted, or belong to another account); send an empty conversation_id "
+                "to start a new one",
+                param="conversation_id", code="conversation_not_found",
+            )
         try:
             prompt.parse_envelope(response.status, body)  # raises for every error envelope
         except AuthError:
@@ -601,7 +618,7 @@ class GlmProvider:
                     0 if keep else self._cleanup_timeout, open_stream, learn_id
                 )
                 try:
-                    await self._check_stream_response(response)
+                    await self._check_stream_response(response, reuse)
                 except UpstreamFailed as exc:
                     if exc.status != 429:
                         raise

@@ -566,6 +566,34 @@ def _is_expired(envelope: Mapping[str, Any]) -> bool:
     return isinstance(message, str) and str(EXPIRED_CODE) in message
 
 
+#: How a stream answer says the conversation it was asked to continue does not
+#: exist. PROTOCOLS.md does not establish the site's code for it (3.6: codes per
+#: endpoint are unknown), so its message decides, in English (the emulator's
+#: "conversation not found") or Chinese ("会话不存在"), or an HTTP 404.
+_MISSING_RE = re.compile(r"not[ _]?found|not[ _]exist|不存在", re.IGNORECASE)
+
+
+def conversation_missing(http_status: int, body: bytes) -> bool:
+    """Whether a non-SSE answer of the stream endpoint says "no such conversation".
+
+    Only meaningful for a request that continued a conversation (3.10): a
+    new conversation cannot be missing. Never raises.
+    """
+    if http_status == 404:
+        return True
+    try:
+        parsed = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return False
+    if not isinstance(parsed, dict):
+        return False
+    numbers = [n for n in (_number(parsed.get("code")), _number(parsed.get("status")))
+               if n is not None]
+    failed = bool(numbers) and 0 not in numbers  # parse_envelope's rule (3.6)
+    message = parsed.get("message")
+    return failed and isinstance(message, str) and _MISSING_RE.search(message) is not None
+
+
 def parse_refresh(result: object) -> tuple[str, str | None]:
     """The tokens of a refresh answer's ``result`` (PROTOCOLS.md 3.3).
 

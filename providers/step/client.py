@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from protocol.connect import EnvelopeDecoder
+from protocol.datauri import check_file_name, upload_media_type
 from protocol.errors import RelayError, UpstreamFailed, UpstreamTimeout
 from providers.cancel import create_held
 from providers.contract import after_answer
@@ -214,8 +215,9 @@ class StepProvider:
     async def _upload(
         self, session: StepSession, part: ContentPart, file: FetchedFile
     ) -> dict[str, str]:
-        name = part.name or file.name
-        headers = self._headers(session, prompt.new_chat_referer(self._base), file.mime.encode())
+        name = check_file_name(part.name or file.name)  # a redirect names files too
+        mime = upload_media_type(file.mime)  # it becomes the upload's Content-Type
+        headers = self._headers(session, prompt.new_chat_referer(self._base), mime.encode())
         headers.append((b"Stepchat-Meta-Size", str(len(file.data)).encode()))
         response = await self._unary(
             prompt.upload_path(name),
@@ -228,7 +230,7 @@ class StepProvider:
         await self._wait_processed(session, file_id)
         if self._file_settle:
             await trio.sleep(self._file_settle)
-        return prompt.attachment(file_id, name, file.mime, len(file.data), None, None)
+        return prompt.attachment(file_id, name, mime, len(file.data), None, None)
 
     async def _wait_processed(self, session: StepSession, file_id: str) -> None:
         delay = POLL_FIRST_S

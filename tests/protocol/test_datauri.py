@@ -11,7 +11,16 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from protocol.datauri import DEFAULT_MIME, DataURL, is_data_url, parse_data_url
+from protocol.datauri import (
+    DEFAULT_MIME,
+    DataURL,
+    check_file_name,
+    check_file_url,
+    is_data_url,
+    is_media_type,
+    parse_data_url,
+    upload_media_type,
+)
 from protocol.errors import RequestError
 
 PROPERTY = settings(max_examples=200, deadline=None)
@@ -256,3 +265,70 @@ def test_any_text_parses_or_raises_request_error(tail: str) -> None:
     except RequestError:
         return
     assert len(parsed.data) <= 64
+
+
+# --- what goes on into upstream headers -----------------------------------------------
+
+#: the characters of RFC 9110 tokens
+TCHARS = "!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+CONTROLS = [chr(c) for c in (*range(0x20), 0x7F)]
+
+
+@pytest.mark.parametrize(
+    "head",
+    ["a/b\r\nX: 1", "image/png\n", "image/p ng", "image/png\x00", "image/", "/png",
+     "im(age)/png", "image/png/x", "text/plain;charset=\r\nX", "\x7f/x"],
+)
+def test_media_type_that_would_break_a_header_is_refused(head: str) -> None:
+    """A media type that is not ``type/subtype`` of RFC 9110 tokens (CR LF, a space, a NUL,
+    an empty side, a separator), or a control character anywhere before the comma, is a
+    RequestError (code invalid_file_url), from the parser and from the edge check alike."""
+    url = f"data:{head};base64,aGVsbG8="
+    for parse in (lambda: parse_data_url(url, LIMIT), lambda: check_file_url(url)):
+        with pytest.raises(RequestError) as info:
+            parse()
+        assert (info.value.status, info.value.code) == (400, "invalid_file_url")
+
+
+@PROPERTY
+@given(st.text(max_size=40))
+@example("a/b\r\nX: 1")
+@example("text/plain\t")
+def test_a_parsed_media_type_is_always_a_token_pair(head: str) -> None:
+    """Whatever the header of a data URL, what the parser returns as its media type is
+    a ``type/subtype`` of token characters (or the default), never a control character."""
+    try:
+        parsed = parse_data_url(f"data:{head},x", LIMIT)
+    except RequestError:
+        return
+    assert is_media_type(parsed.mime)
+    assert re.fullmatch(r"[^\x00-\x20\x7f]+", parsed.mime)
+
+
+@given(st.text(TCHARS, min_size=1, max_size=10), st.text(TCHARS, min_size=1, max_size=10))
+def test_every_token_pair_is_a_media_type(kind: str, subtype: str) -> None:
+    """Any two RFC 9110 tokens make a media type the parser keeps (lowered)."""
+    assert is_media_type(f"{kind}/{subtype}")
+    assert parse_data_url(f"data:{kind}/{subtype},x", LIMIT).mime == f"{kind}/{subtype}".lower()
+
+
+@pytest.mark.parametrize("control", CONTROLS)
+def test_file_names_with_control_characters_are_refused(control: str) -> None:
+    """Any C0 control or DEL in a file name, or URL-encoded in an http URL's last path
+    segment, is a RequestError; the same name without it passes."""
+    with pytest.raises(RequestError) as info:
+        check_file_name(f"a{control}b.png")
+    assert info.value.code == "invalid_file_name"
+    encoded = urllib.parse.quote(control)
+    with pytest.raises(RequestError):
+        check_file_url(f"https://example.com/dir/a{encoded}b.png?x=1")
+    assert check_file_name("naïve café.png") == "naïve café.png"
+    check_file_url(f"https://example.com/a{encoded}b/ok.png")  # not the last segment
+
+
+def test_upload_media_type_falls_back_for_odd_server_types() -> None:
+    """A media type a file server named is kept when it is a token pair, else replaced
+    by the default (the client cannot fix it: no reason to fail the request)."""
+    assert upload_media_type("image/png") == "image/png"
+    for odd in ("text/plain\tx", "", "text", "a b/c"):
+        assert upload_media_type(odd) == DEFAULT_MIME

@@ -321,6 +321,20 @@ BAD_REQUESTS: list[tuple[dict[str, Any], str]] = [
     ({"messages": [{"role": "system", "content": None}, USER]}, "messages[0].content"),
     ({"messages": [{"role": "developer"}, USER]}, "messages[0].content"),
     ({"messages": [{"role": 1, "content": "hi"}]}, "messages[0].role"),
+    ({"messages": [USER, {"role": "wizard", "content": "hi"}]}, "messages[1].role"),
+    ({"messages": [{"role": "User", "content": "hi"}]}, "messages[0].role"),
+    ({"messages": [{"role": "", "content": "hi"}]}, "messages[0].role"),
+    (_part({"type": "image_url", "image_url": {"url": "data:a/b\r\nX: 1;base64,aGk="}}),
+     "messages[0].content[1].image_url.url"),
+    (_part({"type": "image_url", "image_url": "data:image/p ng;base64,aGk="}),
+     "messages[0].content[1].image_url"),
+    (_part({"type": "file", "file_url": {"url": "https://e.com/a%0d%0ab.pdf"}}),
+     "messages[0].content[1].file_url.url"),
+    (_part({"type": "file", "file": "data:text/plain\x00,hi"}), "messages[0].content[1].file"),
+    (_part({"type": "file", "file": {"file_data": "data:a/b\n,x", "filename": "a.txt"}}),
+     "messages[0].content[1].file.file_data"),
+    (_part({"type": "file", "file": {"file_data": "data:,x", "filename": "a\r\nb.txt"}}),
+     "messages[0].content[1].file.filename"),
     ({"messages": [USER, {"role": "user", "content": 5}]}, "messages[1].content"),
     (_msg({"type": "text", "text": "hi"}), "messages[0].content"),
     (_msg(True), "messages[0].content"),
@@ -381,6 +395,13 @@ def test_invalid_parameter_is_a_400_naming_it(body: dict[str, Any], param: str) 
     error = info.value
     assert (error.status, error.kind, error.param) == (400, "invalid_request_error", param)
     assert error.message
+
+
+@pytest.mark.parametrize("role", ["system", "developer", "user", "assistant", "tool", "function"])
+def test_every_openai_role_is_accepted(role: str) -> None:
+    """Each of OpenAI's six roles parses (only other strings are refused)."""
+    request = parse_chat_request(orjson.dumps({"messages": [{"role": role, "content": "x"}]}))
+    assert request.messages[0].role == role
 
 
 def test_file_id_error_says_what_to_send_instead() -> None:

@@ -38,6 +38,7 @@ from providers.glm.prompt import (
     attachment_items,
     browser_headers,
     build_prompt,
+    conversation_missing,
     delete_body,
     filename_from_url,
     is_agent_id,
@@ -736,3 +737,33 @@ def test_multipart_round_trip(data: bytes, filename: str) -> None:
     # the part is exactly delimiter, header, blank line, data, delimiter
     start = body.index(b"\r\n\r\n") + 4
     assert body[start : len(body) - len(f"\r\n--{boundary}--\r\n")] == data
+
+
+# --- an unknown conversation -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "missing"),
+    [
+        (200, b'{"code": 10004, "message": "conversation not found"}', True),  # the emulator
+        (200, '{"status": 1, "message": "会话不存在"}'.encode(), True),
+        (200, b'{"code": 500, "message": "Conversation does not exist"}', True),
+        (200, b'{"code": 500, "message": "conversation not_exist"}', True),
+        (404, b"<html>nope</html>", True),
+        (200, b'{"status": 0, "code": 5, "message": "not found"}', False),  # a success (3.6)
+        (200, b'{"code": 10500, "message": "internal error"}', False),
+        (200, b'{"message": "not found"}', False),  # no numeric code: not an error envelope
+        (200, b"not json", False),
+        (401, b'{"code": 401, "message": "token expired"}', False),
+    ],
+)
+def test_conversation_missing(status: int, body: bytes, missing: bool) -> None:
+    """An error envelope saying "not found" (English or Chinese) or an HTTP 404 means the
+    continued conversation does not exist; other errors and successes do not."""
+    assert conversation_missing(status, body) is missing
+
+
+@given(st.integers(100, 599), st.binary(max_size=80))
+def test_conversation_missing_never_raises(status: int, body: bytes) -> None:
+    """Any status and body give a bool, never an exception."""
+    assert isinstance(conversation_missing(status, body), bool)
