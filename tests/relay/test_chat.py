@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import functools
+import logging
+import socket
 import sys
 from typing import TYPE_CHECKING
 
@@ -15,6 +17,8 @@ import trio
 from relay.timers import coarse_timers
 from tests.relay.conftest import (
     AUTH,
+    GLM_AUTH,
+    GLM_TOKEN,
     STEP_CREDENTIAL,
     RelayFactory,
     Running,
@@ -26,6 +30,7 @@ from tests.relay.conftest import (
 )
 
 if TYPE_CHECKING:
+    from providers.glm.emulator import GlmEmulator
     from providers.step.emulator import StepEmulator
 
 ANSWER = "阶跃星辰是一家人工智能公司。Hello, world!"
@@ -280,6 +285,7 @@ async def test_expired_access_token_is_refreshed(relay: Running, step: StepEmula
     """When the upstream expires the access token, the relay logs in again and succeeds."""
     with trio.fail_after(5):
         first = await post(relay.base_url, PATH, chat_body())
+        await relay.settled()  # the first chat deleted before the token expires
         step.expire_access_tokens()
         second = await post(relay.base_url, PATH, chat_body())
     assert (first.status, second.status) == (200, 200)
@@ -594,3 +600,44 @@ async def test_the_stream_clock_costs_no_timer_per_event(
         response = await post(relay.base_url, PATH, chat_body(stream=True))
     assert sse_text(response.content) == "".join(str(i % 10) for i in range(20))
     assert timed == []
+
+
+async def test_a_client_that_stops_reading_is_cut_at_send_timeout(
+    relay_factory: RelayFactory, glm: GlmEmulator, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A client with a tiny receive buffer that never reads a long ChatGLM stream holds it
+    only until a write makes no progress for send_timeout: then the upstream stream is
+    closed, the conversation deleted, the account (one stream at a time) released, so a
+    second request on it is answered instead of waiting for a 429; the access log says
+    send-timeout."""
+    caplog.set_level(logging.INFO, logger="relay.access")
+    relay = await relay_factory(send_timeout=0.3, glm_max_streams=1, account_wait_timeout=30.0)
+    # ~3 MB of answer: more than the client's receive buffer and the relay's send buffer
+    glm.behavior.answer = "x" * 3_000_000
+    glm.behavior.chunk_chars = 300_000
+    body = orjson.dumps({"model": "glm-4-plus", "stream": True,
+                         "messages": [{"role": "user", "content": "hi"}]})
+    sock = trio.socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)
+    with trio.fail_after(20):
+        await sock.connect((relay.host, relay.port))
+        async with trio.SocketStream(sock) as stuck:
+            await stuck.send_all(
+                b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                b"Content-Type: application/json\r\nAuthorization: Bearer " + GLM_TOKEN.encode()
+                + b"\r\nContent-Length: %d\r\n\r\n" % len(body) + body
+            )
+            await glm.wait_until(lambda r: r.active_streams == 1, timeout=20)
+            glm.behavior.answer = "second"
+            await glm.wait_until(lambda r: len(r.conversations_deleted) == 1, timeout=20)
+            assert glm.record.active_streams == 0
+            second = await post(relay.base_url, PATH, orjson.dumps({
+                "model": "glm-4-plus", "messages": [{"role": "user", "content": "again"}]}),
+                headers=GLM_AUTH)
+    assert second.status == 200, second.content
+    assert orjson.loads(second.content)["choices"][0]["message"]["content"] == "second"
+    assert glm.record.streams_aborted == 1
+    await relay.settled()
+    assert glm.record.conversations_deleted == glm.record.conversations_created
+    access = [r.getMessage() for r in caplog.records if r.name == "relay.access"]
+    assert any(line.endswith(" send-timeout") for line in access), access

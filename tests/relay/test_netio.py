@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gc
 import socket
@@ -438,3 +439,99 @@ async def test_the_relay_s_listeners_hand_out_our_streams_with_nodelay() -> None
     finally:
         for listener in listeners:
             await listener.aclose()
+
+
+# --- the send clock (send_timeout) ---------------------------------------------------------------
+
+
+async def test_a_send_that_makes_no_progress_for_send_timeout_raises_too_slow(
+    pair: Pair, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A peer that never reads: once the buffers are full, a send waits send_timeout seconds
+    (a cancel scope for a short one) and raises trio.TooSlowError."""
+    stream, _ = pair
+    stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    stream.send_timeout = 3.0
+    with trio.fail_after(100), pytest.raises(trio.TooSlowError):
+        await stream.send_all(b"x" * 50_000_000)
+    assert not stream.expired
+
+
+async def test_a_long_send_timeout_is_a_coarse_timer_and_closes_the_stream(
+    pair: Pair, short_timers: list[int]
+) -> None:
+    """A send_timeout of COARSE_MIN_S or more is kept by relay.timers, not a cancel scope:
+    the stream is closed when it fires and the send raises trio.TooSlowError."""
+    stream, _ = pair
+    stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    stream.send_timeout = 0.2
+    with trio.fail_after(LIMIT_S), pytest.raises(trio.TooSlowError):
+        await stream.send_all(b"x" * 50_000_000)
+    assert stream.expired
+    assert stream.socket.fileno() == -1
+    assert short_timers == [0]
+    assert len(relay.timers.coarse_timers()) == 0
+
+
+async def test_send_progress_restarts_the_send_clock(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A peer that reads what is there every 6 s never leaves a send 10 s without progress,
+    so a send that takes far longer than send_timeout in all still completes.
+
+    Over a Unix socket pair: a read there makes room for the writer at once, where
+    loopback TCP may wait for a delayed ACK in real time, which the autojump clock
+    would not wait for.
+    """
+    ours, peer = socket.socketpair()
+    peer.setblocking(False)
+    stream = SocketStream(ours)
+    stream.send_timeout = 10.0
+    payload = b"x" * 2_000_000
+    received = 0
+
+    async def slow_reader() -> None:
+        nonlocal received
+        while received < len(payload):
+            await trio.sleep(6)
+            with contextlib.suppress(BlockingIOError):
+                received += len(peer.recv(1 << 22))
+
+    with ours, peer, trio.fail_after(100_000):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(slow_reader)
+            started = trio.current_time()
+            await stream.send_all(payload)
+            took = trio.current_time() - started
+    assert took > 3 * stream.send_timeout
+    assert received == len(payload)
+
+
+async def test_tls_over_our_stream_has_the_send_clock(nursery: trio.Nursery) -> None:
+    """trio.SSLStream over a SocketStream with send_timeout: a TLS peer that never reads
+    makes send_all raise trio.TooSlowError (the clock is the transport's own)."""
+    ca = trustme.CA()
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("localhost").configure_cert(server_context)
+
+    async def handshake_then_mute(plain: trio.SocketStream) -> None:
+        tls = trio.SSLStream(plain, server_context, server_side=True)
+        await tls.do_handshake()
+        await trio.sleep_forever()
+
+    listeners = await nursery.start(
+        functools.partial(trio.serve_tcp, handshake_then_mute, 0, host="127.0.0.1")
+    )
+    port = listeners[0].socket.getsockname()[1]
+    trusted = ssl.create_default_context()
+    ca.configure_trust(trusted)
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    ours = SocketStream(sock)
+    ours.send_timeout = 0.2
+    tls = trio.SSLStream(ours, trusted, server_hostname="localhost")
+    with trio.fail_after(LIMIT_S):
+        await tls.do_handshake()
+        with pytest.raises(trio.TooSlowError):
+            await tls.send_all(b"x" * 50_000_000)
+    ours.close()

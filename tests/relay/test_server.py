@@ -1226,3 +1226,30 @@ async def test_a_non_stream_request_cut_by_shutdown_gets_503(
     assert error["type"] == "server_error"
     assert step.record.chats_created
     assert step.record.chats_deleted == step.record.chats_created
+
+
+async def test_a_tls_client_that_stops_reading_is_cut_at_send_timeout(
+    relay_factory: RelayFactory, step: StepEmulator, ca: trustme.CA,
+    tls_files: tuple[str, str],
+) -> None:
+    """Over HTTPS too, a client that never reads a long stream is cut once a write makes no
+    progress for send_timeout: the upstream stream is aborted and the chat deleted while the
+    client's socket is still open."""
+    certfile, keyfile = tls_files
+    relay = await relay_factory(certfile=certfile, keyfile=keyfile, send_timeout=0.3)
+    step.behavior.answer = "x" * 4_000_000  # more than the socket buffers on both sides hold
+    step.behavior.chunk_chars = 100_000
+    client_ctx = ssl.create_default_context()
+    ca.configure_trust(client_ctx)
+    sock = trio.socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)
+    with trio.fail_after(20):
+        await sock.connect((relay.host, relay.port))
+        tls = trio.SSLStream(trio.SocketStream(sock), client_ctx, server_hostname="127.0.0.1")
+        async with tls:
+            await tls.send_all(chat_request_bytes(stream=True))  # and never read
+            await step.wait_until(
+                lambda r: r.streams_aborted == 1 and len(r.chats_deleted) == 1, timeout=20
+            )
+    assert step.record.streams_finished == 0
+    assert step.record.chats_deleted == step.record.chats_created
