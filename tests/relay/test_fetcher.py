@@ -832,3 +832,58 @@ async def test_trusted_origin_is_fetched_and_nothing_else(server: TinyServer) ->
                 assert info.value.code == "forbidden_file_url"
     finally:
         await fetch.aclose()
+
+
+# === One request's byte budget ==============================================================
+
+
+async def test_batch_refuses_the_file_that_crosses_the_budget_while_it_streams(
+    server: TinyServer,
+) -> None:
+    """The files of one batch share files_max_bytes: after a 60-byte file, a second one
+    is refused (files_too_large) as soon as its bytes cross 100, not when it ends
+    (it never does)."""
+    server.routes["/first.bin"] = Reply(200, [], [b"1" * 60])
+    server.routes["/second.bin"] = Reply(200, [], [b"2" * 30, b"2" * 20, HANG])
+    with trio.fail_after(IO_LIMIT_S):
+        async with fetcher(files_max_bytes=100, file_max_bytes=1000) as fetch:
+            batch = fetch.batch()
+            assert len((await batch.fetch(server.url("/first.bin"))).data) == 60
+            with pytest.raises(RequestError) as info:
+                await batch.fetch(server.url("/second.bin"))
+    assert (info.value.code, info.value.status) == ("files_too_large", 400)
+
+
+async def test_batch_refuses_a_content_length_over_what_is_left(server: TinyServer) -> None:
+    """A Content-Length over what is left of the budget is refused before the body."""
+    server.routes["/first.bin"] = Reply(200, [], [b"1" * 60])
+    server.routes["/announced.bin"] = Reply(200, [(b"Content-Length", b"50")], [HANG])
+    with trio.fail_after(IO_LIMIT_S):
+        async with fetcher(files_max_bytes=100, file_max_bytes=1000) as fetch:
+            batch = fetch.batch()
+            await batch.fetch(server.url("/first.bin"))
+            with pytest.raises(RequestError) as info:
+                await batch.fetch(server.url("/announced.bin"))
+    assert info.value.code == "files_too_large"
+
+
+async def test_batch_counts_data_urls() -> None:
+    """Decoded data URLs draw on the batch's budget too."""
+    data_url = "data:application/octet-stream;base64," + "QUFB" * 20  # 60 bytes
+    async with fetcher(files_max_bytes=100) as fetch:
+        batch = fetch.batch()
+        await batch.fetch(data_url)
+        with pytest.raises(RequestError) as info:
+            await batch.fetch(data_url)
+    assert info.value.code == "files_too_large"
+
+
+async def test_batches_have_budgets_of_their_own(server: TinyServer) -> None:
+    """Another request (another batch, or a lone fetch) starts with the whole budget."""
+    server.routes["/sixty.bin"] = Reply(200, [], [b"6" * 60])
+    with trio.fail_after(IO_LIMIT_S):
+        async with fetcher(files_max_bytes=100) as fetch:
+            for _ in range(2):
+                await fetch.batch().fetch(server.url("/sixty.bin"))
+                await fetch.fetch(server.url("/sixty.bin"))
+    assert len(server.requests) == 4
