@@ -20,6 +20,7 @@ import gc
 import json
 import logging
 import multiprocessing
+import os
 import signal
 import sys
 import time
@@ -32,8 +33,9 @@ from relay import config
 from relay.config import ConfigError, Settings
 
 if typing.TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import AsyncIterator, Sequence
 
+    from relay.app import App
     from relay.fetcher import Origin
 
 log = logging.getLogger("relay")
@@ -131,11 +133,9 @@ async def serve(settings: Settings, *, reuse_port: bool = False) -> None:
 
     # The signals are caught from the start: a supervisor may send SIGTERM as soon as
     # it reads "listening on", and that must be a graceful stop, not the default kill.
-    # After the first one the handlers are restored, so a second signal stops at once.
-    with contextlib.ExitStack() as catching:
-        signals = catching.enter_context(
-            trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM)
-        )
+    # A second one stops at once (_stop_at_once). A failure (a port in use) comes out
+    # alone, not in the nurseries' exception groups, so that main() can print one line.
+    with _one_error(), trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
             trusted: frozenset[Origin] = frozenset()
             if settings.demo:
@@ -164,9 +164,42 @@ async def serve(settings: Settings, *, reuse_port: bool = False) -> None:
                              settings.grace_period)
                     app.shutdown()
                     break
-                catching.close()
+                nursery.start_soon(_stop_at_once, signals, app)
                 # leaving `serving` waits for app.serve to drain and return
             nursery.cancel_scope.cancel()
+
+
+async def _stop_at_once(signals: AsyncIterator[int], app: App) -> None:
+    """On a second SIGINT/SIGTERM during the graceful stop, die by that signal now.
+
+    Nothing more runs: streams in flight end without a final event, their
+    upstream conversations are not deleted, cleanup jobs still queued are
+    dropped. The process ends as the signal's default action ends it (a
+    supervisor sees it killed by SIGTERM or SIGINT), which is what the
+    operator asked for.
+    """
+    async for signum in signals:
+        log.warning("signal %d again: stopping at once; %d connections cut, their upstream "
+                    "conversations are left undeleted", signum, app.server.connections)
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+        return
+
+
+class _one_error:
+    """Raise a nursery's group holding a single exception (nested or not) as that exception."""
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: object
+    ) -> None:
+        leaf = exc
+        while isinstance(leaf, BaseExceptionGroup) and len(leaf.exceptions) == 1:
+            leaf = leaf.exceptions[0]
+        if leaf is not exc and leaf is not None:
+            raise leaf from None
 
 
 async def _start_emulators(settings: Settings, nursery: trio.Nursery) -> Settings:
@@ -218,12 +251,33 @@ def _print_demo(scheme: str, address: str) -> None:
 
 def _worker(settings: Settings) -> None:
     setup_logging(settings)
-    with contextlib.suppress(KeyboardInterrupt):
-        trio.run(functools.partial(serve, settings, reuse_port=True))
+    try:
+        with contextlib.suppress(KeyboardInterrupt):
+            trio.run(functools.partial(serve, settings, reuse_port=True))
+    except OSError as exc:  # cannot listen (lost a race the parent's probe passed)
+        print(f"relay: {exc}", file=sys.stderr)
+        sys.exit(1)
+
+
+async def _probe_listeners(settings: Settings) -> None:
+    """Open the workers' listeners once and close them (raises CannotListen)."""
+    from relay.server import open_listeners
+
+    for listener in await open_listeners(settings, reuse_port=True):
+        await listener.aclose()
 
 
 def run_workers(settings: Settings) -> int:
-    """Run ``settings.workers`` processes sharing the port (SO_REUSEPORT)."""
+    """Run ``settings.workers`` processes sharing the port (SO_REUSEPORT).
+
+    The parent binds the port once first, so that a port in use is one line
+    on stderr and exit status 1, not one traceback per worker.
+    """
+    try:
+        trio.run(_probe_listeners, settings)
+    except OSError as exc:
+        print(f"relay: {exc}", file=sys.stderr)
+        return 1
     ctx = multiprocessing.get_context("spawn")
     procs = [ctx.Process(target=_worker, args=(settings,), daemon=False)
              for _ in range(settings.workers)]

@@ -110,6 +110,8 @@ HTTP_VERSIONS = (b"1.1", b"1.0")
 STOP_BOUND_S = 2.0
 #: the bound on writing a stopped stream's last words (within STOP_BOUND_S)
 LAST_WORDS_S = 1.0
+#: connections the kernel queues for accept() per listener
+LISTEN_BACKLOG = 1024
 #: accept() failures (out of file descriptors) pause the accept loop this long
 ACCEPT_PAUSE_S = 0.1
 _LF, _CR = 10, 13
@@ -884,26 +886,89 @@ def ssl_context_from(settings: Settings) -> ssl.SSLContext | None:
     return ctx
 
 
+class CannotListen(OSError):
+    """A listener could not be opened; the message names the address and the reason."""
+
+
 async def open_listeners(
     settings: Settings, *, reuse_port: bool = False
 ) -> list[trio.abc.Listener[trio.abc.Stream]]:
-    """TCP (or Unix-socket) listeners, TLS-wrapped when configured."""
+    """TCP (or Unix-socket) listeners, TLS-wrapped when configured.
+
+    Raises:
+        CannotListen: binding failed, e.g. ``cannot listen on 127.0.0.1:8000:
+            address already in use`` (``errno`` is the cause's).
+    """
     listeners: list[trio.abc.Listener[trio.abc.Stream]] = []
     if settings.uds:
-        listeners.append(SocketListener(await _unix_listener(settings.uds)))
+        try:
+            listeners.append(SocketListener(await _unix_listener(settings.uds)))
+        except OSError as exc:
+            raise _cannot_listen(settings.uds, exc) from exc
     else:
-        tcp = await trio.open_tcp_listeners(settings.port, host=settings.host or None,
-                                            backlog=1024)
-        for listener in tcp:
-            if reuse_port and hasattr(socket, "SO_REUSEPORT"):
-                listener.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            listeners.append(SocketListener(listener))
+        try:
+            tcp = await _tcp_listeners(settings.host or None, settings.port, reuse_port)
+        except OSError as exc:
+            host = settings.host or "*"
+            where = f"[{host}]:{settings.port}" if ":" in host else f"{host}:{settings.port}"
+            raise _cannot_listen(where, exc) from exc
+        listeners.extend(SocketListener(listener) for listener in tcp)
     ctx = ssl_context_from(settings)
     if ctx is not None:
         listeners = [
             trio.SSLListener(listener, ctx, https_compatible=True) for listener in listeners
         ]
     return listeners
+
+
+async def _tcp_listeners(
+    host: str | None, port: int, reuse_port: bool
+) -> list[trio.SocketListener]:
+    """``trio.open_tcp_listeners``, with ``SO_REUSEPORT`` set before bind when asked.
+
+    Workers share a port only if every socket had the option when it was
+    bound (Linux socket(7)); set after bind, as trio's function leaves it
+    to be, the second worker's bind fails with EADDRINUSE.
+    """
+    addresses = await trio.socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )
+    listeners: list[trio.SocketListener] = []
+    try:
+        for family, kind, proto, _, sockaddr in addresses:
+            try:
+                sock = trio.socket.socket(family, kind, proto)
+            except OSError as exc:
+                if exc.errno == errno.EAFNOSUPPORT:
+                    continue  # e.g. no IPv6 here: the other family may do
+                raise
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if reuse_port and hasattr(socket, "SO_REUSEPORT"):
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                if family == socket.AF_INET6:
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                await sock.bind(sockaddr)
+                sock.listen(LISTEN_BACKLOG)
+            except BaseException:
+                sock.close()
+                raise
+            listeners.append(trio.SocketListener(sock))
+    except BaseException:
+        for listener in listeners:
+            listener.socket.close()
+        raise
+    if not listeners:
+        raise OSError(errno.EAFNOSUPPORT, "no address family of this host can be used")
+    return listeners
+
+
+def _cannot_listen(where: str, exc: OSError) -> CannotListen:
+    """``cannot listen on <where>: <reason>``, the reason as the C library words it."""
+    reason = os.strerror(exc.errno) if exc.errno else str(exc)
+    error = CannotListen(f"cannot listen on {where}: {reason[:1].lower()}{reason[1:]}")
+    error.errno = exc.errno
+    return error
 
 
 async def _unix_listener(path: str) -> trio.SocketListener:
@@ -915,7 +980,7 @@ async def _unix_listener(path: str) -> trio.SocketListener:
     sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         await sock.bind(path)
-        sock.listen(1024)
+        sock.listen(LISTEN_BACKLOG)
     except BaseException:
         sock.close()  # e.g. EADDRINUSE: do not leak the descriptor
         raise

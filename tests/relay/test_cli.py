@@ -12,6 +12,7 @@ import os
 import re
 import resource
 import signal
+import socket
 import subprocess
 import sys
 from contextlib import asynccontextmanager
@@ -364,3 +365,96 @@ async def test_sigterm_while_the_banner_is_still_being_written_exits_0() -> None
             await process.stderr.aclose()
     assert status == 0, child.stderr.decode(errors="replace")
     assert b"Demo mode" in banner
+
+
+async def _hold_a_request_open(child: Child) -> trio.SocketStream:
+    """A connection whose request is in flight: its head, and a body that never comes."""
+    stream = await trio.open_tcp_stream(child.host, child.port)
+    await stream.send_all(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                          b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{")
+    return stream
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+async def test_a_second_signal_stops_at_once(signum: int) -> None:
+    """During a 600 s grace period with a request in flight, a second SIGTERM or SIGINT
+    ends the process at once, killed by that signal, after one warning line (what is cut)
+    and without a traceback."""
+    with trio.fail_after(PROCESS_TIMEOUT_S):
+        async with relay_process("--demo", "--grace-period", "600") as child:
+            held = await _hold_a_request_open(child)
+            child.process.send_signal(signum)
+            await child.read_stderr_until(re.compile(rb"shutting down \(grace 600 s\)"))
+            status = await stop(child, signum)
+            await held.aclose()
+    assert status == -signum, child.stderr.decode(errors="replace")
+    assert b"signal %d again: stopping at once; 1 connections cut" % signum in child.stderr
+    assert b"Traceback" not in child.stderr
+
+
+def _held_port() -> socket.socket:
+    """A listening socket on a loopback port, so that the port is in use."""
+    held = socket.socket()
+    held.bind(("127.0.0.1", 0))
+    held.listen()
+    return held
+
+
+@pytest.mark.parametrize("extra", [[], ["--workers", "2"]], ids=["one", "workers"])
+def test_a_port_in_use_is_one_line_and_status_1(extra: list[str]) -> None:
+    """``relay serve --port <a port in use>`` (with --workers too) prints one line naming
+    the address and the reason, and exits 1."""
+    with _held_port() as held:
+        port = held.getsockname()[1]
+        done = subprocess.run(  # noqa: S603 (our own interpreter and module)
+            [sys.executable, "-m", "relay", "serve", "--host", "127.0.0.1",
+             "--port", str(port), *extra],
+            capture_output=True, text=True, timeout=PROCESS_TIMEOUT_S, env=child_env(),
+            check=False,
+        )
+    assert done.returncode == 1, done.stderr
+    assert done.stderr == f"relay: cannot listen on 127.0.0.1:{port}: address already in use\n"
+
+
+def test_a_unix_socket_path_in_use_is_one_line_and_status_1(tmp_path: Path) -> None:
+    """``relay serve --uds PATH`` where PATH is taken (a regular file, which is never
+    replaced) prints one line naming the path, and exits 1."""
+    path = tmp_path / "taken"
+    path.write_text("not a socket")
+    done = subprocess.run(  # noqa: S603 (our own interpreter and module)
+        [sys.executable, "-m", "relay", "serve", "--uds", str(path)],
+        capture_output=True, text=True, timeout=PROCESS_TIMEOUT_S, env=child_env(), check=False,
+    )
+    assert done.returncode == 1, done.stderr
+    assert done.stderr == f"relay: cannot listen on {path}: address already in use\n"
+    assert path.read_text() == "not a socket"
+
+
+async def test_workers_share_the_port() -> None:
+    """``--workers 2`` starts two processes listening on the same port (SO_REUSEPORT set
+    before bind), both serving, and SIGTERM stops them with status 0."""
+    with _held_port() as spare:
+        port = spare.getsockname()[1]
+    process = await trio.lowlevel.open_process(
+        [sys.executable, "-m", "relay", "serve", "--port", str(port), "--workers", "2"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        env=child_env(RELAY_LOG_LEVEL="info", RELAY_GRACE_PERIOD="3"),
+    )
+    child = Child(process, bytearray())
+    twice = re.compile(rb"(listening on http://127\.0\.0\.1:%d\n[^\n]*){2}" % port, re.S)
+    try:
+        with trio.fail_after(PROCESS_TIMEOUT_S):
+            await child.read_stderr_until(twice)
+            async with httpcore.AsyncConnectionPool() as pool:
+                ping = await pool.request("GET", f"http://127.0.0.1:{port}/ping")
+            status = await stop(child, signal.SIGTERM)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            with trio.CancelScope(shield=True):
+                await process.wait()
+        if process.stderr is not None:
+            await process.stderr.aclose()
+    assert ping.content == b"pong"
+    assert status == 0, child.stderr.decode(errors="replace")
+    assert b"Traceback" not in child.stderr
