@@ -846,15 +846,16 @@ async def _send_junk(relay: Running, junk: bytes) -> None:
             ping = await roundtrip(stream, conn, "GET", "/ping")
     if data:
         assert data.startswith(b"HTTP/1.1 ")
-        assert 200 <= int(data[9:12]) < 500, data[:100]
+        assert 200 <= int(data[9:12]) < 500 or int(data[9:12]) == 505, data[:100]
     assert ping.body == b"pong"
 
 
 async def test_random_bytes_never_crash_the_server(
     relay: Running, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Any bytes sent as a request get a non-5xx answer or a close, never log an unexpected
-    error, and the server goes on answering /ping on new connections."""
+    """Any bytes sent as a request get a non-5xx answer (505 for an HTTP version we do not
+    speak) or a close, never log an unexpected error, and the server goes on answering /ping
+    on new connections."""
 
     # Hypothesis runs in a worker thread and hands each example back to this trio
     # run, so that all examples share one relay (and fail fast on the first bug).
