@@ -205,7 +205,17 @@ class Provider(Protocol):
         ...
 
     async def check(self, credential: str) -> bool:
-        """Liveness of a credential, uncached (``/token/check``)."""
+        """Liveness of a credential, uncached (``/token/check``, ``relay check-token``).
+
+        Returns:
+            True if the upstream took it, False if it refused it (an
+            :class:`~protocol.errors.AuthError`, or a malformed credential).
+
+        Raises:
+            RelayError: any other failure (UpstreamFailed, UpstreamTimeout,
+                RemoteProtocolError): the upstream could not tell, which is
+                not the same as a dead credential.
+        """
         ...
 
     def chat(

@@ -13,6 +13,7 @@ through ``task_status``; :meth:`App.shutdown` stops it gracefully.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hmac
 import logging
@@ -28,6 +29,7 @@ from providers.glm.client import GlmProvider
 from providers.step.client import StepProvider
 from relay import routes
 from relay.accounts import Account, AccountPool, PoolStatistics
+from relay.config import ConfigError
 from relay.fetcher import UrlFetcher
 from relay.janitor import Janitor
 from relay.metrics import Metrics
@@ -95,19 +97,27 @@ class App:
             background=self.janitor,
         )
         self.add_provider(step, settings.step_tokens, settings.step_max_streams, "step")
+        # ChatGLM keeps the first-byte timeout itself: past it, it reads on for up
+        # to cleanup_timeout to learn the conversation it must delete, so its
+        # transport must not give up before that.
+        glm_transport_settings = dataclasses.replace(
+            settings, first_byte_timeout=settings.first_byte_timeout + settings.cleanup_timeout
+        )
         glm = GlmProvider(
-            HttpTransport(self._pool, settings, "ChatGLM"),
+            HttpTransport(self._pool, glm_transport_settings, "ChatGLM"),
             self.fetcher,
             base_url=settings.glm_base_url,
             secret=settings.glm_sign_secret,
             system_tag=settings.glm_system_tag,
             cleanup_timeout=settings.cleanup_timeout,
+            first_byte_timeout=settings.first_byte_timeout,
             upload_timeout=settings.upload_timeout,
             video_timeout=settings.video_timeout,
             video_poll_interval=max(settings.video_poll_interval, 0.001),
             background=self.janitor,
         )
         self.add_provider(glm, settings.glm_tokens, settings.glm_max_streams, GLM_DEFAULT_MODEL)
+        self._check_server_credentials()
         self.server = Server(settings, self.handle)
         self.metrics = Metrics(self.pool_statistics, self.statistics)
         self.addresses: list[str] = []
@@ -124,6 +134,27 @@ class App:
             tuple(credentials),
             default_model,
         )
+
+    def _check_server_credentials(self) -> None:
+        """Refuse to start with a malformed entry in a server-side token list.
+
+        Found here, at start, rather than by the first request that leases
+        that account. The message names the setting and the entry's position,
+        never the entry (it is a secret).
+
+        Raises:
+            ConfigError: ``RELAY_<PROVIDER>_TOKENS: entry N of M ...``.
+        """
+        for name, runtime in self.providers.items():
+            count = len(runtime.server_credentials)
+            for position, credential in enumerate(runtime.server_credentials, 1):
+                try:
+                    runtime.provider.validate_credential(credential)
+                except RelayError as exc:
+                    raise ConfigError(
+                        f"RELAY_{name.upper()}_TOKENS: entry {position} of {count} is "
+                        f"malformed: {exc.message}"
+                    ) from None
 
     def statistics(self) -> dict[str, int]:
         """Server, upstream pool and janitor counters, read when /metrics is scraped."""

@@ -33,7 +33,7 @@ from relay import config
 from relay.config import ConfigError, Settings
 
 if typing.TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Sequence
+    from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
     from relay.app import App
     from relay.fetcher import Origin
@@ -249,11 +249,25 @@ def _print_demo(scheme: str, address: str) -> None:
     )
 
 
+def _run(main: Callable[[Settings], Awaitable[None]], settings: Settings) -> None:
+    """``trio.run(main, settings)``; a ConfigError found on the way (a malformed entry of
+    a token list, when the app is built) is one line on stderr and exit status 2, as
+    other configuration errors are, whether or not a nursery wrapped it in a group."""
+    found: list[Exception] = []
+    try:
+        trio.run(main, settings)
+    except* ConfigError as group:
+        found.extend(group.exceptions)
+    if found:
+        print(f"relay: {found[0]}", file=sys.stderr)
+        sys.exit(2)
+
+
 def _worker(settings: Settings) -> None:
     setup_logging(settings)
     try:
         with contextlib.suppress(KeyboardInterrupt):
-            trio.run(functools.partial(serve, settings, reuse_port=True))
+            _run(functools.partial(serve, reuse_port=True), settings)
     except OSError as exc:  # cannot listen (lost a race the parent's probe passed)
         print(f"relay: {exc}", file=sys.stderr)
         sys.exit(1)
@@ -304,24 +318,33 @@ def _interrupt(pid: int) -> None:
     os.kill(pid, signal.SIGINT)
 
 
+#: ``relay check-token`` exit statuses (2 stays argparse's and config errors')
+CHECK_LIVE, CHECK_DEAD, CHECK_UNKNOWN = 0, 1, 3
+
+
 def _check_token(args: argparse.Namespace) -> int:
+    """Print what ``/token/check`` would answer; exit 0 live, 1 dead, 3 could not tell."""
     settings = config.load(config_file=args.config)
     setup_logging(settings)
 
-    async def check() -> bool:
+    async def check() -> dict[str, object]:
         from relay.app import App
+        from relay.routes import liveness
 
         async with App(settings) as app:
             name = args.provider or ("step" if "@" in args.token else "glm")
             runtime = app.providers.get(name)
             if runtime is None:
                 print(f"provider {name} is not available", file=sys.stderr)
-                return False
-            return await runtime.provider.check(args.token)
+                return {"live": False}
+            return await liveness(runtime.provider, args.token.strip())
 
-    live = trio.run(check)
-    print(json.dumps({"live": live}))
-    return 0 if live else 1
+    answer = trio.run(check)
+    print(json.dumps(answer, ensure_ascii=False))
+    live = answer["live"]
+    if live is None:
+        return CHECK_UNKNOWN
+    return CHECK_LIVE if live else CHECK_DEAD
 
 
 def _print_settings() -> int:
@@ -389,7 +412,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         sys.exit(run_workers(settings))
     started = time.monotonic()
     try:
-        trio.run(serve, settings)
+        _run(serve, settings)
     except KeyboardInterrupt:
         pass
     except OSError as exc:

@@ -32,6 +32,7 @@ from relay.chat import Outcome, complete, with_account
 from relay.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 
 if TYPE_CHECKING:
+    from providers.contract import Provider
     from relay.app import App, ProviderRuntime
     from relay.server import Exchange
 
@@ -89,8 +90,35 @@ async def metrics(app: App, ex: Exchange, body: bytes) -> None:
     await ex.respond(200, app.metrics.render(), METRICS_CONTENT_TYPE)
 
 
+async def liveness(provider: Provider, token: str) -> dict[str, object]:
+    """What ``/token/check`` and ``relay check-token`` answer about ``token``.
+
+    Returns:
+        ``{"live": true}``; ``{"live": false}`` when the upstream refused it
+        (or it cannot be this provider's credential); ``{"live": null,
+        "error": {"message", "type", "param", "code"}}`` when the upstream
+        could not tell (unreachable, timed out, failing): that says nothing
+        about the token.
+    """
+    try:
+        provider.validate_credential(token)
+    except RelayError:
+        return {"live": False}
+    try:
+        live = await provider.check(token)
+    except RelayError as exc:
+        log.warning("token check: %s could not tell: %s", provider.name, exc.message)
+        error = {"message": exc.message, "type": exc.kind, "param": exc.param, "code": exc.code}
+        return {"live": None, "error": error}
+    return {"live": live}
+
+
 async def token_check(app: App, ex: Exchange, body: bytes) -> None:
-    """``POST /token/check``: ``{"token", "provider"?}`` -> ``{"live": bool}``."""
+    """``POST /token/check``: ``{"token", "provider"?}`` -> :func:`liveness`, HTTP 200.
+
+    An unreachable upstream is still a 200: the check ran and its answer is
+    "unknown" (``live`` null, with the error), distinct from ``false``.
+    """
     app.check_api_key(ex)
     try:
         data = orjson.loads(body)
@@ -108,14 +136,8 @@ async def token_check(app: App, ex: Exchange, body: bytes) -> None:
         raise RequestError(
             f"provider must be one of {', '.join(sorted(app.providers))}", param="provider"
         )
-    provider = app.providers[name].provider
-    try:
-        provider.validate_credential(token.strip())
-    except RelayError:
-        live = False
-    else:
-        live = await provider.check(token.strip())
-    await ex.respond(200, orjson.dumps({"live": live}))
+    answer = await liveness(app.providers[name].provider, token.strip())
+    await ex.respond(200, orjson.dumps(answer))
 
 
 async def _chat(app: App, ex: Exchange, body: bytes, runtime: ProviderRuntime | None) -> None:

@@ -62,6 +62,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
+import math
 import secrets
 import time
 import uuid
@@ -154,6 +155,13 @@ def _check_header_token(token: str, what: str) -> None:
         raise RemoteProtocolError(f"ChatGLM sent a malformed {what}")
 
 
+def _first_byte_timeout(seconds: float) -> UpstreamTimeout:
+    return UpstreamTimeout(
+        f"ChatGLM sent no answer within {seconds:g} s (RELAY_FIRST_BYTE_TIMEOUT)",
+        code="upstream_timeout",
+    )
+
+
 def _busy(body: bytes) -> bool:
     """Whether a non-SSE stream answer says the account is busy."""
     text = body.decode("utf-8", errors="replace").lower()
@@ -181,6 +189,8 @@ class GlmAnswer:
         *,
         shield_first_event: bool = False,
         grace_s: float = 10.0,
+        first_deadline: float = math.inf,
+        first_byte_timeout: float = math.inf,
     ) -> None:
         """
         Args:
@@ -190,6 +200,11 @@ class GlmAnswer:
             shield_first_event: read up to the first complete event shielded
                 from cancellation (it names the conversation to delete), for
                 at most ``grace_s`` after a cancellation arrives.
+            first_deadline: (trio time) the first event must be read by then,
+                else UpstreamTimeout (with ``shield_first_event``, only once
+                the grace that may learn the conversation is over).
+            first_byte_timeout: the setting behind ``first_deadline``, for
+                the message.
         """
         self._response = response
         self._translator = GlmStream(modes)
@@ -197,6 +212,8 @@ class GlmAnswer:
         self._given = conversation_id
         self._shield = shield_first_event
         self._grace_s = grace_s
+        self._first_deadline = first_deadline
+        self._first_byte_timeout = first_byte_timeout
         self._events = 0
 
     @property
@@ -228,14 +245,18 @@ class GlmAnswer:
         translator = self._translator
         async with aclosing(self._response.chunks()) as chunks:
             while True:
-                if self._shield and not self._events:
+                if not self._events:
                     # No event yet: this read may be the one naming the conversation,
-                    # so a cancellation waits (a while) until it is read and fed.
+                    # so a cancellation (the client gone, or the first-byte deadline)
+                    # waits (a while) until it is read and fed.
                     chunk, deltas = None, []
-                    async with hold_on_cancel(self._grace_s):
-                        chunk = await anext(chunks, None)
-                        if chunk is not None:
-                            deltas = self._feed(chunk)
+                    with trio.move_on_at(self._first_deadline) as first:
+                        async with hold_on_cancel(self._grace_s if self._shield else 0):
+                            chunk = await anext(chunks, None)
+                            if chunk is not None:
+                                deltas = self._feed(chunk)
+                    if first.cancel_called:  # too late, even if read in the grace
+                        raise _first_byte_timeout(self._first_byte_timeout)
                 else:
                     chunk = await anext(chunks, None)
                     deltas = self._feed(chunk) if chunk is not None else []
@@ -284,6 +305,7 @@ class GlmProvider:
         secret: str = DEFAULT_SECRET,
         system_tag: str = prompt.SYSTEM_TAG,
         cleanup_timeout: float = 10.0,
+        first_byte_timeout: float = math.inf,
         upload_timeout: float = 60.0,
         video_timeout: float = 600.0,
         video_poll_interval: float = VIDEO_POLL_S,
@@ -299,7 +321,14 @@ class GlmProvider:
             base_url: the site (3.2), e.g. ``https://chatglm.cn``.
             secret: the signing secret (3.4); the site changes it.
             system_tag: role tag of system messages in merged prompts (3.10).
-            cleanup_timeout: bound on deleting a conversation or video job.
+            cleanup_timeout: bound on deleting a conversation or video job,
+                and on learning its id once the client has gone or the
+                first-byte timeout has passed.
+            first_byte_timeout: from sending a stream request to its first
+                event. Kept here, not (only) by the transport: when it
+                passes, the read goes on for ``cleanup_timeout`` to learn the
+                conversation to delete, so the transport's own first-byte
+                timeout must be longer by that much (``relay/app.py``).
             upload_timeout: bound on one file upload call.
             video_timeout: longest wait for a video to be made.
             video_poll_interval: seconds between video status polls.
@@ -317,6 +346,7 @@ class GlmProvider:
         self._secret = secret
         self._system_tag = system_tag
         self._cleanup_timeout = cleanup_timeout
+        self._first_byte_timeout = first_byte_timeout
         self._background = background
         self._upload_timeout = upload_timeout
         self._video_timeout = video_timeout
@@ -432,12 +462,22 @@ class GlmProvider:
         return await self._refresh(credential, None)
 
     async def check(self, credential: str) -> bool:
-        """Liveness (3.3): the refresh call with the liveness referer; True if it worked."""
+        """Liveness (3.3): the refresh call with the liveness referer, uncached.
+
+        Returns:
+            True if it worked, False if the site refused the credential
+            (401, 40102) or it cannot be a refresh token at all.
+
+        Raises:
+            RelayError: (UpstreamFailed, UpstreamTimeout, RemoteProtocolError)
+                the site could not tell: unreachable, failing, or answering
+                something else than a token or a refusal.
+        """
         try:
             await self._refresh(
                 credential, prompt.url_for(self._base, prompt.REFERER_ALLTOOLS_PATH).encode()
             )
-        except RelayError:
+        except AuthError:
             return False
         return True
 
@@ -453,7 +493,14 @@ class GlmProvider:
         )
 
     async def _cleanup(self, session: GlmSession, assistant_id: str, conversation_id: str) -> None:
-        """Delete a conversation: shielded, bounded, retried once, never raising."""
+        """Delete a conversation: shielded, bounded, retried once, never raising.
+
+        An access token that expired since the answer (401) is refreshed
+        first, with the session's refresh token, as a chat request would; a
+        refused refresh ends the attempt. The account pool's cached session
+        is not replaced: the next request that meets the old token logs in
+        again as usual.
+        """
         with trio.move_on_after(self._cleanup_timeout, shield=True) as scope:
             for attempt in (1, 2):
                 try:
@@ -463,8 +510,14 @@ class GlmProvider:
                 except RelayError as exc:
                     log.warning("deleting conversation %s failed (attempt %d): %s",
                                 conversation_id, attempt, exc)
-                    if exc.status == 401:
-                        return
+                    if exc.status != 401 or attempt == 2:
+                        continue
+                try:
+                    session = await self._refresh(session.refresh_token, None)
+                except RelayError as exc:
+                    log.warning("deleting conversation %s: the login again failed: %s",
+                                conversation_id, exc)
+                    return
         if scope.cancelled_caught:
             log.warning("deleting conversation %s timed out", conversation_id)
 
@@ -614,9 +667,21 @@ class GlmProvider:
                     with trio.move_on_after(self._cleanup_timeout, shield=True):
                         await answer.learn_conversation()
 
-                response = await create_held(
-                    0 if keep else self._cleanup_timeout, open_stream, learn_id
-                )
+                # The first event (which names the conversation) is due by then. Past
+                # it, a head or an event still on its way gets the cleanup grace, as
+                # for a client that leaves, so the conversation can be deleted; then
+                # the answer is a 504 all the same.
+                first_deadline = trio.current_time() + self._first_byte_timeout
+                opened: StreamedResponse | None = None
+                with trio.move_on_at(first_deadline) as first:
+                    opened = await create_held(
+                        0 if keep else self._cleanup_timeout, open_stream, learn_id
+                    )
+                if opened is None or first.cancel_called:
+                    if opened is not None:  # the head came in the grace: learn_id did not run
+                        await learn_id(opened)
+                    raise _first_byte_timeout(self._first_byte_timeout)
+                response = opened
                 try:
                     await self._check_stream_response(response, reuse)
                 except UpstreamFailed as exc:
@@ -626,7 +691,8 @@ class GlmProvider:
                     return
                 answer = GlmAnswer(response, GlmModes(think=choice.think, silent=choice.silent),
                                    reuse or "", shield_first_event=not keep,
-                                   grace_s=self._cleanup_timeout)
+                                   grace_s=self._cleanup_timeout, first_deadline=first_deadline,
+                                   first_byte_timeout=self._first_byte_timeout)
                 yield answer
         finally:
             created = answer.conversation_id if answer is not None and not keep else ""
@@ -658,6 +724,7 @@ class GlmProvider:
         answer: GlmAnswer | None = None
         urls: dict[str, None] = {}
         texts: list[str] = []
+        first_deadline = trio.current_time() + self._first_byte_timeout
         try:
             async with self._transport.stream(
                 b"POST",
@@ -666,7 +733,9 @@ class GlmProvider:
                 body,
             ) as response:
                 await self._check_stream_response(response)
-                answer = GlmAnswer(response, GlmModes())
+                answer = GlmAnswer(response, GlmModes(), shield_first_event=True,
+                                   grace_s=self._cleanup_timeout, first_deadline=first_deadline,
+                                   first_byte_timeout=self._first_byte_timeout)
                 async with aclosing(answer.__aiter__()) as batches:
                     async for batch in batches:
                         for delta in batch:

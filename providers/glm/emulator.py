@@ -192,8 +192,12 @@ class GlmBehavior:
     write_size: int | None = None
     pack_all: bool = False
     first_delay_s: float = 0.0
-    #: with first_delay_s: send the response head at once, delay only the first event
+    #: with first_delay_s (or first_gate): send the response head at once, hold only
+    #: the first event
     head_first: bool = False
+    #: when set, the first event (and, without head_first, the response head) waits
+    #: until this event is set: a stall before the first event that a test ends
+    first_gate: trio.Event | None = None
     frame_delay_s: float = 0.0
     stamp: bool = False
     stamp_frames: int = 100
@@ -1050,11 +1054,13 @@ class GlmEmulator:
         size = behavior.write_size
         line_end = behavior.line_end.encode()
         pending = bytearray(client.encode(h11.Response(status_code=200, headers=_SSE_HEADERS)))
-        if behavior.first_delay_s > 0:
+        if behavior.first_delay_s > 0 or behavior.first_gate is not None:
             if behavior.head_first:  # the head now, the first event after the delay
                 await client.write(bytes(pending))
                 pending.clear()
             await trio.sleep(behavior.first_delay_s)
+            if behavior.first_gate is not None:
+                await behavior.first_gate.wait()
         # h11 frames an HTTP/1.1 body without Content-Length as chunked and,
         # when chunked, does not count body bytes: formatting the chunks here
         # saves a copy and a call per event. HTTP/1.0 bodies go through h11.

@@ -22,14 +22,14 @@ from __future__ import annotations
 import functools
 import logging
 from contextlib import aclosing, asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import trio
 
 from protocol.connect import EnvelopeDecoder
 from protocol.datauri import check_file_name, upload_media_type
-from protocol.errors import RelayError, UpstreamFailed, UpstreamTimeout
+from protocol.errors import AuthError, RelayError, UpstreamFailed, UpstreamTimeout
 from providers.cancel import create_held
 from providers.contract import after_answer
 from providers.files import each_file
@@ -65,10 +65,18 @@ MODELS = ["step", "step-v1", "step-v1-vision"]
 
 @dataclass(frozen=True, slots=True)
 class StepSession:
-    """A logged-in account: what every call after RegisterDevice needs."""
+    """A logged-in account: what every call after RegisterDevice needs.
+
+    Attributes:
+        device_id: the account's ``Oasis-Webid``.
+        cookie: the session cookie (2.3).
+        token: the credential's Oasis-Token, to register again with when the
+            access token expires during a cleanup. In memory only, never logged.
+    """
 
     device_id: str
-    cookie: bytes
+    cookie: bytes = field(repr=False)
+    token: str = field(default="", repr=False)
 
 
 class StepAnswer:
@@ -163,6 +171,10 @@ class StepProvider:
 
     async def login(self, credential: str) -> StepSession:
         device_id, token = prompt.parse_credential(credential)
+        return await self._register(device_id, token)
+
+    async def _register(self, device_id: str, token: str) -> StepSession:
+        """RegisterDevice (2.3): a fresh access token for the account."""
         headers = prompt.session_headers(
             self._base, prompt.register_cookie(token), device_id,
             prompt.new_chat_referer(self._base), prompt.JSON_CONTENT_TYPE,
@@ -171,12 +183,22 @@ class StepProvider:
             prompt.REGISTER_DEVICE_PATH, headers, prompt.register_body()
         )
         access, refresh = prompt.parse_register(response.body)
-        return StepSession(device_id, prompt.session_cookie(access, refresh, device_id))
+        return StepSession(device_id, prompt.session_cookie(access, refresh, device_id), token)
 
     async def check(self, credential: str) -> bool:
+        """Liveness (2.3): RegisterDevice, uncached.
+
+        Returns:
+            True if it worked, False if the site refused the credential.
+
+        Raises:
+            RelayError: (UpstreamFailed, UpstreamTimeout, RemoteProtocolError)
+                the site could not tell: unreachable, failing, or answering
+                something else than a session or a refusal.
+        """
         try:
             await self.login(credential)
-        except RelayError:
+        except AuthError:
             return False
         return True
 
@@ -196,7 +218,14 @@ class StepProvider:
         )
 
     async def _cleanup(self, session: StepSession, chat_id: str) -> None:
-        """Delete the chat: shielded, bounded, retried once, never raising."""
+        """Delete the chat: shielded, bounded, retried once, never raising.
+
+        An access token that expired since the answer (401) is renewed first
+        (RegisterDevice with the session's Oasis-Token, as a chat request's
+        login does); a refused renewal ends the attempt. The account pool's
+        cached session is not replaced: the next request that meets the old
+        token logs in again as usual.
+        """
         with trio.move_on_after(self._cleanup_timeout, shield=True) as scope:
             for attempt in (1, 2):
                 try:
@@ -205,8 +234,13 @@ class StepProvider:
                     return
                 except RelayError as exc:
                     log.warning("deleting chat %s failed (attempt %d): %s", chat_id, attempt, exc)
-                    if exc.status == 401:
-                        return
+                    if exc.status != 401 or attempt == 2 or not session.token:
+                        continue
+                try:
+                    session = await self._register(session.device_id, session.token)
+                except RelayError as exc:
+                    log.warning("deleting chat %s: the login again failed: %s", chat_id, exc)
+                    return
         if scope.cancelled_caught:
             log.warning("deleting chat %s timed out", chat_id)
 

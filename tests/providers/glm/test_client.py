@@ -19,7 +19,7 @@ import pytest
 import trio
 
 from protocol.deltas import Finish, TextDelta, UpstreamError
-from protocol.errors import AuthError
+from protocol.errors import AuthError, UpstreamFailed
 from protocol.openai import parse_chat_request
 from providers.glm.client import (
     GlmAnswer,
@@ -290,3 +290,61 @@ async def test_stream_answer_type(rig: Rig) -> None:
         async with rig.provider.chat(session, parse_chat_request(_request())) as answer:
             assert isinstance(answer, GlmAnswer)
             assert answer.conversation_id == ""  # nothing read yet
+
+
+# ---------------------------------------------------------------- cleanup and liveness
+
+
+async def _answer_then_expire(rig: Rig, glm: GlmEmulator, session: GlmSession) -> None:
+    """One whole answer; the site expires the access tokens before the delete is sent."""
+    request = parse_chat_request(_request())
+    with trio.fail_after(5):
+        async with rig.provider.chat(session, request) as answer, aclosing(
+            answer.__aiter__()
+        ) as stream:
+            async for _ in stream:
+                pass
+            glm.expire_access_tokens()  # between the answer and its delete
+
+
+async def test_delete_after_the_access_token_expired_logs_in_again(
+    rig: Rig, glm: GlmEmulator
+) -> None:
+    """The access token expires between an answer and the delete of its conversation:
+    the delete meets a 401, the provider refreshes with the session's refresh token and
+    deletes on the second attempt (before: it gave up, the conversation stayed)."""
+    session = await rig.provider.login(TOKEN)
+    await _answer_then_expire(rig, glm, session)
+    assert glm.record.conversations_deleted == glm.record.conversations_created
+    assert len(glm.record.conversations_created) == 1
+    assert glm.record.refreshes == 2
+
+
+async def test_delete_gives_up_quietly_when_the_refresh_token_expired_too(
+    rig: Rig, glm: GlmEmulator
+) -> None:
+    """If the refresh token has expired as well (40102), the cleanup logs and gives up
+    within its bound, raising nothing: the answer was already delivered."""
+    session = await rig.provider.login(TOKEN)
+    glm.expire_refresh_token(TOKEN)
+    await _answer_then_expire(rig, glm, session)
+    assert glm.record.conversations_deleted == []
+    assert glm.record.refreshes == 1
+
+
+async def test_check_tells_an_unreachable_site_from_a_dead_token(rig: Rig) -> None:
+    """check() is True or False only when the site answered; an unreachable site
+    (connection refused) raises UpstreamFailed instead of saying False."""
+    with trio.socket.socket() as sock:  # a port nobody listens on
+        await sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    settings = config.load({"glm_base_url": f"http://127.0.0.1:{port}"}, environ={})
+    pool = make_pool(settings)
+    provider = GlmProvider(HttpTransport(pool, settings, "ChatGLM"), None,  # type: ignore[arg-type]
+                           base_url=f"http://127.0.0.1:{port}")
+    try:
+        with trio.fail_after(5), pytest.raises(UpstreamFailed):
+            await provider.check(TOKEN)
+        assert await provider.check("a b") is False  # cannot be a token: dead without asking
+    finally:
+        await pool.aclose()
