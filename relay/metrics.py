@@ -63,6 +63,8 @@ class _Snapshots(Collector):
             value=server.get("connections", 0),
         )
         gauges = (
+            ("in_flight", "relay_requests_in_flight",
+             "Client requests being answered now"),
             ("upstream_active", "relay_upstream_connections_active",
              "Upstream connections carrying a request now"),
             ("upstream_idle", "relay_upstream_connections_idle",

@@ -596,14 +596,21 @@ class Server:
     requests: int = 0
     _idle: set[trio.CancelScope] = field(default_factory=set)
     _exchanges: set[Exchange] = field(default_factory=set)
+    _answered: trio.lowlevel.ParkingLot = field(default_factory=trio.lowlevel.ParkingLot)
     _stopping: bool = False
     _stop_accepting: trio.CancelScope = field(default_factory=trio.CancelScope)
     _connections: trio.Nursery | None = None
     _drained: trio.Event = field(default_factory=trio.Event)
 
     def statistics(self) -> dict[str, int]:
-        """Open connections and requests served so far."""
-        return {"connections": self.connections, "requests": self.requests}
+        """Open connections, requests being answered now, and requests served so far."""
+        return {"connections": self.connections, "in_flight": len(self._exchanges),
+                "requests": self.requests}
+
+    async def wait_no_requests(self) -> None:
+        """Return once no request is being answered (at once if none is)."""
+        while self._exchanges:
+            await self._answered.park()
 
     async def run(
         self,
@@ -710,6 +717,8 @@ class Server:
                     await self._run_exchange(exchange)
                 finally:
                     self._exchanges.discard(exchange)
+                    if not self._exchanges:
+                        self._answered.unpark_all()
                 if conn.h11.our_state is not h11.DONE or conn.h11.their_state is not h11.DONE:
                     # the body was never read (error before it) or the response broke
                     break

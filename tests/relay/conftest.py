@@ -45,8 +45,14 @@ class Running:
         return f"http://{self.host}:{self.port}"
 
     async def settled(self, timeout: float = 5.0) -> None:  # noqa: ASYNC109
-        """Wait until the cleanup jobs the relay runs after answers are done."""
+        """Wait until no request is being answered and the cleanups after answers are done.
+
+        A client may read the whole answer before its request has left the
+        relay (the delete is queued on the way out), so the janitor alone
+        could still be idle.
+        """
         with trio.fail_after(timeout):
+            await self.app.server.wait_no_requests()
             await self.app.janitor.wait_idle()
 
 

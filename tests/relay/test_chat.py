@@ -285,7 +285,9 @@ async def test_expired_access_token_is_refreshed(relay: Running, step: StepEmula
     """When the upstream expires the access token, the relay logs in again and succeeds."""
     with trio.fail_after(5):
         first = await post(relay.base_url, PATH, chat_body())
-        await relay.settled()  # the first chat deleted before the token expires
+        # the first chat deleted before the token expires (the answer can reach the
+        # client before its delete is even queued, so wait for the emulator's record)
+        await step.wait_until(lambda r: len(r.chats_deleted) == 1)
         step.expire_access_tokens()
         second = await post(relay.base_url, PATH, chat_body())
     assert (first.status, second.status) == (200, 200)

@@ -605,6 +605,7 @@ async def test_index_ping_and_metrics(relay: Running) -> None:
     assert b"relay_open_connections" in metrics.body
     assert b"relay_upstream_connections_idle 0.0" in metrics.body
     assert b"relay_cleanup_pending 0.0" in metrics.body
+    assert b"relay_requests_in_flight 1.0" in metrics.body  # the /metrics request itself
 
 
 async def test_head_ping_has_headers_and_no_body(relay: Running) -> None:
