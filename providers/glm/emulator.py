@@ -66,19 +66,18 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import gc
 import hashlib
 import logging
 import mimetypes
 import re
 import secrets
-import signal
 import struct
 import time
 import urllib.parse
 import zlib
 from dataclasses import dataclass, field
 from enum import Enum
+from functools import partial
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import h11
@@ -86,6 +85,7 @@ import orjson
 import trio
 
 from protocol.errors import PayloadTooLarge, RequestError
+from providers.emulator_main import serve_until_signal
 from providers.glm.emulator_script import (
     Pace,
     ScriptSpec,
@@ -1157,35 +1157,14 @@ def emulator_from_args(argv: list[str] | None = None) -> tuple[GlmEmulator, str,
 def main(argv: list[str] | None = None) -> None:
     """Serve until SIGINT or SIGTERM, then exit 0; prints ``listening on <base url>`` once bound.
 
-    The signals are caught with a receiver opened before the address is
-    printed, so a caller that signals as soon as it reads that line is
-    heard. Not trio's KeyboardInterrupt: trio only raises it when SIGINT
-    has Python's default handler, and a process started with SIGINT ignored
-    (a background job of a non-interactive shell) keeps it ignored, so it
-    would serve on forever.
-
-    Once listening, everything allocated so far is frozen out of the garbage
-    collector's reach (``gc.freeze()``): collections then only walk what the
-    requests allocate, and their pauses do not show up as relay latency in
-    the benchmarks.
+    See :func:`providers.emulator_main.serve_until_signal` for why the
+    signals are caught the way they are, and the ``gc.freeze()``.
     """
     emulator, host, port = emulator_from_args(argv)
 
-    async def run() -> None:
-        async def serve(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-            await emulator.serve(host=host, port=port, task_status=task_status)
-
-        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-            async with trio.open_nursery() as nursery:
-                await nursery.start(serve)
-                gc.collect()
-                gc.freeze()
-                print(f"listening on {emulator.base_url}", flush=True)
-                async for _ in signals:
-                    break
-                nursery.cancel_scope.cancel()
-
-    trio.run(run)
+    serve_until_signal(
+        partial(emulator.serve, host=host, port=port), lambda: emulator.base_url
+    )
 
 
 if __name__ == "__main__":

@@ -62,13 +62,11 @@ import argparse
 import base64
 import contextlib
 import enum
-import gc
 import http
 import itertools
 import logging
 import math
 import secrets
-import signal
 import struct
 import time
 import urllib.parse
@@ -83,6 +81,7 @@ import trio
 
 from protocol.connect import FLAG_END_STREAM, EnvelopeDecoder
 from protocol.errors import AuthError, MethodNotAllowed, NotFound, RelayError, RequestError
+from providers.emulator_main import serve_until_signal
 
 if TYPE_CHECKING:
     import ssl
@@ -1088,35 +1087,17 @@ def parse_args(argv: list[str] | None = None) -> CliOptions:
 def main(argv: list[str] | None = None) -> None:
     """Serve until SIGINT or SIGTERM, then exit 0; prints ``listening on <base url>`` once bound.
 
-    The signals are caught with a receiver opened before the address is
-    printed, so a caller that signals as soon as it reads that line is
-    heard. Not trio's KeyboardInterrupt: trio only raises it when SIGINT
-    has Python's default handler, and a process started with SIGINT ignored
-    (a background job of a non-interactive shell) keeps it ignored, so it
-    would serve on forever.
-
-    Once listening, everything allocated so far is frozen out of the garbage
-    collector's reach (``gc.freeze()``): collections then only walk what the
-    requests allocate, and their pauses do not show up as relay latency in
-    the benchmarks.
+    See :func:`providers.emulator_main.serve_until_signal` for why the
+    signals are caught the way they are, and the ``gc.freeze()``.
     """
     options = parse_args(argv)
     emulator = StepEmulator(
         tokens=options.tokens, behavior=options.behavior, keep_record=options.keep_record
     )
 
-    async def run() -> None:
-        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-            async with trio.open_nursery() as nursery:
-                await nursery.start(partial(emulator.serve, host=options.host, port=options.port))
-                gc.collect()
-                gc.freeze()
-                print(f"listening on {emulator.base_url}", flush=True)
-                async for _ in signals:
-                    break
-                nursery.cancel_scope.cancel()
-
-    trio.run(run)
+    serve_until_signal(
+        partial(emulator.serve, host=options.host, port=options.port), lambda: emulator.base_url
+    )
 
 
 if __name__ == "__main__":
