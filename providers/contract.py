@@ -15,18 +15,26 @@ passes in objects that satisfy the protocols here:
   conversation) after the answer, off the request's path, so a keep-alive
   client's next request does not wait one upstream round trip for it.
 
-A provider in turn satisfies :class:`Provider`: the relay logs an account in
-through :meth:`Provider.login` (it caches the session itself, single-flight),
-then opens a :class:`ChatStream` with :meth:`Provider.chat`. Leaving the
-``chat`` context deletes the upstream conversation, whatever happened: at
-once, or through :func:`after_answer` as a background job.
+A provider in turn satisfies :class:`Provider`: it says which model names
+are its own (:meth:`Provider.owns_model`), what its credentials look like,
+and which models ``/v1/models`` lists. The relay logs an account in through
+:meth:`Provider.login` (it caches the session itself, single-flight), then
+opens a :class:`ChatStream` with :meth:`Provider.chat`. Leaving the ``chat``
+context deletes the upstream conversation, whatever happened: at once, or
+through :func:`after_answer` as a background job. A provider that makes
+images and videos offers :class:`Media` too (:attr:`Provider.media`).
+
+``Provider`` is generic in its session type: what ``login`` returns is what
+``chat`` takes, so a provider never checks the session it is given. The
+relay holds providers of different session types side by side, and that
+mixed collection (``relay/registry.py``) is the one place typed ``Any``.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 if TYPE_CHECKING:
     from contextlib import AbstractAsyncContextManager
@@ -38,6 +46,12 @@ Headers = Sequence[tuple[bytes, bytes]]
 
 #: A cleanup job: bounded, shielded and never raising (the provider's own duty).
 Job = Callable[[], Awaitable[None]]
+
+#: What a provider's login returns and its calls take (an access token, say).
+SessionT = TypeVar("SessionT")
+SessionT_co = TypeVar("SessionT_co", covariant=True)
+SessionT_contra = TypeVar("SessionT_contra", contravariant=True)
+T = TypeVar("T")
 
 
 class Background(Protocol):
@@ -177,25 +191,86 @@ class ChatStream(Protocol):
         ...
 
 
-class Provider(Protocol):
-    """One upstream service."""
+@dataclass(frozen=True, slots=True)
+class MediaAnswer:
+    """A media endpoint's whole answer."""
 
-    #: "step" or "glm"
+    #: the JSON body of the 200
+    body: bytes
+    #: the upstream conversation it used, for the access log ("" if none)
+    conversation: str = ""
+
+
+class Leased(Protocol[SessionT_co]):
+    """Runs work on a leased account: the relay's failover, lent to a media flow."""
+
+    async def __call__(self, call: Callable[[SessionT_co], Awaitable[T]]) -> T:
+        """``call(session)`` on an account of the request's, as chat runs.
+
+        Raises:
+            AuthError: the request's credentials are missing or wrong.
+            NoAccountFree: no account was free in time.
+            RelayError: ``call``'s failure (after failover, for 401 and 429).
+        """
+        ...
+
+
+class Media(Protocol[SessionT_contra]):
+    """Image and video generation, which some providers offer (:attr:`Provider.media`)."""
+
+    async def images(self, body: bytes, leased: Leased[SessionT_contra]) -> MediaAnswer:
+        """``POST /v1/images/generations``: OpenAI's images response for ``body``.
+
+        Raises:
+            RequestError: the body is invalid, or the prompt was refused.
+            RelayError: what ``leased`` or the upstream raised.
+        """
+        ...
+
+    async def videos(self, body: bytes, leased: Leased[SessionT_contra]) -> MediaAnswer:
+        """``POST /v1/videos/generations``: the video made for ``body``.
+
+        Raises:
+            RequestError: the body is invalid.
+            RelayError: what ``leased`` or the upstream raised.
+        """
+        ...
+
+
+class Provider(Protocol[SessionT]):
+    """One upstream service; ``SessionT`` is what :meth:`login` gives :meth:`chat`."""
+
+    #: routes ``/<name>/v1/...`` and names the provider in logs and metrics
     name: str
     #: how long a login session stays valid, in seconds
     session_ttl: float
     #: rendering of one search hit in streamed content
     citation_line: str
+    #: the model an answer names when the request named none
+    default_model: str
+
+    @property
+    def media(self) -> Media[SessionT] | None:
+        """Image and video generation, or None if this provider has none."""
+        ...
 
     def models(self) -> list[str]:
         """Every model id /v1/models lists for this provider."""
+        ...
+
+    def owns_model(self, model: str) -> bool:
+        """Whether ``model`` names this provider (``/v1/chat/completions`` routes by it)."""
+        ...
+
+    def looks_like(self, credential: str) -> bool:
+        """Whether ``credential`` has this provider's form: ``/token/check``'s guess."""
         ...
 
     def validate_credential(self, credential: str) -> None:
         """Raise AuthError if ``credential`` cannot be this provider's."""
         ...
 
-    async def login(self, credential: str) -> object:
+    async def login(self, credential: str) -> SessionT:
         """Exchange a long-lived credential for a session (access token).
 
         Raises:
@@ -219,7 +294,7 @@ class Provider(Protocol):
         ...
 
     def chat(
-        self, session: object, request: ChatRequest
+        self, session: SessionT, request: ChatRequest
     ) -> AbstractAsyncContextManager[ChatStream]:
         """Open an answer; leaving the context deletes the upstream conversation.
 

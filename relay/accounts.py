@@ -35,11 +35,12 @@ import logging
 from collections import OrderedDict, deque
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Generic, cast
 
 import trio
 
 from protocol.errors import NoAccountFree, RelayError
+from providers.contract import SessionT
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Sequence
@@ -113,10 +114,16 @@ class PoolStatistics:
     logins: int
 
 
-class AccountPool:
-    """The accounts of one provider."""
+class AccountPool(Generic[SessionT]):
+    """The accounts of one provider, whose sessions are ``SessionT``.
 
-    def __init__(self, provider: Provider, settings: Settings, max_streams: int) -> None:
+    An :class:`Account` keeps its session as ``object``; the pool that
+    created it stored it there, so it hands it back as ``SessionT``.
+    """
+
+    def __init__(
+        self, provider: Provider[SessionT], settings: Settings, max_streams: int
+    ) -> None:
         """
         Args:
             provider: logs accounts in.
@@ -256,7 +263,7 @@ class AccountPool:
 
     # --- sessions ------------------------------------------------------------------------
 
-    async def session(self, acc: Account) -> object:
+    async def session(self, acc: Account) -> SessionT:
         """The account's session, logging in (once, shared) when needed.
 
         Raises:
@@ -265,7 +272,7 @@ class AccountPool:
         """
         while True:
             if acc.session is not None and trio.current_time() < acc.session_expires:
-                return acc.session
+                return cast("SessionT", acc.session)
             flight = acc._flight
             if flight is None:
                 return await self._login(acc)
@@ -273,10 +280,10 @@ class AccountPool:
             if flight.error is not None:
                 raise copy.copy(flight.error)
             if flight.session is not None:
-                return flight.session
+                return cast("SessionT", flight.session)
             # the leader was cancelled: loop and lead a new login ourselves
 
-    async def _login(self, acc: Account) -> object:
+    async def _login(self, acc: Account) -> SessionT:
         flight = acc._flight = _Flight()
         try:
             session = await self.provider.login(acc.credential)
@@ -298,7 +305,7 @@ class AccountPool:
         log.info("%s account %s logged in", self.provider.name, acc.id)
         return session
 
-    def evict(self, acc: Account, session: object | None = None) -> None:
+    def evict(self, acc: Account, session: SessionT | None = None) -> None:
         """Forget the account's session (only if it is still ``session``, when given)."""
         if session is None or acc.session is session:
             acc.session = None

@@ -56,7 +56,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from contextlib import aclosing
+from contextlib import AsyncExitStack, aclosing
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeVar
 
@@ -85,10 +85,10 @@ if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
     from protocol.openai import ChatRequest
-    from providers.contract import ChatStream
+    from providers.contract import ChatStream, SessionT
     from relay.accounts import Account
-    from relay.app import ProviderRuntime
     from relay.config import Settings
+    from relay.registry import ProviderRuntime
     from relay.server import Exchange
 
 log = logging.getLogger("relay.chat")
@@ -446,7 +446,7 @@ def _new_id() -> str:
 
 async def complete(
     ex: Exchange,
-    runtime: ProviderRuntime,
+    runtime: ProviderRuntime[SessionT],
     accounts: Sequence[Account],
     request: ChatRequest,
     settings: Settings,
@@ -457,10 +457,10 @@ async def complete(
     See :func:`with_account` for the failover rules; nothing moves to another
     account once bytes were sent to the client.
     """
-    model = request.model or runtime.default_model
+    model = request.model or runtime.provider.default_model
     started_at = trio.current_time()
 
-    async def attempt(session: object) -> None:
+    async def attempt(session: SessionT) -> None:
         try:
             await _attempt(ex, runtime, request, model, session, settings, outcome, started_at)
         except _Retry as retry:
@@ -472,10 +472,10 @@ async def complete(
 
 async def _attempt(
     ex: Exchange,
-    runtime: ProviderRuntime,
+    runtime: ProviderRuntime[SessionT],
     request: ChatRequest,
     model: str,
-    session: object,
+    session: SessionT,
     settings: Settings,
     outcome: Outcome,
     started_at: float,
@@ -505,9 +505,9 @@ async def iterate(answer: ChatStream) -> AsyncIterator[list[Delta]]:
 
 
 async def with_account(
-    runtime: ProviderRuntime,
+    runtime: ProviderRuntime[SessionT],
     accounts: Sequence[Account],
-    call: Callable[[object], Awaitable[T]],
+    call: Callable[[SessionT], Awaitable[T]],
     outcome: Outcome,
     *,
     retryable: Callable[[], bool] = lambda: True,
@@ -523,7 +523,7 @@ async def with_account(
 
     Args:
         runtime: the provider and its account pool.
-        accounts: the candidate accounts (from :meth:`App.accounts_for`).
+        accounts: the candidate accounts (from :func:`relay.access.accounts_for`).
         call: the work; it gets the session and may raise RelayError.
         outcome: filled in for the access log.
         retryable: False once the call has sent bytes to the client.
@@ -540,14 +540,16 @@ async def with_account(
     relogged: set[Account] = set()
     last_error: RelayError | None = None
     while True:
-        try:
-            lease = runtime.pool.lease(accounts, tried)
-            account = await lease.__aenter__()
-        except NoAccountFree:
-            if last_error is not None:
-                raise last_error from None
-            raise
-        try:
+        # the stack enters the lease apart from the work, so that only the
+        # lease's own NoAccountFree is taken for "no account left"; leaving
+        # it releases the account with whatever the work raised
+        async with AsyncExitStack() as stack:
+            try:
+                account = await stack.enter_async_context(runtime.pool.lease(accounts, tried))
+            except NoAccountFree:
+                if last_error is not None:
+                    raise last_error from None
+                raise
             outcome.account = account.id
             outcome.attempts += 1
             try:
@@ -572,5 +574,3 @@ async def with_account(
                     log.info("%s account %s is busy: %s", runtime.provider.name,
                              account.id, exc.message)
                 tried.add(account)
-        finally:
-            await lease.__aexit__(None, None, None)

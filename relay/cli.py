@@ -40,11 +40,6 @@ if typing.TYPE_CHECKING:
 
 log = logging.getLogger("relay")
 
-# accounts of the built-in emulators: not secrets
-DEMO_STEP_TOKEN = "demo-device@demo-oasis-token"  # noqa: S105
-DEMO_GLM_TOKEN = "demo-glm-refresh-token"  # noqa: S105
-
-
 class _JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         entry = {
@@ -129,6 +124,7 @@ def load_settings(args: argparse.Namespace) -> Settings:
 
 async def serve(settings: Settings, *, reuse_port: bool = False) -> None:
     """Run the relay until SIGINT/SIGTERM, then shut down gracefully."""
+    from relay import registry
     from relay.app import App
 
     # The signals are caught from the start: a supervisor may send SIGTERM as soon as
@@ -139,10 +135,11 @@ async def serve(settings: Settings, *, reuse_port: bool = False) -> None:
         async with trio.open_nursery() as nursery:
             trusted: frozenset[Origin] = frozenset()
             if settings.demo:
-                settings = await _start_emulators(settings, nursery)
-                trusted = demo_file_origins(settings)
-            if not settings.api_keys and (settings.step_tokens or settings.glm_tokens) \
-                    and not settings.demo:
+                settings, trusted = await registry.start_emulators(
+                    settings, nursery, registry.ENTRIES
+                )
+            if not settings.api_keys and not settings.demo \
+                    and registry.has_server_credentials(settings, registry.ENTRIES):
                 log.warning("server-side accounts are configured without RELAY_API_KEYS: "
                             "anyone who reaches this port can use them")
             async with App(settings, trusted_file_origins=trusted) as app, \
@@ -200,40 +197,6 @@ class _one_error:
             leaf = leaf.exceptions[0]
         if leaf is not exc and leaf is not None:
             raise leaf from None
-
-
-async def _start_emulators(settings: Settings, nursery: trio.Nursery) -> Settings:
-    """Start the emulators in this process; point the settings at them."""
-    from providers.step.emulator import StepEmulator
-
-    step = StepEmulator(tokens=[DEMO_STEP_TOKEN.split("@", 1)[1]])
-    await nursery.start(step.serve)
-    changes: dict[str, Any] = {
-        "step_base_url": step.base_url,
-        "step_tokens": (DEMO_STEP_TOKEN,),
-        "step_file_settle": 0.0,
-    }
-    try:
-        from providers.glm.emulator import GlmEmulator
-    except ImportError:  # pragma: no cover - GLM ships with the package
-        pass
-    else:
-        glm = GlmEmulator(tokens=[DEMO_GLM_TOKEN])
-        await nursery.start(glm.serve)
-        changes.update(glm_base_url=glm.base_url, glm_tokens=(DEMO_GLM_TOKEN,))
-    return dataclasses.replace(settings, **changes)
-
-
-def demo_file_origins(settings: Settings) -> frozenset[Origin]:
-    """The emulators' origins, once :func:`_start_emulators` has pointed ``settings`` at them.
-
-    Their file URLs (the images the ChatGLM emulator draws, which ``b64_json``
-    downloads) are on loopback, which the fetcher's guard refuses; the demo
-    trusts these origins, and no other private address.
-    """
-    from relay.fetcher import origin_of
-
-    return frozenset(origin_of(url) for url in (settings.step_base_url, settings.glm_base_url))
 
 
 def _print_demo(scheme: str, address: str) -> None:
@@ -332,7 +295,7 @@ def _check_token(args: argparse.Namespace) -> int:
         from relay.routes import liveness
 
         async with App(settings) as app:
-            name = args.provider or ("step" if "@" in args.token else "glm")
+            name = args.provider or app.providers.guess(args.token) or ""
             runtime = app.providers.get(name)
             if runtime is None:
                 print(f"provider {name} is not available", file=sys.stderr)

@@ -6,15 +6,20 @@ method and a handler can watch for the client going away. Unknown paths get
 404 and known paths with the wrong method 405 (with ``Allow``), both as
 OpenAI error objects. ``OPTIONS`` answers CORS pre-flight requests, since
 browser-based clients (LobeChat, ChatGPT-Next-Web) call the API directly.
+
+Handlers see the application through :class:`Relay` (what
+:class:`relay.app.App` provides), and providers only through
+``providers/contract.py`` and :class:`relay.registry.Providers`: a chat goes
+to the provider that owns its model name, or to ``/<provider>/v1/...``'s;
+the media endpoints go to the first provider that makes media.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import orjson
 import trio
@@ -26,19 +31,35 @@ from protocol.openai import (
     models_body,
     parse_chat_request,
 )
-from providers.glm.client import GlmProvider
-from providers.glm.media import parse_image_request, parse_video_request, videos_body
+from relay.access import accounts_for, check_api_key
 from relay.chat import Outcome, complete, with_account
 from relay.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 
 if TYPE_CHECKING:
-    from providers.contract import Provider
-    from relay.app import App, ProviderRuntime
+    from collections.abc import Iterable, Mapping
+
+    from providers.contract import Leased, Media, MediaAnswer, Provider
+    from relay.config import Settings
+    from relay.metrics import Metrics
+    from relay.registry import ProviderRuntime, Providers
     from relay.server import Exchange
 
 log = logging.getLogger("relay.access")
 
-RouteHandler = Callable[["App", "Exchange", bytes], Awaitable[None]]
+T = TypeVar("T")
+
+
+class Relay(Protocol):
+    """What the handlers use of the application (:class:`relay.app.App`)."""
+
+    settings: Settings
+    metrics: Metrics
+    providers: Providers
+    #: path -> method -> handler (:func:`route_table`)
+    routes: Mapping[str, Mapping[str, RouteHandler]]
+
+
+RouteHandler = Callable[[Relay, "Exchange", bytes], Awaitable[None]]
 
 WELCOME = b"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>trio-llm-relay</title></head>
@@ -58,19 +79,19 @@ Point LobeChat, ChatGPT-Next-Web, Dify or the <code>openai</code> SDK at
 """
 
 
-async def ping(app: App, ex: Exchange, body: bytes) -> None:
+async def ping(app: Relay, ex: Exchange, body: bytes) -> None:
     """``GET /ping``: liveness."""
     await ex.respond(200, b"pong", b"text/plain; charset=utf-8")
 
 
-async def index(app: App, ex: Exchange, body: bytes) -> None:
+async def index(app: Relay, ex: Exchange, body: bytes) -> None:
     """``GET /``: a short welcome page."""
     await ex.respond(200, WELCOME, b"text/html; charset=utf-8", [(b"expires", b"-1")])
 
 
-async def models(app: App, ex: Exchange, body: bytes) -> None:
+async def models(app: Relay, ex: Exchange, body: bytes) -> None:
     """``GET /v1/models``: every model id of every provider."""
-    app.check_api_key(ex)
+    check_api_key(app.settings, ex)
     pairs = [
         (model, rt.provider.name)
         for rt in app.providers.values()
@@ -79,18 +100,18 @@ async def models(app: App, ex: Exchange, body: bytes) -> None:
     await ex.respond(200, models_body(pairs, created=int(time.time())))
 
 
-async def metrics(app: App, ex: Exchange, body: bytes) -> None:
+async def metrics(app: Relay, ex: Exchange, body: bytes) -> None:
     """``GET /metrics``: Prometheus text format.
 
     With ``api_keys`` set it needs one of them, like every other endpoint,
     unless ``metrics_public`` says a scraper may read it without one.
     """
     if not app.settings.metrics_public:
-        app.check_api_key(ex)
+        check_api_key(app.settings, ex)
     await ex.respond(200, app.metrics.render(), METRICS_CONTENT_TYPE)
 
 
-async def liveness(provider: Provider, token: str) -> dict[str, object]:
+async def liveness(provider: Provider[Any], token: str) -> dict[str, object]:
     """What ``/token/check`` and ``relay check-token`` answer about ``token``.
 
     Returns:
@@ -113,13 +134,13 @@ async def liveness(provider: Provider, token: str) -> dict[str, object]:
     return {"live": live}
 
 
-async def token_check(app: App, ex: Exchange, body: bytes) -> None:
+async def token_check(app: Relay, ex: Exchange, body: bytes) -> None:
     """``POST /token/check``: ``{"token", "provider"?}`` -> :func:`liveness`, HTTP 200.
 
     An unreachable upstream is still a 200: the check ran and its answer is
     "unknown" (``live`` null, with the error), distinct from ``false``.
     """
-    app.check_api_key(ex)
+    check_api_key(app.settings, ex)
     try:
         data = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
@@ -131,7 +152,7 @@ async def token_check(app: App, ex: Exchange, body: bytes) -> None:
         raise RequestError("token must be a non-empty string", param="token")
     name = data.get("provider")
     if name is None:
-        name = "step" if "@" in token else "glm"
+        name = app.providers.guess(token)
     if not isinstance(name, str) or name not in app.providers:
         raise RequestError(
             f"provider must be one of {', '.join(sorted(app.providers))}", param="provider"
@@ -140,12 +161,14 @@ async def token_check(app: App, ex: Exchange, body: bytes) -> None:
     await ex.respond(200, orjson.dumps(answer))
 
 
-async def _chat(app: App, ex: Exchange, body: bytes, runtime: ProviderRuntime | None) -> None:
+async def _chat(
+    app: Relay, ex: Exchange, body: bytes, runtime: ProviderRuntime[Any] | None
+) -> None:
     request = parse_chat_request(body)
     check_file_count(request, app.settings.max_files)
     if runtime is None:
-        runtime = app.provider_for_model(request.model)
-    accounts = app.accounts_for(ex, runtime)
+        runtime = app.providers.for_model(request.model)
+    accounts = accounts_for(app.settings, ex, runtime)
     outcome = Outcome()
     ex.note = outcome
     try:
@@ -157,63 +180,57 @@ async def _chat(app: App, ex: Exchange, body: bytes, runtime: ProviderRuntime | 
             app.metrics.first_event.labels(name).observe(outcome.first_event_s)
 
 
-async def chat_completions(app: App, ex: Exchange, body: bytes) -> None:
+async def chat_completions(app: Relay, ex: Exchange, body: bytes) -> None:
     """``POST /v1/chat/completions``: provider chosen by the model name."""
     await _chat(app, ex, body, None)
 
 
 def _forced(name: str) -> RouteHandler:
-    async def handler(app: App, ex: Exchange, body: bytes) -> None:
-        runtime = app.providers.get(name)
-        if runtime is None:
-            raise NotFound(f"the {name} provider is not available")
-        await _chat(app, ex, body, runtime)
+    async def handler(app: Relay, ex: Exchange, body: bytes) -> None:
+        await _chat(app, ex, body, app.providers[name])
 
     handler.__doc__ = f"``POST /{name}/v1/chat/completions``: {name} whatever the model."
     return handler
 
 
-def _glm(app: App) -> tuple[ProviderRuntime, GlmProvider]:
-    """The ChatGLM runtime and provider, which the media endpoints need."""
-    runtime = app.providers.get("glm")
-    if runtime is None or not isinstance(runtime.provider, GlmProvider):
-        raise RelayError("media generation needs the ChatGLM provider", status=501,
+def _media(app: Relay) -> tuple[ProviderRuntime[Any], Media[Any]]:
+    """The provider that makes images and videos, and its media interface."""
+    runtime = app.providers.with_media()
+    media = None if runtime is None else runtime.provider.media
+    if runtime is None or media is None:
+        raise RelayError("no provider of this relay makes images or videos", status=501,
                          code="not_implemented")
-    return runtime, runtime.provider
+    return runtime, media
 
 
-async def images(app: App, ex: Exchange, body: bytes) -> None:
-    """``POST /v1/images/generations``: ChatGLM drawing (PROTOCOLS.md 3.12).
-
-    The drawing runs on a leased GLM account (one stream per account, like
-    chat); a ``b64_json`` answer downloads the images after the lease.
-    """
-    request = parse_image_request(body)
-    runtime, glm = _glm(app)
-    accounts = app.accounts_for(ex, runtime)
+async def _generate(
+    app: Relay,
+    ex: Exchange,
+    make: Callable[[Media[Any], Leased[Any]], Awaitable[MediaAnswer]],
+) -> None:
+    """Answer a media request; ``make`` leases accounts through ``leased``, as chat does."""
+    runtime, media = _media(app)
     outcome = Outcome()
-    ex.note = outcome
+
+    async def leased(call: Callable[[Any], Awaitable[T]]) -> T:
+        accounts = accounts_for(app.settings, ex, runtime)
+        ex.note = outcome
+        return await with_account(runtime, accounts, call, outcome)
+
     async with ex.watch_disconnect():
-        urls = await with_account(
-            runtime, accounts, functools.partial(glm.draw, request=request), outcome
-        )
-        payload = await glm.images_body(request, urls)
-        await ex.respond(200, payload)
+        answer = await make(media, leased)
+        outcome.conversation = answer.conversation
+        await ex.respond(200, answer.body)
 
 
-async def videos(app: App, ex: Exchange, body: bytes) -> None:
-    """``POST /v1/videos/generations``: ChatGLM video generation (PROTOCOLS.md 3.12)."""
-    request = parse_video_request(body)
-    runtime, glm = _glm(app)
-    accounts = app.accounts_for(ex, runtime)
-    outcome = Outcome()
-    ex.note = outcome
-    async with ex.watch_disconnect():
-        result = await with_account(
-            runtime, accounts, functools.partial(glm.make_video, request=request), outcome
-        )
-        outcome.conversation = result.conversation_id
-        await ex.respond(200, videos_body([result], created=int(time.time())))
+async def images(app: Relay, ex: Exchange, body: bytes) -> None:
+    """``POST /v1/images/generations``: drawing (ChatGLM: PROTOCOLS.md 3.12)."""
+    await _generate(app, ex, lambda media, leased: media.images(body, leased))
+
+
+async def videos(app: Relay, ex: Exchange, body: bytes) -> None:
+    """``POST /v1/videos/generations``: video generation (ChatGLM: PROTOCOLS.md 3.12)."""
+    await _generate(app, ex, lambda media, leased: media.videos(body, leased))
 
 
 ROUTES: dict[str, dict[str, RouteHandler]] = {
@@ -223,8 +240,6 @@ ROUTES: dict[str, dict[str, RouteHandler]] = {
     "/v1/models": {"GET": models},
     "/token/check": {"POST": token_check},
     "/v1/chat/completions": {"POST": chat_completions},
-    "/step/v1/chat/completions": {"POST": _forced("step")},
-    "/glm/v1/chat/completions": {"POST": _forced("glm")},
     "/v1/images/generations": {"POST": images},
     "/v1/videos/generations": {"POST": videos},
 }
@@ -236,17 +251,21 @@ CORS_PREFLIGHT = [
 ]
 
 
-def _route_name(path: str) -> str:
-    return path if path in ROUTES else "other"
+def route_table(providers: Iterable[str]) -> dict[str, dict[str, RouteHandler]]:
+    """:data:`ROUTES` plus each provider's ``/<name>/v1/chat/completions``."""
+    table = dict(ROUTES)
+    for name in providers:
+        table[f"/{name}/v1/chat/completions"] = {"POST": _forced(name)}
+    return table
 
 
-async def dispatch(app: App, ex: Exchange) -> None:
+async def dispatch(app: Relay, ex: Exchange) -> None:
     """Route one request; log it and count it once it is answered."""
     req = ex.request
     path = req.path.rstrip("/") or "/"
     started = trio.current_time()
     try:
-        methods = ROUTES.get(path)
+        methods = app.routes.get(path)
         body = await ex.read_body()
         if methods is None:
             raise NotFound(f"unknown path {req.method} {req.path}", code="unknown_path")
@@ -268,7 +287,7 @@ async def dispatch(app: App, ex: Exchange) -> None:
             raise
         extra = []
         if isinstance(exc, MethodNotAllowed):
-            extra.append((b"allow", ", ".join(ROUTES[path]).encode()))
+            extra.append((b"allow", ", ".join(app.routes[path]).encode()))
         if exc.status == 401:
             extra.append((b"www-authenticate", b"Bearer"))
         await ex.respond(exc.status, error_from_exception(exc), headers=extra)
@@ -276,9 +295,10 @@ async def dispatch(app: App, ex: Exchange) -> None:
         _log(app, ex, path, trio.current_time() - started)
 
 
-def _log(app: App, ex: Exchange, path: str, elapsed: float) -> None:
+def _log(app: Relay, ex: Exchange, path: str, elapsed: float) -> None:
     status = ex.status if ex.started else (499 if ex.conn.gone else 0)
-    app.metrics.requests.labels(_route_name(path), str(status)).inc()
+    route = path if path in app.routes else "other"
+    app.metrics.requests.labels(route, str(status)).inc()
     note = ex.note
     # why the response was cut short: the relay stopping ("shutdown"), a client that
     # stopped reading ("send-timeout"), or one that left ("client-gone")

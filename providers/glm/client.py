@@ -86,7 +86,7 @@ from protocol.errors import (
 from protocol.openai import file_parts
 from protocol.sse import SSEDecoder
 from providers.cancel import create_held, hold_on_cancel
-from providers.contract import FetchedFile, after_answer
+from providers.contract import FetchedFile, MediaAnswer, after_answer
 from providers.files import each_file
 from providers.glm import media, prompt
 from providers.glm.signing import DEFAULT_SECRET, sign
@@ -97,7 +97,17 @@ if TYPE_CHECKING:
 
     from protocol.deltas import Delta, VideoResult
     from protocol.openai import ChatRequest, ContentPart
-    from providers.contract import Background, Fetcher, Headers, StreamedResponse, Transport
+    from providers.contract import (
+        Background,
+        Fetcher,
+        Headers,
+        Leased,
+        StreamedResponse,
+        Transport,
+    )
+
+    # by name: in GlmProvider's body, ``media`` is its property (providers.contract)
+    from providers.glm.media import ImageRequest, VideoRequest, VideoStatus
 
 log = logging.getLogger("providers.glm")
 
@@ -109,6 +119,8 @@ VIDEO_POLL_S = 1.0
 VIDEO_CALL_TIMEOUT_S = 30.0
 #: The model a request without one is answered by (README's default).
 DEFAULT_MODEL = "glm-4-plus"
+#: Model names routed here (any case), besides agent ids (PROTOCOLS.md 3.10).
+MODEL_PREFIXES = ("glm", "chatglm", "cogview", "cogvideo")
 
 #: PROTOCOLS.md 3.7: what the stream call accepts, and the answer's media type.
 SSE_ACCEPT = b"text/event-stream"
@@ -295,6 +307,7 @@ class GlmProvider:
     name = "glm"
     session_ttl = SESSION_TTL_S
     citation_line = CITATION_LINE
+    default_model = DEFAULT_MODEL
 
     def __init__(
         self,
@@ -328,7 +341,7 @@ class GlmProvider:
                 event. Kept here, not (only) by the transport: when it
                 passes, the read goes on for ``cleanup_timeout`` to learn the
                 conversation to delete, so the transport's own first-byte
-                timeout must be longer by that much (``relay/app.py``).
+                timeout must be longer by that much (``relay/registry.py``).
             upload_timeout: bound on one file upload call.
             video_timeout: longest wait for a video to be made.
             video_poll_interval: seconds between video status polls.
@@ -358,6 +371,19 @@ class GlmProvider:
 
     def models(self) -> list[str]:
         return list(prompt.MODELS)
+
+    def owns_model(self, model: str) -> bool:
+        """Our model names, and agent ids (3.10: 24+ lowercase letters and digits)."""
+        return model.lower().startswith(MODEL_PREFIXES) or prompt.is_agent_id(model)
+
+    def looks_like(self, credential: str) -> bool:
+        """A refresh token (3.3) is a JWT: it has no ``@``, which StepChat's have."""
+        return "@" not in credential
+
+    @property
+    def media(self) -> GlmProvider:
+        """ChatGLM draws and makes videos (3.12): :meth:`images`, :meth:`videos`."""
+        return self
 
     def validate_credential(self, credential: str) -> None:
         """A refresh token: non-empty ASCII, no whitespace, comma or control character.
@@ -616,7 +642,7 @@ class GlmProvider:
 
     @asynccontextmanager
     async def chat(
-        self, session: object, request: ChatRequest
+        self, session: GlmSession, request: ChatRequest
     ) -> AsyncIterator[GlmAnswer | GlmRefusal]:
         """Open an answer (3.7-3.10); leaving deletes the conversation we created.
 
@@ -626,8 +652,6 @@ class GlmProvider:
             UpstreamFailed, UpstreamTimeout: upstream trouble. A busy account
                 is not raised: the answer then begins with a 429 error.
         """
-        if not isinstance(session, GlmSession):
-            raise TypeError("not a ChatGLM session")
         choice = prompt.resolve_model(request.model or DEFAULT_MODEL, self._default_assistant)
         reuse = prompt.valid_conversation_id(request.conversation_id)
         parts = file_parts(request.messages)
@@ -702,7 +726,17 @@ class GlmProvider:
 
     # --- images (3.12) -------------------------------------------------------------------
 
-    async def draw(self, session: object, request: media.ImageRequest) -> list[str]:
+    async def images(self, body: bytes, leased: Leased[GlmSession]) -> MediaAnswer:
+        """``/v1/images/generations`` (providers.contract.Media).
+
+        The drawing runs on a leased account (one stream per account, like
+        chat); a ``b64_json`` answer downloads the images after the lease.
+        """
+        request = media.parse_image_request(body)
+        urls = await leased(functools.partial(self.draw, request=request))
+        return MediaAnswer(await self.images_body(request, urls))
+
+    async def draw(self, session: GlmSession, request: ImageRequest) -> list[str]:
         """Run the drawing flow once; the URLs of the images drawn, first seen first.
 
         Raises:
@@ -712,8 +746,6 @@ class GlmProvider:
             UpstreamFailed: 429 for a busy account; 502 when nothing was
                 drawn or the stream failed. UpstreamTimeout: it was too slow.
         """
-        if not isinstance(session, GlmSession):
-            raise TypeError("not a ChatGLM session")
         assistant_id = media.drawing_assistant(request.model, self._drawing_assistant)
         body = prompt.stream_body(
             assistant_id=assistant_id,
@@ -759,7 +791,7 @@ class GlmProvider:
             raise UpstreamFailed("ChatGLM drew no image for this prompt", code="no_images")
         return list(urls)
 
-    async def images_body(self, request: media.ImageRequest, urls: Sequence[str]) -> bytes:
+    async def images_body(self, request: ImageRequest, urls: Sequence[str]) -> bytes:
         """The OpenAI images response for drawn ``urls``; downloads them for ``b64_json``.
 
         Downloads go through the fetcher (size limit, address guard).
@@ -784,7 +816,14 @@ class GlmProvider:
 
     # --- videos (3.12) -------------------------------------------------------------------
 
-    async def make_video(self, session: object, request: media.VideoRequest) -> VideoResult:
+    async def videos(self, body: bytes, leased: Leased[GlmSession]) -> MediaAnswer:
+        """``/v1/videos/generations`` (providers.contract.Media): one video, on a leased account."""
+        request = media.parse_video_request(body)
+        result = await leased(functools.partial(self.make_video, request=request))
+        created = int(time.time())
+        return MediaAnswer(media.videos_body([result], created), result.conversation_id)
+
+    async def make_video(self, session: GlmSession, request: VideoRequest) -> VideoResult:
         """Make one video: optional first frame, submit, poll, optional sound, delete.
 
         ``cogvideox-pro`` without an ``image_url`` draws its first frame
@@ -798,8 +837,6 @@ class GlmProvider:
             UpstreamFailed: the job failed; UpstreamTimeout: not done within
                 ``video_timeout``.
         """
-        if not isinstance(session, GlmSession):
-            raise TypeError("not a ChatGLM session")
         referer = media.video_referer(self._base)
         image_url = request.image_url
         if image_url is None and request.model == "cogvideox-pro":
@@ -845,7 +882,7 @@ class GlmProvider:
 
     async def _wait_video(
         self, session: GlmSession, chat_id: str, referer: bytes
-    ) -> media.VideoStatus:
+    ) -> VideoStatus:
         """Poll until the job is done (bounded by ``video_timeout``)."""
         path = media.video_status_path(chat_id)
         with trio.move_on_after(self._video_timeout):

@@ -61,6 +61,10 @@ POLL_FIRST_S, POLL_GROWTH, POLL_MAX_S = 0.2, 1.5, 2.0
 UPLOAD_PROCESSING_LIMIT_S = 60.0
 #: 2.10: the reference lists step-v1 and step-v1-vision; "step" is its default model name
 MODELS = ["step", "step-v1", "step-v1-vision"]
+#: the model an answer names when the request named none
+DEFAULT_MODEL = "step"
+#: model names routed here (any case): ours all begin so
+MODEL_PREFIX = "step"
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +118,9 @@ class StepProvider:
     name = "step"
     session_ttl = SESSION_TTL_S
     citation_line = CITATION_LINE
+    default_model = DEFAULT_MODEL
+    #: StepChat makes no images or videos
+    media = None
 
     def __init__(
         self,
@@ -141,6 +148,13 @@ class StepProvider:
 
     def models(self) -> list[str]:
         return list(MODELS)
+
+    def owns_model(self, model: str) -> bool:
+        return model.lower().startswith(MODEL_PREFIX)
+
+    def looks_like(self, credential: str) -> bool:
+        """``deviceId@Oasis-Token`` (2.3): the ``@`` tells it from other providers'."""
+        return "@" in credential
 
     def validate_credential(self, credential: str) -> None:
         prompt.parse_credential(credential)
@@ -295,9 +309,7 @@ class StepProvider:
     # --- chat -------------------------------------------------------------------------------
 
     @asynccontextmanager
-    async def chat(self, session: object, request: ChatRequest) -> AsyncIterator[StepAnswer]:
-        if not isinstance(session, StepSession):
-            raise TypeError("not a StepChat session")
+    async def chat(self, session: StepSession, request: ChatRequest) -> AsyncIterator[StepAnswer]:
         attachments = await self._attachments(session, prompt.attachments_of(request.messages))
         text = prompt.build_prompt(request.messages)
         # held: a chat created while the client left is deleted all the same

@@ -18,7 +18,7 @@ import pytest
 import trio
 
 from providers.step.emulator import StepBehavior, StepEmulator
-from relay import cli, config
+from relay import config, registry
 from relay.app import App
 from tests.relay.conftest import AUTH, GLM_AUTH, STEP_TOKEN, post
 from tests.relay.test_cli import relay_process
@@ -183,8 +183,8 @@ async def test_demo_app_downloads_its_emulators_images_and_nothing_else_private(
     is on the ChatGLM emulator, on loopback), while a file URL on another loopback port
     is still a 400 forbidden_file_url."""
     settings = config.load({"host": "127.0.0.1", "port": 0, "demo": True}, environ={})
-    settings = await cli._start_emulators(settings, nursery)  # as serve does
-    async with App(settings, trusted_file_origins=cli.demo_file_origins(settings)) as app:
+    settings, trusted = await registry.start_emulators(settings, nursery, registry.ENTRIES)
+    async with App(settings, trusted_file_origins=trusted) as app:  # as serve does
         addresses = await nursery.start(functools.partial(app.serve))
         base_url = f"http://{addresses[0]}"
         body = orjson.dumps({"prompt": "a cat", "response_format": "b64_json"})
@@ -224,11 +224,13 @@ async def test_demo_trusts_exactly_the_emulators_origins() -> None:
     """The trusted origins are the two emulators' (scheme, host, port), nothing more."""
     settings = config.load({"demo": True}, environ={})
     async with trio.open_nursery() as emulators:
-        settings = await cli._start_emulators(settings, emulators)  # as serve does
+        settings, trusted = await registry.start_emulators(  # as serve does
+            settings, emulators, registry.ENTRIES
+        )
         emulators.cancel_scope.cancel()
     step_port = int(settings.step_base_url.rsplit(":", 1)[1])
     glm_port = int(settings.glm_base_url.rsplit(":", 1)[1])
-    assert cli.demo_file_origins(settings) == {
+    assert trusted == {
         ("http", "127.0.0.1", step_port), ("http", "127.0.0.1", glm_port)
     }
 

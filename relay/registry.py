@@ -1,0 +1,280 @@
+"""The providers this relay serves: the one module of ``relay/`` that names them.
+
+Everything else in ``relay/`` reaches a provider through
+``providers/contract.py`` and the :class:`Providers` built here, never
+through ``providers.step`` or ``providers.glm`` directly.
+
+An :class:`Entry` says how to build one provider from the settings and the
+pieces the app shares (:class:`Parts`: the upstream pool, the file fetcher,
+the janitor), where its server-side credentials and per-account stream
+limit are, and, for ``relay serve --demo``, how to start its emulator.
+Adding a provider is one package under ``providers/`` and one entry in
+:data:`ENTRIES` (with its settings in ``relay/config.py``).
+
+Order matters twice, so the order of :data:`ENTRIES` is part of the
+behaviour: a model name goes to the first provider that owns it (else to
+``default_provider``), and ``/token/check`` without a provider guesses the
+first whose credential form fits.
+
+Providers differ in their session type (``Provider[SessionT]``), so the
+mixed collection here is the one place where it is ``Any``: each
+:class:`ProviderRuntime` pairs a provider with an account pool of the same
+session type, and :func:`relay.chat.with_account` keeps the two together.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Generic
+
+from protocol.errors import RelayError
+from providers.contract import SessionT
+from providers.glm.client import GlmProvider
+from providers.step.client import StepProvider
+from relay.accounts import AccountPool
+from relay.config import ConfigError
+from relay.fetcher import origin_of
+from relay.upstream import HttpTransport
+
+if TYPE_CHECKING:
+    import trio
+
+    from providers.contract import Background, Fetcher, Provider
+    from providers.glm.client import GlmSession
+    from providers.step.client import StepSession
+    from relay.config import Settings
+    from relay.fetcher import Origin
+    from relay.upstream import Pool
+
+# accounts of the built-in emulators: not secrets
+DEMO_STEP_TOKEN = "demo-device@demo-oasis-token"  # noqa: S105
+DEMO_GLM_TOKEN = "demo-glm-refresh-token"  # noqa: S105
+
+
+@dataclass(frozen=True, slots=True)
+class Parts:
+    """What the app shares with every provider it builds."""
+
+    settings: Settings
+    pool: Pool
+    fetcher: Fetcher
+    #: where conversations are deleted after the answer (the janitor)
+    background: Background
+
+    def transport(self, label: str, settings: Settings | None = None) -> HttpTransport:
+        """Calls to one upstream over the shared pool (``settings``: other timeouts)."""
+        return HttpTransport(self.pool, settings or self.settings, label)
+
+
+@dataclass(frozen=True, slots=True)
+class Emulated:
+    """An emulator started for demo mode."""
+
+    base_url: str
+    #: the Settings fields that point its provider at it (base URL, an account)
+    changes: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One provider, as the relay builds it."""
+
+    build: Callable[[Parts], Provider[Any]]
+    #: its server-side credentials (``RELAY_<NAME>_TOKENS``)
+    credentials: Callable[[Settings], Sequence[str]]
+    #: concurrent streams per account, 0 for no limit
+    max_streams: Callable[[Settings], int]
+    #: demo mode: start its emulator in the nursery
+    demo: Callable[[trio.Nursery], Awaitable[Emulated]] | None = None
+
+
+@dataclass(eq=False)
+class ProviderRuntime(Generic[SessionT]):
+    """A provider with its account pool and server-side credentials."""
+
+    provider: Provider[SessionT]
+    pool: AccountPool[SessionT]
+    server_credentials: tuple[str, ...]
+
+
+class Providers(Mapping[str, "ProviderRuntime[Any]"]):
+    """Every provider of one app, by name, in registry order."""
+
+    def __init__(self, runtimes: Iterable[ProviderRuntime[Any]], default: str) -> None:
+        """
+        Args:
+            runtimes: in the order of their entries.
+            default: the provider of model names no provider owns.
+        """
+        self._by_name = {runtime.provider.name: runtime for runtime in runtimes}
+        self._default = default
+
+    def __getitem__(self, name: str) -> ProviderRuntime[Any]:
+        return self._by_name[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._by_name)
+
+    def __len__(self) -> int:
+        return len(self._by_name)
+
+    def for_model(self, model: str) -> ProviderRuntime[Any]:
+        """The first provider that owns ``model``; else the default one; else the first."""
+        for runtime in self._by_name.values():
+            if runtime.provider.owns_model(model):
+                return runtime
+        return self._by_name.get(self._default) or next(iter(self._by_name.values()))
+
+    def guess(self, credential: str) -> str | None:
+        """The name of the first provider whose credentials look like ``credential``."""
+        for name, runtime in self._by_name.items():
+            if runtime.provider.looks_like(credential):
+                return name
+        return None
+
+    def with_media(self) -> ProviderRuntime[Any] | None:
+        """The first provider that makes images and videos, if any does."""
+        for runtime in self._by_name.values():
+            if runtime.provider.media is not None:
+                return runtime
+        return None
+
+    def check_server_credentials(self) -> None:
+        """Refuse to start with a malformed entry in a server-side token list.
+
+        Found here, at start, rather than by the first request that leases
+        that account. The message names the setting and the entry's position,
+        never the entry (it is a secret).
+
+        Raises:
+            ConfigError: ``RELAY_<PROVIDER>_TOKENS: entry N of M ...``.
+        """
+        for name, runtime in self._by_name.items():
+            count = len(runtime.server_credentials)
+            for position, credential in enumerate(runtime.server_credentials, 1):
+                try:
+                    runtime.provider.validate_credential(credential)
+                except RelayError as exc:
+                    raise ConfigError(
+                        f"RELAY_{name.upper()}_TOKENS: entry {position} of {count} is "
+                        f"malformed: {exc.message}"
+                    ) from None
+
+
+def _runtime(provider: Provider[SessionT], entry: Entry, settings: Settings
+             ) -> ProviderRuntime[SessionT]:
+    pool = AccountPool(provider, settings, entry.max_streams(settings))
+    return ProviderRuntime(provider, pool, tuple(entry.credentials(settings)))
+
+
+def build(parts: Parts, entries: Sequence[Entry]) -> Providers:
+    """Every provider of ``entries``, with its account pool.
+
+    Raises:
+        ConfigError: a server-side token list has a malformed entry.
+    """
+    settings = parts.settings
+    runtimes = [_runtime(entry.build(parts), entry, settings) for entry in entries]
+    providers = Providers(runtimes, settings.default_provider)
+    providers.check_server_credentials()
+    return providers
+
+
+def has_server_credentials(settings: Settings, entries: Sequence[Entry]) -> bool:
+    """Whether any provider has server-side accounts configured."""
+    return any(entry.credentials(settings) for entry in entries)
+
+
+async def start_emulators(
+    settings: Settings, nursery: trio.Nursery, entries: Sequence[Entry]
+) -> tuple[Settings, frozenset[Origin]]:
+    """Start every provider's emulator in ``nursery`` (``relay serve --demo``).
+
+    Returns:
+        The settings pointed at the emulators, and the emulators' origins: their
+        file URLs (the images the ChatGLM emulator draws, which ``b64_json``
+        downloads) are on loopback, which the fetcher's guard refuses; the demo
+        trusts these origins, and no other private address.
+    """
+    changes: dict[str, Any] = {}
+    origins: set[Origin] = set()
+    for entry in entries:
+        if entry.demo is not None:
+            emulated = await entry.demo(nursery)
+            changes.update(emulated.changes)
+            origins.add(origin_of(emulated.base_url))
+    return dataclasses.replace(settings, **changes), frozenset(origins)
+
+
+# --- StepChat ------------------------------------------------------------------------------
+
+
+def _step(parts: Parts) -> Provider[StepSession]:
+    s = parts.settings
+    return StepProvider(
+        parts.transport("StepChat"),
+        parts.fetcher,
+        base_url=s.step_base_url,
+        cleanup_timeout=s.cleanup_timeout,
+        upload_timeout=s.upload_timeout,
+        file_settle=s.step_file_settle,
+        background=parts.background,
+    )
+
+
+async def _step_demo(nursery: trio.Nursery) -> Emulated:
+    from providers.step.emulator import StepEmulator
+
+    emulator = StepEmulator(tokens=[DEMO_STEP_TOKEN.split("@", 1)[1]])
+    await nursery.start(emulator.serve)
+    return Emulated(emulator.base_url, {
+        "step_base_url": emulator.base_url,
+        "step_tokens": (DEMO_STEP_TOKEN,),
+        "step_file_settle": 0.0,
+    })
+
+
+# --- ChatGLM -------------------------------------------------------------------------------
+
+
+def _glm(parts: Parts) -> Provider[GlmSession]:
+    s = parts.settings
+    # ChatGLM keeps the first-byte timeout itself: past it, it reads on for up
+    # to cleanup_timeout to learn the conversation it must delete, so its
+    # transport must not give up before that.
+    transport_settings = dataclasses.replace(
+        s, first_byte_timeout=s.first_byte_timeout + s.cleanup_timeout
+    )
+    return GlmProvider(
+        parts.transport("ChatGLM", transport_settings),
+        parts.fetcher,
+        base_url=s.glm_base_url,
+        secret=s.glm_sign_secret,
+        system_tag=s.glm_system_tag,
+        cleanup_timeout=s.cleanup_timeout,
+        first_byte_timeout=s.first_byte_timeout,
+        upload_timeout=s.upload_timeout,
+        video_timeout=s.video_timeout,
+        video_poll_interval=max(s.video_poll_interval, 0.001),
+        background=parts.background,
+    )
+
+
+async def _glm_demo(nursery: trio.Nursery) -> Emulated:
+    from providers.glm.emulator import GlmEmulator
+
+    emulator = GlmEmulator(tokens=[DEMO_GLM_TOKEN])
+    await nursery.start(emulator.serve)
+    return Emulated(emulator.base_url, {
+        "glm_base_url": emulator.base_url,
+        "glm_tokens": (DEMO_GLM_TOKEN,),
+    })
+
+
+#: Every provider, in routing order (see the module docstring).
+ENTRIES: tuple[Entry, ...] = (
+    Entry(_step, lambda s: s.step_tokens, lambda s: s.step_max_streams, _step_demo),
+    Entry(_glm, lambda s: s.glm_tokens, lambda s: s.glm_max_streams, _glm_demo),
+)
