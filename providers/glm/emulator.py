@@ -9,14 +9,14 @@ the knobs of :class:`GlmBehavior`, which tests may change between requests
 
 Theory of operation.
 
-*Connections.* :func:`trio.serve_listeners` runs :meth:`GlmEmulator._handle`
-per TCP (or TLS) connection. It owns an ``h11.Connection`` and serves
-requests one after the other (HTTP/1.1 keep-alive) until the client closes,
-a request says ``Connection: close``, or something breaks. Every handler
-ends on its own: client errors close the connection quietly, and an
-unexpected exception (a bug) is logged and kept in
-``record.handler_errors`` instead of taking the whole server down; tests
-assert that list is empty.
+*Connections.* :mod:`providers.emulator_http` runs the HTTP/1.1 plumbing:
+one task per TCP (or TLS) connection serves requests one after the other
+(HTTP/1.1 keep-alive), each answered by ``GlmEmulator._respond``, until the
+client closes, a request says ``Connection: close``, or something breaks.
+Every connection ends on its own: client errors close it quietly (bad HTTP
+is answered 400, a body over :data:`MAX_BODY_BYTES` 413), and an unexpected
+exception (a bug) is logged and kept in ``record.handler_errors`` instead of
+taking the whole server down; tests assert that list is empty.
 
 *Unary calls* (3.6) answer HTTP 200 with a JSON envelope, as the site does,
 even for errors: success ``{"status": 0, "message": "success", "result":
@@ -41,7 +41,7 @@ with the snapshot events of :mod:`providers.glm.emulator_script`.
 ``frame_delay_s`` is slept where the script says ``PAUSE``: before each
 event that starts or grows a part, never before a part's finish event or
 the final one, so the answer ends right after its last frame. While
-the answer is written a watcher task reads the socket: EOF from the client
+the answer is written the helper's watcher reads the socket: EOF from the client
 cancels the stream at once (even while stalled or sleeping between frames),
 and the stream counts as aborted. The account is released just before the
 final event goes out, so a client that reacts to ``finish`` by starting the
@@ -64,7 +64,6 @@ covers point there), ``GET /videos/<name>.mp4`` a few placeholder bytes.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import hashlib
 import logging
@@ -85,6 +84,14 @@ import orjson
 import trio
 
 from protocol.errors import PayloadTooLarge, RequestError
+from providers.emulator_http import (
+    ClientConnection,
+    Reply,
+    Request,
+    http_chunk,
+    serve_connection,
+    serve_http,
+)
 from providers.emulator_main import serve_until_signal
 from providers.glm.emulator_script import (
     Pace,
@@ -132,7 +139,6 @@ ERR_NOT_FOUND = 10004
 #: "A conversation is in progress": the busy account's message.
 BUSY_MESSAGE = "当前有对话正在进行中"
 
-READ_BYTES = 64 * 1024
 #: PROTOCOLS.md 3.8/4: the site takes files up to 100 MiB; leave room for the form.
 MAX_BODY_BYTES = 101 * 1024 * 1024
 #: Upload dimensions reported for images we cannot measure (3.8's example).
@@ -372,23 +378,29 @@ class _Refused(RequestError):
         self.http_status = http_status
 
 
-class _BodyTooLarge(PayloadTooLarge):
-    """A request body over :data:`MAX_BODY_BYTES`."""
-
-
 @dataclass(frozen=True, slots=True)
 class _Request:
+    """A request as the routes read it: method upper-cased, the path without
+    its query, header names lower-cased (the last of a repeated one wins)."""
+
     method: str
     path: str
     headers: dict[str, str]
     body: bytes
 
-
-@dataclass(frozen=True, slots=True)
-class _Reply:
-    status: int
-    body: bytes
-    content_type: str = "application/json"
+    @classmethod
+    def parse(cls, request: Request) -> _Request:
+        target = request.target.decode("ascii", errors="replace")
+        headers = {
+            name.decode("latin-1").lower(): value.decode("latin-1")
+            for name, value in request.headers
+        }
+        return cls(
+            request.method.decode("ascii", errors="replace").upper(),
+            urllib.parse.urlsplit(target).path,
+            headers,
+            request.body,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -420,103 +432,13 @@ class _End(Enum):
     DROPPED = "dropped"  # we cut it (drop_after)
 
 
-def _json(obj: dict[str, Any], status: int = 200) -> _Reply:
-    return _Reply(status, orjson.dumps(obj))
+def _json(obj: dict[str, Any], status: int = 200) -> Reply:
+    return Reply(status, orjson.dumps(obj))
 
 
 def _bearer(request: _Request) -> str:
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
     return token.strip() if scheme.lower() == "bearer" else ""
-
-
-class _Client:
-    """One client connection: its stream and its ``h11.Connection``."""
-
-    __slots__ = ("h11", "stream")
-
-    def __init__(self, stream: trio.abc.Stream) -> None:
-        self.stream = stream
-        self.h11 = h11.Connection(h11.SERVER)
-
-    async def write(self, data: bytes, size: int | None = None) -> None:
-        """Write ``data``, in TCP writes of ``size`` bytes if given.
-
-        Raises:
-            trio.BrokenResourceError: the client is gone; the connection is
-                then unusable (h11 state ERROR).
-        """
-        try:
-            if size is None or size <= 0 or size >= len(data):
-                await self.stream.send_all(data)
-            else:
-                view = memoryview(data)
-                for start in range(0, len(data), size):
-                    await self.stream.send_all(view[start : start + size])
-        except BaseException:
-            self.h11.send_failed()
-            raise
-
-    def encode(self, *events: h11.Event) -> bytes:
-        return b"".join(self.h11.send(event) or b"" for event in events)
-
-    async def reply(self, reply: _Reply, *, head_only: bool = False) -> None:
-        headers = [
-            (b"content-type", reply.content_type.encode()),
-            (b"content-length", str(len(reply.body)).encode()),
-        ]
-        response = h11.Response(status_code=reply.status, headers=headers)
-        body = [] if head_only else [h11.Data(data=reply.body)]
-        await self.write(self.encode(response, *body, h11.EndOfMessage()))
-
-    async def read_request(self) -> _Request | None:
-        """The next whole request, or None when the client closed the connection.
-
-        Raises:
-            h11.RemoteProtocolError: the client sent bytes that are not HTTP.
-            _BodyTooLarge: the body is over :data:`MAX_BODY_BYTES`.
-        """
-        head: h11.Request | None = None
-        body = bytearray()
-        while True:
-            event = self.h11.next_event()
-            if event is h11.NEED_DATA:
-                if self.h11.they_are_waiting_for_100_continue:
-                    await self.write(
-                        self.encode(h11.InformationalResponse(status_code=100, headers=[]))
-                    )
-                self.h11.receive_data(bytes(await self.stream.receive_some(READ_BYTES)))
-            elif isinstance(event, h11.Request):
-                head = event
-            elif isinstance(event, h11.Data):
-                body += event.data
-                if len(body) > MAX_BODY_BYTES:
-                    raise _BodyTooLarge("request body too large")
-            elif isinstance(event, h11.EndOfMessage) and head is not None:
-                target = head.target.decode("ascii", errors="replace")
-                headers = {
-                    name.decode("latin-1").lower(): value.decode("latin-1")
-                    for name, value in head.headers
-                }
-                return _Request(
-                    head.method.decode("ascii", errors="replace").upper(),
-                    urllib.parse.urlsplit(target).path,
-                    headers,
-                    bytes(body),
-                )
-            else:  # ConnectionClosed, PAUSED (the client is done)
-                return None
-
-
-async def _watch_client(client: _Client, gone: trio.Event, scope: trio.CancelScope) -> None:
-    """Read the socket while a stream is written; on EOF set ``gone``, cancel ``scope``.
-
-    Bytes of a pipelined next request go to h11, which keeps them for later.
-    """
-    with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-        while data := await client.stream.receive_some(READ_BYTES):
-            client.h11.receive_data(bytes(data))
-    gone.set()
-    scope.cancel()
 
 
 # ---------------------------------------------------------------- the server
@@ -589,17 +511,13 @@ class GlmEmulator:
             ssl_context: serve HTTPS with this server context.
             task_status: for ``nursery.start``.
         """
-        listeners: list[trio.abc.Listener[Any]] = []
-        tcp = await trio.open_tcp_listeners(port, host=host)
-        self.port = tcp[0].socket.getsockname()[1]
-        self._host = host
-        if ssl_context is not None:
-            self._scheme = "https"
-            listeners.extend(trio.SSLListener(t, ssl_context, https_compatible=True) for t in tcp)
-        else:
-            listeners.extend(tcp)
-        task_status.started()
-        await trio.serve_listeners(self._handle, listeners)
+        serve = partial(serve_http, self._handle, host=host, port=port, ssl_context=ssl_context)
+        async with trio.open_nursery() as nursery:
+            self.port = await nursery.start(serve)
+            self._host = host
+            if ssl_context is not None:
+                self._scheme = "https"
+            task_status.started()
 
     def expire_access_tokens(self) -> None:
         """Every access token issued so far is now expired (calls get ``code`` 401)."""
@@ -631,66 +549,44 @@ class GlmEmulator:
         self._changed.set()
         self._changed = trio.Event()
 
-    # -- connection loop
+    # -- connection loop (providers.emulator_http)
 
     async def _handle(self, stream: trio.abc.Stream) -> None:
-        client = _Client(stream)
-        try:
-            while await self._serve_one(client):
-                self._notify()
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass  # the client went away
-        except Exception as exc:  # a bug: keep serving others, let tests see it
-            logger.exception("GLM emulator handler failed")
-            self.record.handler_errors.append(repr(exc))
-        finally:
-            self._notify()
-            await trio.aclose_forcefully(stream)
+        await serve_connection(stream, self._respond, self._refusal, max_body_bytes=MAX_BODY_BYTES)
 
-    async def _serve_one(self, client: _Client) -> bool:
+    def _refusal(self, exc: Exception) -> Reply | None:
+        """The answer to a request that broke (``providers.emulator_http.Refuse``)."""
+        if isinstance(exc, h11.RemoteProtocolError):
+            return _json({"message": str(exc)}, 400)
+        if isinstance(exc, PayloadTooLarge):
+            return _json({"message": exc.message}, 413)
+        self.record.handler_errors.append(repr(exc))  # a bug: let tests see it
+        self._notify()
+        return None
+
+    async def _respond(self, raw: Request, conn: ClientConnection) -> bool:
         """Serve one request; True if the connection can take another."""
-        try:
-            request = await client.read_request()
-        except h11.RemoteProtocolError as exc:
-            await self._reply_if_possible(client, _json({"message": str(exc)}, 400))
-            return False
-        except _BodyTooLarge as exc:
-            await self._reply_if_possible(client, _json({"message": exc.message}, 413))
-            return False
-        if request is None:
-            return False
+        request = _Request.parse(raw)
         if self._keep:
             self.record.paths.append(request.path)
         try:
             if request.path == STREAM_PATH and request.method == "POST":
-                if not await self._stream(client, request):
-                    return False
-            else:
-                if request.path == VIDEO_CHAT_PATH and self.behavior.video_start_delay_s > 0:
-                    with trio.CancelScope(shield=True):  # the site finishes what it began
-                        await trio.sleep(self.behavior.video_start_delay_s)
-                reply = self._route(request)
-                await client.reply(reply, head_only=request.method == "HEAD")
+                return await self._stream(conn, request)
+            if request.path == VIDEO_CHAT_PATH and self.behavior.video_start_delay_s > 0:
+                with trio.CancelScope(shield=True):  # the site finishes what it began
+                    await trio.sleep(self.behavior.video_start_delay_s)
+            reply = self._route(request)
+            await conn.reply(reply, head_only=request.method == "HEAD")
         except _Refused as refusal:
             reply = _json(refusal.envelope, refusal.http_status)
-            await client.reply(reply, head_only=request.method == "HEAD")
-        if client.h11.our_state is h11.DONE and client.h11.their_state is h11.DONE:
-            client.h11.start_next_cycle()
-            return True
-        return False
-
-    @staticmethod
-    async def _reply_if_possible(client: _Client, reply: _Reply) -> None:
-        """Answer a request we could not read, if h11 still allows a response."""
-        with contextlib.suppress(
-            h11.LocalProtocolError, trio.BrokenResourceError, trio.ClosedResourceError
-        ):
-            if client.h11.our_state in (h11.IDLE, h11.SEND_RESPONSE):
-                await client.reply(reply)
+            await conn.reply(reply, head_only=request.method == "HEAD")
+        finally:
+            self._notify()
+        return True
 
     # -- envelopes and checks (3.4, 3.6)
 
-    def _ok(self, result: dict[str, Any]) -> _Reply:
+    def _ok(self, result: dict[str, Any]) -> Reply:
         ok_field = "status" if self.behavior.error_field == "code" else "code"
         return _json({ok_field: 0, "message": "success", "result": result})
 
@@ -734,7 +630,7 @@ class GlmEmulator:
 
     # -- unary routes
 
-    def _route(self, request: _Request) -> _Reply:
+    def _route(self, request: _Request) -> Reply:
         method, path = request.method, request.path
         fixed = {
             REFRESH_PATH: self._refresh,
@@ -758,7 +654,7 @@ class GlmEmulator:
                 return reply
         raise _Refused({"code": 404, "message": f"no route for {method} {path}"}, 404)
 
-    def _refresh(self, request: _Request) -> _Reply:
+    def _refresh(self, request: _Request) -> Reply:
         self._check_signature(request, required=True)
         token = _bearer(request)
         if not token or (self._tokens is not None and token not in self._tokens):
@@ -776,7 +672,7 @@ class GlmEmulator:
         self.record.refreshes += 1
         return self._ok({"access_token": access, "refresh_token": token})
 
-    def _delete(self, request: _Request) -> _Reply:
+    def _delete(self, request: _Request) -> Reply:
         self._check_signature(request, required=True)
         account = self._authenticate(request)
         conversation_id = self._json_body(request).get("conversation_id")
@@ -789,7 +685,7 @@ class GlmEmulator:
             self.record.conversations_deleted.append(conversation_id)
         return self._ok({})
 
-    def _upload_chat(self, request: _Request) -> _Reply:
+    def _upload_chat(self, request: _Request) -> Reply:
         upload = self._receive_upload(request, "chat")
         url = self._file_url(upload)
         result: dict[str, Any] = {
@@ -801,7 +697,7 @@ class GlmEmulator:
             result["width"], result["height"] = _image_size(upload.data)
         return self._ok(result)
 
-    def _upload_video(self, request: _Request) -> _Reply:
+    def _upload_video(self, request: _Request) -> Reply:
         upload = self._receive_upload(request, "video")
         return self._ok({"source_id": upload.file_id, "source_url": self._file_url(upload)})
 
@@ -830,7 +726,7 @@ class GlmEmulator:
         name = urllib.parse.quote(upload.filename, safe="")
         return f"{self.base_url}{FILES_PREFIX}{upload.file_id}/{name}"
 
-    def _video_chat(self, request: _Request) -> _Reply:
+    def _video_chat(self, request: _Request) -> Reply:
         self._check_signature(request, required=True)
         account = self._authenticate(request)
         body = self._json_body(request)
@@ -853,7 +749,7 @@ class GlmEmulator:
             raise self._error(ERR_NOT_FOUND, "video chat not found")
         return job
 
-    def _video_status(self, request: _Request, chat_id: str) -> _Reply:
+    def _video_status(self, request: _Request, chat_id: str) -> Reply:
         job = self._video_job(request, chat_id, signed=True)
         job.polls += 1
         self.record.video_polls += 1
@@ -883,7 +779,7 @@ class GlmEmulator:
             result["resolution"] = "1440 × 960"
         return self._ok(result)
 
-    def _video_composite(self, request: _Request) -> _Reply:
+    def _video_composite(self, request: _Request) -> Reply:
         self._check_signature(request, required=True)
         account = self._authenticate(request)
         body = self._json_body(request)
@@ -896,27 +792,27 @@ class GlmEmulator:
         audio = urllib.parse.quote(str(body.get("audio_id", "")), safe="")
         return self._ok({"url": f"{self.base_url}{VIDEOS_PREFIX}{chat_id}_{audio}.mp4"})
 
-    def _video_delete(self, request: _Request, chat_id: str) -> _Reply:
+    def _video_delete(self, request: _Request, chat_id: str) -> Reply:
         self._video_job(request, chat_id, signed=False)  # the reference never signs it
         del self._videos[chat_id]
         if self._keep:
             self.record.videos_deleted.append(chat_id)
         return self._ok({})
 
-    def _static(self, path: str) -> _Reply | None:
+    def _static(self, path: str) -> Reply | None:
         """Uploaded files, the tiny PNG and the fake video; None if not one of ours."""
         if path.startswith(FILES_PREFIX):
             upload = self._files.get(path.removeprefix(FILES_PREFIX).partition("/")[0])
-            return None if upload is None else _Reply(200, upload.data, upload.content_type)
+            return None if upload is None else Reply(200, upload.data, upload.content_type)
         if path.startswith(IMAGES_PREFIX) and path.endswith(".png"):
-            return _Reply(200, TINY_PNG, "image/png")
+            return Reply(200, TINY_PNG, "image/png")
         if path.startswith(VIDEOS_PREFIX) and path.endswith(".mp4"):
-            return _Reply(200, _FAKE_MP4, "video/mp4")
+            return Reply(200, _FAKE_MP4, "video/mp4")
         return None
 
     # -- the stream (3.7, 3.9)
 
-    async def _stream(self, client: _Client, request: _Request) -> bool:
+    async def _stream(self, conn: ClientConnection, request: _Request) -> bool:
         """Answer one stream request; True if the connection can be reused."""
         self._check_signature(request, required=True)
         account = self._authenticate(request)
@@ -942,7 +838,7 @@ class GlmEmulator:
             self.record.streams.append(body)
         if behavior.stream_error is not None:
             status, payload = behavior.stream_error
-            await client.reply(_json(payload, status))
+            await conn.reply(_json(payload, status))
             return True
         if not conversation_id:
             conversation_id = secrets.token_hex(12)  # 24 hex characters, as the site's
@@ -977,18 +873,13 @@ class GlmEmulator:
                 self.record.streams_finished += 1
             self._notify()
 
-        gone = trio.Event()
-        end = _End.ABORTED
+        end: _End | None = None
         try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(_watch_client, client, gone, nursery.cancel_scope)
-                with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-                    end = await self._write_stream(client, behavior, script, release)
-                nursery.cancel_scope.cancel()
+            end = await conn.watched(partial(self._write_stream, conn, behavior, script, release))
         finally:
             release()
         if end is _End.FINISHED:
-            return not gone.is_set()
+            return True  # unless the client has gone (the loop checks)
         if counted_finished:  # the final write failed after all
             self.record.streams_finished -= 1
         if end is _End.DROPPED:
@@ -1037,7 +928,7 @@ class GlmEmulator:
 
     @staticmethod
     async def _write_stream(
-        client: _Client,
+        conn: ClientConnection,
         behavior: GlmBehavior,
         script: SnapshotScript,
         release: _Release,
@@ -1053,10 +944,10 @@ class GlmEmulator:
         """
         size = behavior.write_size
         line_end = behavior.line_end.encode()
-        pending = bytearray(client.encode(h11.Response(status_code=200, headers=_SSE_HEADERS)))
+        pending = bytearray(conn.encode(h11.Response(status_code=200, headers=_SSE_HEADERS)))
         if behavior.first_delay_s > 0 or behavior.first_gate is not None:
             if behavior.head_first:  # the head now, the first event after the delay
-                await client.write(bytes(pending))
+                await conn.send(bytes(pending))
                 pending.clear()
             await trio.sleep(behavior.first_delay_s)
             if behavior.first_gate is not None:
@@ -1064,23 +955,23 @@ class GlmEmulator:
         # h11 frames an HTTP/1.1 body without Content-Length as chunked and,
         # when chunked, does not count body bytes: formatting the chunks here
         # saves a copy and a call per event. HTTP/1.0 bodies go through h11.
-        chunked = client.h11.their_http_version == b"1.1"
+        chunked = conn.chunked
 
         def frame(data: bytes) -> bytes:
             event = b"data: " + data + line_end + line_end
             if chunked:
-                return b"%x\r\n%b\r\n" % (len(event), event)
-            return client.encode(h11.Data(data=event))
+                return http_chunk(event)
+            return conn.encode(h11.Data(data=event))
 
         events = script.paced()
         pace = behavior.frame_delay_s > 0 and not behavior.pack_all
         sent = 0
         while True:
             if behavior.stall_after is not None and sent >= behavior.stall_after:
-                await client.write(bytes(pending), size)
+                await conn.send(bytes(pending), size)
                 await trio.sleep_forever()
             if behavior.drop_after is not None and sent >= behavior.drop_after:
-                await client.write(bytes(pending), size)
+                await conn.send(bytes(pending), size)
                 return _End.DROPPED
             if sent == behavior.malformed_after:
                 pending += frame(MALFORMED_DATA)
@@ -1093,12 +984,12 @@ class GlmEmulator:
             pending += frame(script.final() if data is None else data)
             sent += 1
             if last:
-                pending += client.encode(h11.EndOfMessage())
+                pending += conn.encode(h11.EndOfMessage())
                 release(finished=True)
-                await client.write(bytes(pending), size)
+                await conn.send(bytes(pending), size)
                 return _End.FINISHED
             if not behavior.pack_all:
-                await client.write(bytes(pending), size)
+                await conn.send(bytes(pending), size)
                 pending.clear()
 
 
@@ -1121,6 +1012,7 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--first-delay-s", type=float, default=0.0)
     parser.add_argument("--frame-delay-s", type=float, default=0.0)
     parser.add_argument("--stall-after", type=int)
+    parser.add_argument("--pack-all", action="store_true", help="the whole answer in one write")
     parser.add_argument("--no-signature-check", action="store_true")
     parser.add_argument(
         "--no-stream-limit",
@@ -1147,6 +1039,7 @@ def emulator_from_args(argv: list[str] | None = None) -> tuple[GlmEmulator, str,
         first_delay_s=args.first_delay_s,
         frame_delay_s=args.frame_delay_s,
         stall_after=args.stall_after,
+        pack_all=args.pack_all,
         check_signature=not args.no_signature_check,
         one_stream_per_account=not args.no_stream_limit,
     )

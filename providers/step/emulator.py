@@ -9,12 +9,12 @@ misbehaves on request through a mutable :class:`StepBehavior`. Tests start it
 with ``await nursery.start(emulator.serve)``; ``bench/`` runs it as a separate
 process through :func:`main`; ``relay serve --demo`` runs it in-process.
 
-One task per TCP connection runs the h11 loop: read a request head and its
-whole body (Content-Length or chunked), answer, ``start_next_cycle()``, again
-(keep-alive). Unary calls (2.5) are JSON in, JSON out with Content-Length;
-their failures are the Connect error body ``{"code", "message"}`` with a
-fitting HTTP status. SendMessageStream answers HTTP 200
-``application/connect+json`` with a chunked body of Connect envelopes (2.5,
+The HTTP/1.1 plumbing is :mod:`providers.emulator_http`'s: one task per
+connection reads a request head and its whole body, ``StepEmulator._respond``
+answers it, and the connection is kept alive. Unary calls (2.5) are JSON
+in, JSON out with Content-Length; their failures are the Connect error body
+``{"code", "message"}`` with a fitting HTTP status. SendMessageStream
+answers HTTP 200 ``application/connect+json`` with a chunked body of Connect envelopes (2.5,
 2.7); failures found after the request was accepted travel in the
 end-of-stream envelope, as Connect does, while authentication failures stay
 unary HTTP 401 (2.8 names that case: a naive reader takes the JSON for an
@@ -44,15 +44,15 @@ benchmark run starts the emulator with ``--no-record`` (``keep_record=False``):
 counters are still kept, the per-request lists (and the set of deleted chat
 ids) are not.
 
-While a stream is written, a watcher task reads the socket: EOF or a reset
-means the client went away, so the write is cancelled at once (even during a
-delay or a stall) and the stream is recorded as aborted. Bytes the watcher
-reads (a pipelined next request) are handed to h11 for the next cycle.
+While a stream is written, the helper's watcher reads the socket: EOF or a
+reset means the client went away, so the write is cancelled at once (even
+during a delay or a stall) and the stream is recorded as aborted.
 
-Traps: every connection handler ends cleanly whatever the peer does (trio
-``BrokenResourceError``/``ClosedResourceError`` and h11 errors are caught per
-connection; an unexpected bug is logged and answered 500 ``internal``), so a
-test's nursery never sees an emulator exception. Counters in the record are
+Traps: every connection handler ends cleanly whatever the peer does (bad
+HTTP is answered with the Connect error ``invalid_argument``, a body over
+:data:`MAX_BODY_BYTES` with ``resource_exhausted``, an unexpected bug is
+logged and answered 500 ``internal``), so a test's nursery never sees an
+emulator exception. Counters in the record are
 only changed together with a wake-up of :meth:`StepEmulator.wait_until`.
 """
 
@@ -60,9 +60,7 @@ from __future__ import annotations
 
 import argparse
 import base64
-import contextlib
 import enum
-import http
 import itertools
 import logging
 import math
@@ -80,7 +78,22 @@ import orjson
 import trio
 
 from protocol.connect import FLAG_END_STREAM, EnvelopeDecoder
-from protocol.errors import AuthError, MethodNotAllowed, NotFound, RelayError, RequestError
+from protocol.errors import (
+    AuthError,
+    MethodNotAllowed,
+    NotFound,
+    PayloadTooLarge,
+    RelayError,
+    RequestError,
+)
+from providers.emulator_http import (
+    ClientConnection,
+    Reply,
+    Request,
+    http_chunk,
+    serve_connection,
+    serve_http,
+)
 from providers.emulator_main import serve_until_signal
 
 if TYPE_CHECKING:
@@ -104,10 +117,6 @@ CONNECT_JSON_TYPE = "application/connect+json"
 OVERSIZED_LENGTH_BYTES = 600 * 1024 * 1024
 #: Largest request body accepted (uploads are up to 100 MiB, 4).
 MAX_BODY_BYTES = 128 * 1024 * 1024
-#: Bytes per ``receive_some``.
-READ_BYTES = 64 * 1024
-#: A pipelined client may send at most this much while a stream is written.
-MAX_PIPELINED_BYTES = 1024 * 1024
 
 #: First chat id handed out; ids increase by one (2.6 shows such a decimal id).
 FIRST_CHAT_ID = 85466015488159744
@@ -248,18 +257,25 @@ def _frame(payload: bytes, flags: int, chunked: bool) -> bytes:
 
 
 def _raw_chunk(data: bytes, chunked: bool) -> bytes:
-    return b"%x\r\n%b\r\n" % (len(data), data) if chunked else data
+    return http_chunk(data) if chunked else data
 
 
 def _connect_error(code: str, message: str) -> dict[str, Any]:
     return {"code": code, "message": message}
 
 
-def _reason(status: int) -> bytes:
-    try:
-        return http.HTTPStatus(status).phrase.encode("ascii")
-    except ValueError:
-        return b""
+def _error_reply(status: int, code: str, message: str) -> Reply:
+    """A unary Connect error (2.5): HTTP ``status``, body ``{"code", "message"}``."""
+    return Reply(status, orjson.dumps(_connect_error(code, message)), JSON_TYPE)
+
+
+def _refusal(exc: Exception) -> Reply:
+    """The answer to a request that broke (``providers.emulator_http.Refuse``)."""
+    if isinstance(exc, h11.RemoteProtocolError):
+        return _error_reply(exc.error_status_hint, "invalid_argument", str(exc))
+    if isinstance(exc, PayloadTooLarge):
+        return _error_reply(413, "resource_exhausted", "body too large")
+    return _error_reply(500, "internal", "emulator error")  # a bug, logged by the helper
 
 
 def _media_type(headers: dict[str, str]) -> str:
@@ -405,8 +421,8 @@ class _StreamTally:
 class _Writer:
     """Applies ``write_size`` and ``pack_all`` to the bytes of one response."""
 
-    def __init__(self, stream: trio.abc.Stream, write_size: int | None, pack_all: bool) -> None:
-        self._stream = stream
+    def __init__(self, conn: ClientConnection, write_size: int | None, pack_all: bool) -> None:
+        self._send = conn.send
         self._write_size = max(1, write_size) if write_size is not None else None
         self._pack_all = pack_all
         self._pending = bytearray()
@@ -420,14 +436,14 @@ class _Writer:
             return
         size = self._write_size
         if size is None:
-            await self._stream.send_all(data)
+            await self._send(data)
             return
         pending = self._pending
         pending += data
         while len(pending) >= size:
             piece = bytes(pending[:size])
             del pending[:size]
-            await self._stream.send_all(piece)
+            await self._send(piece)
 
     async def pause(self) -> None:
         """Before a delay: push out a partial piece (not in ``pack_all`` mode)."""
@@ -439,7 +455,7 @@ class _Writer:
         if self._pending:
             data = bytes(self._pending)
             self._pending.clear()
-            await self._stream.send_all(data)
+            await self._send(data)
 
 
 class StepEmulator:
@@ -520,17 +536,15 @@ class StepEmulator:
             ssl_context: serve HTTPS with this server context.
             task_status: reports readiness once listening (``nursery.start``).
         """
-        raw = await trio.open_tcp_listeners(port, host=host)
-        self.port = raw[0].socket.getsockname()[1]
-        self._host = host
-        listeners: list[trio.abc.Listener[Any]] = list(raw)
-        if ssl_context is not None:
-            self._scheme = "https"
-            listeners = [
-                trio.SSLListener(listener, ssl_context, https_compatible=True) for listener in raw
-            ]
-        task_status.started()
-        await trio.serve_listeners(self.handle_connection, listeners)
+        serve = partial(
+            serve_http, self.handle_connection, host=host, port=port, ssl_context=ssl_context
+        )
+        async with trio.open_nursery() as nursery:
+            self.port = await nursery.start(serve)
+            self._host = host
+            if ssl_context is not None:
+                self._scheme = "https"
+            task_status.started()
 
     def expire_access_tokens(self) -> None:
         """Make every access token issued so far invalid from now on."""
@@ -714,7 +728,7 @@ class StepEmulator:
         return chat_id, text
 
     async def _send_message(
-        self, conn: h11.Connection, stream: trio.abc.Stream, headers: dict[str, str], body: bytes
+        self, conn: ClientConnection, headers: dict[str, str], body: bytes
     ) -> bool:
         """Answer SendMessageStream; returns whether the connection may be reused.
 
@@ -729,7 +743,7 @@ class StepEmulator:
         try:
             message = self._decode_request(body)
         except RelayError as exc:
-            await self._send_stream_error(conn, stream, exc)
+            await self._send_stream_error(conn, exc)
             return True
         if self._keep:
             self.record.messages.append(message)
@@ -742,23 +756,18 @@ class StepEmulator:
             if behavior.busy:
                 raise RelayError("too many requests, try again later", code="resource_exhausted")
         except RelayError as exc:
-            await self._send_stream_error(conn, stream, exc)
+            await self._send_stream_error(conn, exc)
             return True
-        return await self._stream_answer(conn, stream, behavior, chat_id, prompt)
+        return await self._stream_answer(conn, behavior, chat_id, prompt)
 
-    async def _send_stream_error(
-        self, conn: h11.Connection, stream: trio.abc.Stream, exc: RelayError
-    ) -> None:
+    async def _send_stream_error(self, conn: ClientConnection, exc: RelayError) -> None:
         """HTTP 200 whose only envelope is an error end-of-stream (2.5)."""
         payload = orjson.dumps({"error": _connect_error(exc.code or "unknown", exc.message)})
         head = h11.Response(
             status_code=200, headers=[(b"content-type", CONNECT_JSON_TYPE.encode())], reason=b"OK"
         )
-        data = (conn.send(head) or b"") + (
-            conn.send(h11.Data(data=_frame(payload, FLAG_END_STREAM, False))) or b""
-        )
-        data += conn.send(h11.EndOfMessage()) or b""
-        await stream.send_all(data)
+        body = h11.Data(data=_frame(payload, FLAG_END_STREAM, False))
+        await conn.send(conn.encode(head, body, h11.EndOfMessage()))
 
     def _script(self, behavior: StepBehavior, chat_id: str, prompt: str, chunked: bool) -> Script:
         """The answer stream of 2.7, one ready-to-write frame per item."""
@@ -795,95 +804,69 @@ class StepEmulator:
             yield _frame(_END_OK_PAYLOAD, FLAG_END_STREAM, chunked)
 
     async def _stream_answer(
-        self,
-        conn: h11.Connection,
-        stream: trio.abc.Stream,
-        behavior: StepBehavior,
-        chat_id: str,
-        prompt: str,
+        self, conn: ClientConnection, behavior: StepBehavior, chat_id: str, prompt: str
     ) -> bool:
-        """Write the scripted answer; returns whether the connection may be reused."""
+        """Write the scripted answer; returns whether the connection may be reused.
+
+        The client leaving (EOF, reset, a failed write) ends the write at once
+        and counts the stream as aborted.
+        """
         tally = _StreamTally(self.record, self._changed)
-        outcome = _Outcome.ABORTED
+        outcome: _Outcome | None = None
         try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._watch_client, conn, stream, nursery.cancel_scope)
-                outcome = await self._write_script(conn, stream, behavior, tally, chat_id, prompt)
-                nursery.cancel_scope.cancel()
+            write = partial(self._write_script, conn, behavior, tally, chat_id, prompt)
+            outcome = await conn.watched(write)
         finally:
-            tally.settle(outcome)
+            tally.settle(outcome or _Outcome.ABORTED)
         return outcome is _Outcome.COMPLETE
 
     async def _write_script(
         self,
-        conn: h11.Connection,
-        stream: trio.abc.Stream,
+        conn: ClientConnection,
         behavior: StepBehavior,
         tally: _StreamTally,
         chat_id: str,
         prompt: str,
     ) -> _Outcome:
-        chunked = conn.their_http_version == b"1.1"
+        """Write the head and the script; COMPLETE or DROPPED (a stall waits to be cancelled).
+
+        Raises:
+            trio.BrokenResourceError: the client is gone.
+        """
         head = h11.Response(
             status_code=200, headers=[(b"content-type", CONNECT_JSON_TYPE.encode())], reason=b"OK"
         )
-        writer = _Writer(stream, behavior.write_size, behavior.pack_all)
-        script = self._script(behavior, chat_id, prompt, chunked)
-        try:
-            await writer.write(conn.send(head) or b"")
-            if behavior.hold is not None:
-                await writer.pause()
-                await behavior.hold.wait()
-            if behavior.first_delay_s > 0:
-                await writer.pause()
-                await trio.sleep(behavior.first_delay_s)
-            for item in script:  # stamps are taken in the script, after their pause
-                if item is _Action.PAUSE:
-                    if behavior.frame_delay_s > 0:
-                        await writer.pause()
-                        await trio.sleep(behavior.frame_delay_s)
-                    continue
-                if item is _Action.STALL:
-                    await writer.flush()
-                    await trio.sleep_forever()
-                if item is _Action.DROP:
-                    await writer.flush()
-                    return _Outcome.DROPPED
-                if isinstance(item, bytes):
-                    await writer.write(item)
-            # Count the stream as finished before its last bytes leave, so that a
-            # client that has seen the end also sees the record say so.
-            tally.settle(_Outcome.COMPLETE)
-            await writer.write(conn.send(h11.EndOfMessage()) or b"")
-            await writer.flush()
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            return _Outcome.ABORTED
+        writer = _Writer(conn, behavior.write_size, behavior.pack_all)
+        script = self._script(behavior, chat_id, prompt, conn.chunked)
+        await writer.write(conn.encode(head))
+        if behavior.hold is not None:
+            await writer.pause()
+            await behavior.hold.wait()
+        if behavior.first_delay_s > 0:
+            await writer.pause()
+            await trio.sleep(behavior.first_delay_s)
+        for item in script:  # stamps are taken in the script, after their pause
+            if item is _Action.PAUSE:
+                if behavior.frame_delay_s > 0:
+                    await writer.pause()
+                    await trio.sleep(behavior.frame_delay_s)
+                continue
+            if item is _Action.STALL:
+                await writer.flush()
+                await trio.sleep_forever()
+            if item is _Action.DROP:
+                await writer.flush()
+                return _Outcome.DROPPED
+            if isinstance(item, bytes):
+                await writer.write(item)
+        # Count the stream as finished before its last bytes leave, so that a
+        # client that has seen the end also sees the record say so.
+        tally.settle(_Outcome.COMPLETE)
+        await writer.write(conn.encode(h11.EndOfMessage()))
+        await writer.flush()
         return _Outcome.COMPLETE
 
-    async def _watch_client(
-        self, conn: h11.Connection, stream: trio.abc.Stream, scope: trio.CancelScope
-    ) -> None:
-        """Cancel ``scope`` when the client closes or resets the connection.
-
-        Bytes read meanwhile (a pipelined next request) go to h11 for the next
-        cycle; past :data:`MAX_PIPELINED_BYTES` the watcher stops reading.
-        """
-        pipelined = 0
-        try:
-            while True:
-                data = await stream.receive_some(READ_BYTES)
-                if not data:
-                    conn.receive_data(b"")
-                    break
-                conn.receive_data(bytes(data))
-                pipelined += len(data)
-                if pipelined > MAX_PIPELINED_BYTES:
-                    return  # a flood: stop watching, keep streaming
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
-        scope.cancel()
-
-    # --- HTTP/1.1 connection loop -----------------------------------------
+    # --- HTTP/1.1 connection loop (providers.emulator_http) -----------------
 
     async def handle_connection(self, stream: trio.abc.Stream) -> None:
         """Serve HTTP/1.1 on one accepted connection until either side ends it, then close it.
@@ -898,88 +881,11 @@ class StepEmulator:
         Never raises: peer errors end the connection quietly, and an
         unexpected error is logged and answered with HTTP 500 when possible.
         """
-        conn = h11.Connection(h11.SERVER)
-        try:
-            while True:
-                request = await self._read_request(conn, stream)
-                if request is None:
-                    return
-                keep = await self._respond(conn, stream, *request)
-                if not keep or conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
-                    return
-                conn.start_next_cycle()
-        except h11.RemoteProtocolError as exc:
-            await self._refuse(conn, stream, exc.error_status_hint, "invalid_argument", str(exc))
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
-        except Exception:
-            logger.exception("StepChat emulator: unexpected error in a connection")
-            await self._refuse(conn, stream, 500, "internal", "emulator error")
-        finally:
-            await trio.aclose_forcefully(stream)
+        await serve_connection(stream, self._respond, _refusal, max_body_bytes=MAX_BODY_BYTES)
 
-    async def _refuse(
-        self, conn: h11.Connection, stream: trio.abc.Stream, status: int, code: str, message: str
-    ) -> None:
-        """Best-effort error answer on a connection about to close."""
-        if conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
-            return
-        with contextlib.suppress(
-            trio.BrokenResourceError, trio.ClosedResourceError, h11.ProtocolError
-        ):
-            await self._send_json(conn, stream, status, _connect_error(code, message))
-
-    async def _next_event(self, conn: h11.Connection, stream: trio.abc.Stream) -> h11.Event:
-        while True:
-            event = conn.next_event()
-            if event is h11.NEED_DATA:
-                if conn.they_are_waiting_for_100_continue:
-                    await stream.send_all(
-                        conn.send(h11.InformationalResponse(status_code=100, headers=[])) or b""
-                    )
-                conn.receive_data(bytes(await stream.receive_some(READ_BYTES)))
-                continue
-            assert isinstance(event, h11.Event), event  # PAUSED: we always start_next_cycle
-            return event
-
-    async def _read_request(
-        self, conn: h11.Connection, stream: trio.abc.Stream
-    ) -> tuple[h11.Request, bytes] | None:
-        """Read one whole request; ``None`` when the client closed between requests."""
-        event = await self._next_event(conn, stream)
-        if isinstance(event, h11.ConnectionClosed):
-            return None
-        assert isinstance(event, h11.Request), event
-        body = bytearray()
-        while True:
-            part = await self._next_event(conn, stream)
-            if isinstance(part, h11.Data):
-                body += part.data
-                if len(body) > MAX_BODY_BYTES:
-                    await self._refuse(conn, stream, 413, "resource_exhausted", "body too large")
-                    return None
-            elif isinstance(part, h11.EndOfMessage):
-                return event, bytes(body)
-            else:
-                raise h11.RemoteProtocolError("connection closed inside a request", 400)
-
-    async def _send_json(
-        self, conn: h11.Connection, stream: trio.abc.Stream, status: int, obj: dict[str, Any]
-    ) -> None:
-        body = orjson.dumps(obj)
-        head = h11.Response(
-            status_code=status,
-            headers=[(b"content-type", JSON_TYPE.encode()), (b"content-length", b"%d" % len(body))],
-            reason=_reason(status),
-        )
-        data = (conn.send(head) or b"") + (conn.send(h11.Data(data=body)) or b"")
-        data += conn.send(h11.EndOfMessage()) or b""
-        await stream.send_all(data)
-
-    async def _respond(
-        self, conn: h11.Connection, stream: trio.abc.Stream, request: h11.Request, body: bytes
-    ) -> bool:
+    async def _respond(self, request: Request, conn: ClientConnection) -> bool:
         """Route one request and answer it; returns whether the connection may be reused."""
+        body = request.body
         path, _, query = request.target.decode("latin-1").partition("?")
         if self._keep:
             self.record.paths.append(path)
@@ -1007,7 +913,7 @@ class StepEmulator:
                     f"content type must be {JSON_TYPE}", code="invalid_argument", status=415
                 )
             if route.handler is None:
-                return await self._send_message(conn, stream, headers, body)
+                return await self._send_message(conn, headers, body)
             if path == DELETE_CHAT_PATH and self.behavior.delete_delay_s > 0:
                 await trio.sleep(self.behavior.delete_delay_s)
             if path == CREATE_CHAT_PATH and self.behavior.create_delay_s > 0:
@@ -1015,11 +921,9 @@ class StepEmulator:
                     await trio.sleep(self.behavior.create_delay_s)
             answer = route.handler(headers, query, body)
         except RelayError as exc:
-            await self._send_json(
-                conn, stream, exc.status, _connect_error(exc.code or "unknown", exc.message)
-            )
+            await conn.reply(_error_reply(exc.status, exc.code or "unknown", exc.message))
             return True
-        await self._send_json(conn, stream, 200, answer)
+        await conn.reply(Reply(200, orjson.dumps(answer), JSON_TYPE))
         return True
 
 
@@ -1056,6 +960,7 @@ def parse_args(argv: list[str] | None = None) -> CliOptions:
     parser.add_argument("--frame-delay-s", type=float, default=0.0, help="delay between frames")
     parser.add_argument("--first-delay-s", type=float, default=0.0, help="delay before frame 1")
     parser.add_argument("--stall-after", type=int, help="go silent after N text frames")
+    parser.add_argument("--pack-all", action="store_true", help="the whole answer in one write")
     parser.add_argument(
         "--token", action="append", dest="tokens", help="accepted user token (repeatable)"
     )
@@ -1073,6 +978,7 @@ def parse_args(argv: list[str] | None = None) -> CliOptions:
         frame_delay_s=args.frame_delay_s,
         first_delay_s=args.first_delay_s,
         stall_after=args.stall_after,
+        pack_all=args.pack_all,
     )
     tokens = tuple(args.tokens) if args.tokens else None
     return CliOptions(
