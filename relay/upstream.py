@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import logging
 import zlib
-from contextlib import aclosing, asynccontextmanager
+from contextlib import AsyncExitStack, aclosing, asynccontextmanager
 from typing import TYPE_CHECKING, cast
 
 import httpcore
@@ -260,33 +260,32 @@ class HttpTransport:
         # the first read may wait first_byte_timeout; see the module comment
         read_timeout = max(s.first_byte_timeout, s.stall_timeout)
         per_read_deadline = s.stall_timeout < read_timeout
+        # The exit stack holds the pool's stream open past the deadline, which
+        # covers only its opening (connect, send, the response head); on the
+        # way out the pool's __aexit__ sees whatever exception ends the block.
         with map_errors(what):
-            with trio.fail_at(first_deadline + s.connect_timeout):
-                cm = self._pool.stream(
-                    method,
-                    url,
-                    headers=list(headers),
-                    content=body,
-                    extensions={"timeout": self._timeouts(read_timeout)},
-                )
-                response = await cm.__aenter__()
-            try:
+            async with AsyncExitStack() as stack:
+                with trio.fail_at(first_deadline + s.connect_timeout):
+                    response = await stack.enter_async_context(
+                        self._pool.stream(
+                            method,
+                            url,
+                            headers=list(headers),
+                            content=body,
+                            extensions={"timeout": self._timeouts(read_timeout)},
+                        )
+                    )
+                # an encoding we cannot decode raises here: the stack closes the stream
                 streamed = _Streamed(
                     response, what, first_deadline, s.stall_timeout,
                     per_read_deadline=per_read_deadline,
                 )
-            except BaseException as exc:  # an encoding we cannot decode: close it
-                await cm.__aexit__(type(exc), exc, exc.__traceback__)
-                raise
-            try:
-                yield streamed
-            except BaseException as exc:
-                await streamed.close()
-                if not await cm.__aexit__(type(exc), exc, exc.__traceback__):
+                try:
+                    yield streamed
+                except BaseException:
+                    await streamed.close()
                     raise
-            else:
                 await streamed.finish()
-                await cm.__aexit__(None, None, None)
 
 
 def make_pool(settings: Settings, *, ssl_context: ssl.SSLContext | None = None,

@@ -15,7 +15,7 @@ import time
 import zlib
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import h11
 import pytest
@@ -26,10 +26,13 @@ import relay.timers
 from protocol.errors import UpstreamFailed, UpstreamTimeout
 from relay import upstream
 from relay.config import Settings
+from relay.pool import UpstreamPool
 from relay.upstream import HttpTransport, make_pool
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
+
+    import httpcore
 
     from providers.contract import StreamedResponse
 
@@ -552,3 +555,105 @@ async def test_stream_closed_early_leaves_the_pool_usable(server: TinyServer) ->
                     assert chunk == b"tick"
                     break
             assert (await http.request(b"GET", server.url("/ok"), [])).body == b"fine"
+
+
+# === HttpTransport.stream: the pool's stream context on every way out =====================
+
+
+class RecordingPool(UpstreamPool):
+    """An UpstreamPool that records how each of its stream contexts was left."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        #: per stream context, in order: the exception its __aexit__ saw, or None
+        self.exits: list[BaseException | None] = []
+
+    @asynccontextmanager
+    async def stream(
+        self,
+        method: bytes,
+        url: str,
+        *,
+        headers: list[tuple[bytes, bytes]] | None = None,
+        content: bytes = b"",
+        extensions: dict[str, Any] | None = None,
+    ) -> AsyncIterator[httpcore.Response]:
+        """The pool's own stream, recording the exception (or None) it ends with."""
+        opened = super().stream(
+            method, url, headers=headers, content=content, extensions=extensions
+        )
+        try:
+            async with opened as response:
+                yield response
+        except BaseException as exc:
+            self.exits.append(exc)
+            raise
+        self.exits.append(None)
+
+
+class Boom(Exception):
+    """An error of the code reading a stream."""
+
+
+async def fail_after_the_first_chunk(http: HttpTransport, url: str) -> None:
+    """Open a stream at ``url`` and raise Boom once its first chunk is in."""
+    async with http.stream(b"GET", url, []) as resp, aclosing(resp.chunks()) as chunks:
+        async for _ in chunks:
+            raise Boom
+
+
+async def test_an_error_inside_a_stream_reaches_the_pools_exit(server: TinyServer) -> None:
+    """An exception raised while a stream is read propagates unchanged, the pool's stream
+    context sees it on exit, and the unfinished connection is closed, not kept."""
+    server.routes["/endless"] = Reply(200, [], [b"tick", HANG])
+    settings = settings_for()
+    pool = RecordingPool()
+    with trio.fail_after(IO_LIMIT_S):
+        async with pool:
+            http = HttpTransport(pool, settings, "Test")
+            with pytest.raises(Boom):
+                await fail_after_the_first_chunk(http, server.url("/endless"))
+            assert len(pool.exits) == 1
+            assert isinstance(pool.exits[0], Boom)
+            assert pool.statistics()["upstream_active"] == 0
+            assert pool.statistics()["upstream_idle"] == 0
+
+
+async def test_leaving_a_stream_normally_drains_it_for_reuse(server: TinyServer) -> None:
+    """A stream left before its last bytes were read is drained on a normal exit: the
+    pool's context ends without an exception and the connection serves the next call."""
+    server.routes["/two"] = Reply(200, [], [b"first", 0.01, b"second"])
+    server.routes["/ok"] = Reply(200, [], [b"fine"])
+    settings = settings_for()
+    pool = RecordingPool()
+    with trio.fail_after(IO_LIMIT_S):
+        async with pool:
+            http = HttpTransport(pool, settings, "Test")
+            async with (
+                http.stream(b"GET", server.url("/two"), []) as resp,
+                aclosing(resp.chunks()) as chunks,
+            ):
+                async for chunk in chunks:
+                    assert chunk == b"first"
+                    break
+            assert pool.exits == [None]
+            assert pool.statistics()["upstream_idle"] == 1
+            assert (await http.request(b"GET", server.url("/ok"), [])).body == b"fine"
+            assert pool.statistics()["upstream_opened"] == 1
+
+
+async def test_an_unknown_encoding_closes_the_pools_stream(server: TinyServer) -> None:
+    """A stream in an encoding we cannot decode is refused: the pool's stream context
+    sees the UpstreamFailed on exit and its connection is closed."""
+    server.routes["/br"] = Reply(200, [(b"Content-Encoding", b"zstd")], [b"x"])
+    settings = settings_for()
+    pool = RecordingPool()
+    with trio.fail_after(IO_LIMIT_S):
+        async with pool:
+            http = HttpTransport(pool, settings, "Test")
+            with pytest.raises(UpstreamFailed, match="content-encoding"):
+                async with http.stream(b"GET", server.url("/br"), []):
+                    pytest.fail("opened a stream in an unknown encoding")
+            assert len(pool.exits) == 1
+            assert isinstance(pool.exits[0], UpstreamFailed)
+            assert pool.statistics()["upstream_active"] == 0
