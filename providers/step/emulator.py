@@ -422,7 +422,10 @@ class _Writer:
     """Applies ``write_size`` and ``pack_all`` to the bytes of one response."""
 
     def __init__(self, conn: ClientConnection, write_size: int | None, pack_all: bool) -> None:
-        self._send = conn.send
+        # Straight to the stream, one call less per frame than conn.send: a
+        # failed write ends the answer and the connection (conn.watched gives
+        # None), so h11 need not be told.
+        self._send = conn.stream.send_all
         self._write_size = max(1, write_size) if write_size is not None else None
         self._pack_all = pack_all
         self._pending = bytearray()
