@@ -63,6 +63,7 @@ FLOOR_FIGURES: dict[str, tuple[str, ...]] = {
     "throughput": (),
     "concurrency": ("latency_ms_p50", "latency_ms_p99"),
     "idle": (),
+    "burst": ("ttft_ms_p50",),
 }
 #: Figures whose direct value measures something else than a floor of the
 #: relay's (direct RSS is the emulator's; direct mode has no relay CPU).

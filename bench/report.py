@@ -51,6 +51,13 @@ OVERHEAD_ROWS: dict[str, tuple[tuple[str, str, str], ...]] = {
         ("rss_kib_open", "RSS, all open (KiB)", "{:,.0f}"),
         ("frames_lost", "first frames lost", "{:.0f}"),
     ),
+    "burst": (
+        ("ttft_ms_p50", "TTFT p50 (ms)", "{:.3f}"),
+        ("latency_ms_p50", "chunk latency p50 (ms)", "{:.3f}"),
+        ("chunks_per_s", "chunks/s", "{:,.0f}"),
+        ("cpu_us_per_chunk", "relay CPU/chunk (us)", "{:.2f}"),
+        ("frames_lost", "frames lost (sum)", "{:.0f}"),
+    ),
     "long": (
         ("answer_chars", "answer length (chars)", "{:,.0f}"),
         ("chunks_per_s", "chunks/s", "{:,.0f}"),

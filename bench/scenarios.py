@@ -7,6 +7,11 @@ write), ``concurrency-500`` (100 frames 20 ms apart) and ``concurrency-200``
 frame). ``--quick`` and the ``--frames/--streams/--idle-streams`` overrides
 scale them down; the keys stay the same, the labels say what actually ran.
 
+``burst`` is *optional* too: one stream whose upstream sends 200 frames in
+one write (``burst-200``), and one of 2,000 frames at full speed
+(``burst-2000``); its figure is time to first token, where a relay that
+decodes a whole read before writing any of it falls behind the floor.
+
 ``long`` is *optional*: it runs only when ``--scenario`` names it, never in
 the default set. It is one stream of stamped frames at full speed, as many
 as make an answer of :data:`LONG_ANSWER_CHARS` characters (a stamp is
@@ -28,9 +33,9 @@ from bench.upstreams import EmulatorParams
 from protocol.errors import RequestError
 
 #: Scenario groups, in the order they run.
-GROUPS = ("latency", "throughput", "concurrency", "idle", "long")
+GROUPS = ("latency", "throughput", "concurrency", "idle", "burst", "long")
 #: Groups that run only when ``--scenario`` names them.
-OPTIONAL_GROUPS = ("long",)
+OPTIONAL_GROUPS = ("burst", "long")
 #: The answer length of the ``long`` scenario (``--quick``: half of it).
 LONG_ANSWER_CHARS = 20_000
 
@@ -57,7 +62,10 @@ class Scenario:
         noun = "stream" if self.streams == 1 else "streams"
         if self.idle:
             return f"{self.streams} open {noun}, upstream holds after frame 1"
-        pace = f"{p.frame_delay_s * 1000:g} ms apart" if p.frame_delay_s else "full speed"
+        if p.pack_all:
+            pace = "all in one write"
+        else:
+            pace = f"{p.frame_delay_s * 1000:g} ms apart" if p.frame_delay_s else "full speed"
         return f"{self.streams} {noun} x {p.frames} frames, {pace}"
 
     @property
@@ -137,6 +145,10 @@ def scenarios(
             quarters=True,
         )
     ]
+    burst = [
+        Scenario("burst-200", "burst", 1, EmulatorParams(fr(200), pack_all=True), optional=True),
+        Scenario("burst-2000", "burst", 1, EmulatorParams(fr(2_000)), optional=True),
+    ]
     return [
         Scenario("latency", "latency", 1, EmulatorParams(fr(lat), 0.002)),
         Scenario("throughput-1", "throughput", 1, EmulatorParams(fr(tp1))),
@@ -154,7 +166,7 @@ def scenarios(
             EmulatorParams(frames=2, stall_after=1),
             idle=True,
         ),
-        *(extra if optional else []),
+        *(burst + extra if optional else []),
     ]
 
 

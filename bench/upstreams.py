@@ -72,12 +72,14 @@ class EmulatorParams:
         frame_delay_s: pause before each frame after the first write.
         first_delay_s: pause before the first frame of a stream.
         stall_after: go silent (hold the stream open) after this many text frames.
+        pack_all: the whole response in one write (a burst: every frame at once).
     """
 
     frames: int
     frame_delay_s: float = 0.0
     first_delay_s: float = 0.0
     stall_after: int | None = None
+    pack_all: bool = False
 
 
 def emulator_argv(python: str, module: str, params: EmulatorParams, *extra: str) -> list[str]:
@@ -108,6 +110,8 @@ def emulator_argv(python: str, module: str, params: EmulatorParams, *extra: str)
     ]
     if params.stall_after is not None:
         argv += ["--stall-after", str(params.stall_after)]
+    if params.pack_all:
+        argv.append("--pack-all")
     return [*argv, *extra]
 
 
