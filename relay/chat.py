@@ -14,38 +14,39 @@ The whole of it runs inside :meth:`Exchange.watch_disconnect`: if the client
 goes away, the scope is cancelled, the upstream read stops at once, and the
 cleanup still runs.
 
-Streaming (:class:`SSEWriter`):
+Streaming (:class:`SSEWriter`), one task and one write path (DESIGN.md,
+"The streaming data path"):
 
 - The 200 is committed deliberately. We wait for the first upstream event so
   that a failure that comes first (bad token, upstream 5xx) can still become
-  a real status code. The first events then leave in the same write as the
-  response head and the role chunk.
+  a real status code. The first events then leave at once, in the same write
+  as the response head and the role chunk.
+- The task that reads the upstream also writes. The upstream answer is
+  decoded one HTTP chunk at a time, so the events of one upstream read come
+  as several batches; each batch's SSE bytes are kept, and all of them leave
+  in one ``send_all`` just before the upstream socket is read again
+  (:data:`relay.netio.before_read`, the writer's hook). Nothing is kept past
+  that read, and a client slower than the upstream makes the next read wait
+  (``send_all`` blocks): real back-pressure, no queue. A read bigger than
+  :data:`SLICE_BATCHES` batches (a burst) leaves in slices of that many, so
+  that its first events do not wait for the whole read to be decoded.
 - If the upstream is silent for ``commit_timeout`` (search and thinking can
-  take long), the flusher (below) commits anyway and from then on sends an
-  SSE comment every ``sse_keepalive`` seconds of silence, so that proxies
-  and clients do not time out. The flusher keeps that clock (one task
-  besides the reader, not two), and the deadline itself is a
-  :mod:`relay.timers` entry, re-armed only when it rings: a wake-up for
-  data costs no timer.
-- Hot path: the task that reads the upstream encodes each batch of deltas
-  and queues the bytes; a flusher task writes whatever is queued with one
-  ``send_all``. When the upstream is slow, that is one write per event, as
-  soon as it is decoded; when it is fast (or the relay is busy), the events
-  that arrived in one socket read leave in one write instead of one write
-  each, so the cost per event falls as load rises instead of the relay
-  falling behind. After a quiet spell, with the relay idle, the reader
-  writes an event itself (no task switch); a ``_busy`` flag keeps the two
-  writers apart, so no lock is needed; a client slower than the upstream
-  makes the reader wait once ``WRITE_HIGH_WATER`` bytes are queued.
+  take long), the stream's clock (:meth:`SSEWriter.start_clock`) commits
+  anyway and from then on sends an SSE comment after every
+  ``sse_keepalive`` seconds of silence, so that proxies and clients do not
+  time out. Its deadline is a :mod:`relay.timers` entry, looked at when it
+  rings (once per ``sse_keepalive`` on a busy stream, never per event), and
+  a task is started for the write only when the silence is due; a
+  ``trio.Lock`` keeps its writes and the reader's apart.
 - Once the stream has started, failures travel in-band as an SSE error event
   followed by ``[DONE]``, never as answer text.
 - A stream still running when the server's grace period ends is stopped
   (:meth:`relay.server.Exchange.stop`): its work is cancelled like a
   client's leaving (the conversation is deleted, the account released), and
-  the server then writes the writer's :meth:`SSEWriter.last_words`: what was
-  queued, an error event with code ``server_shutting_down``, and ``[DONE]``.
-  A client that stops reading is cut by the server's ``send_timeout``
-  (a write raises ClientGone), which ends the stream the same way, unwritten.
+  the server then writes the writer's :meth:`SSEWriter.last_words`: an error
+  event with code ``server_shutting_down`` and ``[DONE]``. A client that
+  stops reading is cut by the server's ``send_timeout`` (a write raises
+  ClientGone), which ends the stream the same way, unwritten.
 
 Not streaming: the deltas are accumulated into one ``chat.completion`` body;
 an upstream error becomes its HTTP status.
@@ -78,8 +79,9 @@ from protocol.openai import (
     error_from_exception,
     prompt_tokens,
 )
+from relay.netio import before_read
 from relay.server import ClientGone
-from relay.timers import SLACK_S, CoarseTimers, coarse_timers
+from relay.timers import SLACK_S, coarse_timers
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -99,45 +101,11 @@ SSE_HEADERS = (
 )
 SSE_CONTENT_TYPE = b"text/event-stream; charset=utf-8"
 RETRY_STATUSES = (401, 429)
-#: queued SSE bytes past which the upstream reader waits for the client
-WRITE_HIGH_WATER = 256 * 1024
-#: an event this long after the previous one is written at once, not queued
-DIRECT_AFTER_S = 0.0005
-#: how long one look at trio's run queue stands for "the relay is busy": the
-#: look (trio.lowlevel.current_statistics) walks every registered socket, about
-#: 50 us with 600 of them on a small VM, too dear to take per event
-BUSY_LOOK_S = 0.005
-
-
-class _Load:
-    """Whether other tasks are waiting to run, looked up at most every BUSY_LOOK_S."""
-
-    __slots__ = ("_busy", "_looked_at")
-
-    def __init__(self) -> None:
-        self._looked_at = -float("inf")
-        self._busy = False
-
-    def busy(self, now: float) -> bool:
-        """The last look at the run queue, taken again if older than BUSY_LOOK_S."""
-        if now - self._looked_at >= BUSY_LOOK_S:
-            self._busy = trio.lowlevel.current_statistics().tasks_runnable > 0
-            self._looked_at = now
-        return self._busy
-
-
-#: one per trio run (clocks of different runs do not compare)
-_LOAD: trio.lowlevel.RunVar[_Load] = trio.lowlevel.RunVar("relay.chat.load")
-
-
-def _relay_busy(now: float) -> bool:
-    """True if, at most BUSY_LOOK_S ago, other tasks were waiting to run."""
-    try:
-        load = _LOAD.get()
-    except LookupError:
-        load = _Load()
-        _LOAD.set(load)
-    return load.busy(now)
+#: SSE batches (one per upstream HTTP chunk) of one upstream read written
+#: together at most: a bigger read (a burst) leaves in slices of this many
+SLICE_BATCHES = 32
+#: ... and bytes: no slice grows past this
+SLICE_BYTES = 64 * 1024
 
 T = TypeVar("T")
 
@@ -179,158 +147,148 @@ class _Retry(Exception):
 
 
 class SSEWriter:
-    """Writes one SSE response: commit, events, keep-alives, end.
+    """Writes one SSE response: commit, events, keep-alives, end (module docstring).
 
-    Two ways out, one writer at a time (``_busy``):
-
-    - an event that comes after a quiet spell (``DIRECT_AFTER_S`` since the
-      previous one: a paced upstream) while no other task is waiting to run
-      (the relay is not busy) is written at once by the task that read it,
-      with no task switch in between;
-    - events that come back to back (a fast upstream, or a busy relay reading
-      several events in one socket read) are *queued*, and a flusher task
-      writes everything queued in one ``send_all``, so the cost per event falls
-      as the load rises instead of the relay falling behind.
+    The reading task calls :meth:`send` per batch and :meth:`end` once; the
+    batches kept since the last write leave before the next upstream read
+    (:meth:`before_read`), or as soon as they make a slice. The clock
+    (:meth:`start_clock`) writes from a task of its own, only when silence
+    is due.
     """
 
     def __init__(self, ex: Exchange, encoder: ChunkEncoder, settings: Settings) -> None:
         self._ex = ex
         self._encoder = encoder
         self._settings = settings
-        self._pending: list[bytes] = []
-        self._pending_size = 0
-        self._wake = trio.Event()
-        self._drained = trio.Event()
-        self._done = trio.Event()
-        self._ending = False
-        self._started = False  # the response head was written
-        self._busy = False  # a write is in progress
-        self._rung = False  # the commit or keep-alive deadline came
-        self._last_write = self._last_send = trio.current_time()
-        #: True once the 200 was asked for: from then on failures go in-band
-        self.committed = False
+        self._kept: list[bytes] = []
+        self._kept_size = 0
+        self._lock = trio.Lock()  # the reader's writes and the clock's
+        self._reader = trio.lowlevel.current_task()
+        self._last_write = trio.current_time()
+        self._nursery: trio.Nursery | None = None  # where the clock's writes run
         ex.last_words = self.last_words
+
+    @property
+    def committed(self) -> bool:
+        """True once the 200 is on its way: from then on failures go in-band."""
+        return self._ex.started
 
     def last_words(self) -> bytes:
         """The bytes that end this stream if the server stops it (Exchange.stop).
 
-        What was queued and not written, then (unless the end is already
-        among it) an OpenAI error event with code ``server_shutting_down``
-        and ``[DONE]``. Called once, after the stream's tasks are gone.
+        What was kept and not written, an OpenAI error event with code
+        ``server_shutting_down``, and ``[DONE]``. Called once, after the
+        stream's tasks are gone.
         """
-        data = b"".join(self._pending)
-        self._pending.clear()
-        if self._ending:
-            return data  # the stream's own end ([DONE]) is queued
+        data = b"".join(self._kept)
+        self._kept.clear()
         error = ServerShuttingDown("the server is shutting down; the answer is incomplete",
                                    code="server_shutting_down")
         return data + b"data: " + error_from_exception(error) + b"\n\n" + DONE
 
     async def send(self, data: bytes) -> None:
-        """Write or queue SSE bytes; the first call commits the 200."""
-        self.committed = True
-        now = trio.current_time()
-        quiet = now - self._last_send >= DIRECT_AFTER_S
-        self._last_send = now
-        if (quiet and data and self._started and not self._busy and not self._pending
-                and not self._ending  # the flusher ends the response
-                and not _relay_busy(now)):
-            self._busy = True
-            try:
-                await self._ex.send_data(data)
-            finally:
-                self._busy = False
-                self._last_write = trio.current_time()
+        """Keep one batch's SSE bytes for the next write; the first batch commits the 200.
+
+        The first batch is written at once, after the head and the role
+        chunk; later ones when the upstream is read again, or now if they
+        make a slice (:data:`SLICE_BATCHES`, :data:`SLICE_BYTES`).
+        """
+        if not self._ex.started:
+            await self._write(data)
             return
         if data:
-            self._pending.append(data)
-            self._pending_size += len(data)
-        self._wake.set()
-        if self._pending_size > WRITE_HIGH_WATER:
-            await self._drained.wait()
+            self._kept.append(data)
+            self._kept_size += len(data)
+            if len(self._kept) >= SLICE_BATCHES or self._kept_size >= SLICE_BYTES:
+                await self._write(b"")
+
+    async def before_read(self) -> None:
+        """Write what the last upstream read gave (relay.netio's hook, in the reading task)."""
+        if self._kept and trio.lowlevel.current_task() is self._reader:
+            await self._write(b"")
 
     async def end(self, data: bytes) -> None:
-        """Queue the last SSE bytes and wait until the response is complete."""
-        self._ending = True
-        await self.send(data)
-        await self._done.wait()
+        """Write what is kept and the last SSE bytes, and complete the response."""
+        await self._write(data, end=True)
 
-    async def flusher(self) -> None:
-        """Write what is queued until the response ends (or the client goes)."""
-        timers = coarse_timers()
-        self._arm(timers)
+    async def _write(self, data: bytes, *, end: bool = False) -> None:
+        """One write: the head if not sent yet, what is kept, then ``data``."""
+        lock = self._lock
+        if lock.locked():  # the clock is writing a keep-alive
+            await lock.acquire()
+        else:
+            lock.acquire_nowait()
         try:
-            await self._flush_loop(timers)
-        except ClientGone:
-            self._ex.abandon()
-        finally:
-            timers.cancel(self)
-
-    def expire(self) -> None:
-        """The commit or keep-alive deadline came (relay.timers): wake the flusher."""
-        self._rung = True
-        self._wake.set()
-
-    def _silence_allowed(self) -> float:
-        return self._settings.sse_keepalive if self.committed else self._settings.commit_timeout
-
-    def _arm(self, timers: CoarseTimers) -> None:
-        """Ring when the silence since the last write runs out."""
-        allowed = self._silence_allowed()
-        timers.set(self, self._last_write + allowed, slack=min(SLACK_S, allowed / 4))
-
-    async def _flush_loop(self, timers: CoarseTimers) -> None:
-        while True:
-            # The flusher is also the stream's clock: silence until the
-            # deadline commits the 200 (commit_timeout), later silence sends a
-            # keep-alive comment (sse_keepalive). The deadline is kept by
-            # relay.timers, armed again only when it rings, so that a wake-up
-            # for data costs no timer. One task instead of two per open stream.
-            await self._wake.wait()
-            self._wake = trio.Event()
-            rung = self._rung
-            if rung:
-                self._rung = False
-                now = trio.current_time()
-                if self._busy:
-                    self._last_write = now  # the reading task is writing: no silence
-                elif (not self._pending and not self._ending
-                      and now >= self._last_write + self._silence_allowed()):
-                    if not self.committed:
-                        self.committed = True  # commit with the head alone
-                    else:
-                        self._pending.append(self._encoder.keepalive())
-            writing = bool(self._pending) or self._ending or (self.committed and not self._started)
-            if writing and await self._write_pending():
-                return  # the response is complete
-            if rung:
-                self._arm(timers)
-
-    async def _write_pending(self) -> bool:
-        """Write what is queued in one write (with the head first). True once the end is written."""
-        ex = self._ex
-        data = b"".join(self._pending) if len(self._pending) != 1 else self._pending[0]
-        self._pending.clear()
-        self._pending_size = 0
-        ending = self._ending
-        self._busy = True
-        try:
-            if not self._started:
-                self._started = True
+            kept = self._kept
+            if kept:
+                kept.append(data)
+                data = b"".join(kept)
+                kept.clear()
+                self._kept_size = 0
+            ex = self._ex
+            if not ex.started:
                 first = self._encoder.start() + data
-                await ex.start_stream(200, SSE_CONTENT_TYPE, SSE_HEADERS, first=first, end=ending)
-            elif ending:
+                await ex.start_stream(200, SSE_CONTENT_TYPE, SSE_HEADERS, first=first, end=end)
+            elif end:
                 await ex.end_stream(data)
             else:
                 await ex.send_data(data)
         finally:
-            self._busy = False
+            lock.release()
         self._last_write = trio.current_time()
-        drained, self._drained = self._drained, trio.Event()
-        drained.set()
-        if ending:
-            self._done.set()
-        return ending
+
+    def start_clock(self, nursery: trio.Nursery) -> None:
+        """Keep the stream's silence short from now on, writing from ``nursery``'s tasks.
+
+        Commit after ``commit_timeout`` without an event; once committed, a
+        comment after every ``sse_keepalive`` seconds without a write. The
+        deadline is a :mod:`relay.timers` entry (no task waits for it, no
+        cancel scope per stream): when it rings, :meth:`expire` looks at the
+        silence since the last write, sets the timer again if some write came
+        meanwhile, and only if the silence is due starts a task for the write.
+        """
+        self._nursery = nursery
+        self._arm()
+
+    def stop_clock(self) -> None:
+        """Forget the deadline (the stream is over)."""
+        coarse_timers().cancel(self)
+        self._nursery = None
+
+    def _allowed(self) -> float:
+        s = self._settings
+        return s.sse_keepalive if self._ex.started else s.commit_timeout
+
+    def _arm(self) -> None:
+        allowed = self._allowed()
+        coarse_timers().set(self, self._last_write + allowed, slack=min(SLACK_S, allowed / 4))
+
+    def expire(self) -> None:
+        """The deadline came (relay.timers): a write of the clock's, or a later deadline."""
+        if self._nursery is None:
+            return
+        if trio.current_time() < self._last_write + self._allowed():
+            self._arm()  # written since: silence is due later
+        else:
+            self._nursery.start_soon(self._fill_silence)
+
+    async def _fill_silence(self) -> None:
+        """Commit with the head alone, or write a keep-alive comment; then set the timer again."""
+        ex = self._ex
+        try:
+            async with self._lock:  # a write in progress ends before we look again
+                if trio.current_time() >= self._last_write + self._allowed():
+                    if ex.started:
+                        await ex.send_data(self._encoder.keepalive())
+                    else:
+                        await ex.start_stream(200, SSE_CONTENT_TYPE, SSE_HEADERS,
+                                              first=self._encoder.start())
+                    self._last_write = trio.current_time()
+        except ClientGone:
+            ex.abandon()
+            return
+        if self._nursery is not None:
+            self._arm()
 
 
 async def _serve_stream(
@@ -344,12 +302,15 @@ async def _serve_stream(
     writer = SSEWriter(ex, encoder, settings)
     failure: BaseException | None = None
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(writer.flusher)
+        writer.start_clock(nursery)
+        hook = before_read.set(writer.before_read)
         try:
             await _pump(answer, encoder, writer, outcome, started_at)
         except (RelayError, _Retry, ClientGone) as exc:
             failure = exc  # raised outside the nursery, unwrapped
         finally:
+            before_read.reset(hook)
+            writer.stop_clock()
             nursery.cancel_scope.cancel()
     if failure is not None:
         raise failure

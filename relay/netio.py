@@ -51,6 +51,13 @@ clients' connections come from :class:`SocketListener`:
   at once sets up nothing. Long ones are :mod:`relay.timers` entries, as
   above (the stream is closed when one fires, and the send raises
   ``TooSlowError``); short ones (tests) a cancel scope.
+- Before httpcore reads an upstream socket, :class:`TrioNetworkStream`
+  awaits the task's :data:`before_read` hook if it has one. A streamed
+  answer is decoded one HTTP chunk at a time (one h11 event, one httpcore
+  step each), and only here is it known that the bytes of the last read are
+  used up: relay.chat's SSE writer sets the hook to write the events decoded
+  from that read, so that they leave in one write, before the next read
+  (DESIGN.md, "The streaming data path").
 """
 
 from __future__ import annotations
@@ -58,6 +65,7 @@ from __future__ import annotations
 import math
 import select
 import socket
+from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 
 import httpcore
@@ -77,6 +85,13 @@ DEFAULT_RECEIVE_SIZE = 65536
 YIELD_EVERY = 16
 #: Timeouts this long or longer are kept by relay.timers, not a cancel scope
 COARSE_MIN_S = 5.0
+
+#: What the current task does before httpcore reads an upstream socket (None:
+#: nothing). Set with a token and reset by whoever sets it; tasks started
+#: meanwhile inherit it, so a hook checks the task it runs in.
+before_read: ContextVar[Callable[[], Awaitable[None]] | None] = ContextVar(
+    "relay.netio.before_read", default=None
+)
 
 
 class SocketStream(trio.abc.HalfCloseableStream):
@@ -321,6 +336,9 @@ class TrioNetworkStream(httpcore.AsyncNetworkStream):
         self._plain = stream if isinstance(stream, SocketStream) else None
 
     async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:  # noqa: ASYNC109
+        hook = before_read.get()
+        if hook is not None:
+            await hook()
         try:
             if timeout is not None and timeout >= COARSE_MIN_S:
                 timers = coarse_timers()

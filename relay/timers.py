@@ -2,15 +2,13 @@
 
 A cancel scope with a deadline is trio's exact way to bound a wait, and it
 costs 5-15 us to set up and tear down on a small VM, plus about 1 KiB for as
-long as the wait lasts. Two deadlines of the relay are long, are set again
-all the time, and need no millisecond precision:
-
-- an upstream read's timeout (:mod:`relay.netio`): 120 s of silence in a
-  stream, 15 s for a unary call; a paced stream waits once per frame, and
-  over TLS every read had a scope;
-- an SSE response's commit and keep-alive clock (:mod:`relay.chat`): 5 s
-  before the 200 is committed without an event, then a comment after every
-  15 s of silence; its flusher waited under a fresh scope on every wake-up.
+long as the wait lasts. Some deadlines of the relay are long, are set again
+all the time, and need no millisecond precision: an upstream read's timeout
+(:mod:`relay.netio`: 120 s of silence in a stream, 15 s for a unary call; a
+paced stream waits once per frame, and over TLS every read had a scope), and
+a client write's ``send_timeout``. (An SSE response's commit and keep-alive
+clock needs none of this: its task sleeps until silence would be due, once
+per ``sse_keepalive`` at most, not once per event; see :mod:`relay.chat`.)
 
 So these go in a dict instead, ``{key: deadline}``, and one system task per
 trio run looks at it when the earliest deadline comes (not before

@@ -36,6 +36,7 @@ import trio
 
 from protocol.errors import UpstreamFailed, UpstreamTimeout
 from providers.contract import Headers, Response
+from relay.netio import TrioNetworkBackend
 from relay.pool import TCP_NODELAY, UpstreamPool
 
 if TYPE_CHECKING:
@@ -299,7 +300,10 @@ def make_pool(settings: Settings, *, ssl_context: ssl.SSLContext | None = None,
             max_connections=max_connections,
             max_keepalive_connections=100,
             keepalive_expiry=30.0,
-            network_backend=network_backend,
+            # the relay's sockets, as in our pool: relay.chat's writer needs
+            # their before_read hook (relay.netio)
+            network_backend=network_backend if network_backend is not None
+            else TrioNetworkBackend(),
             socket_options=[TCP_NODELAY],
         )
     return UpstreamPool(

@@ -5,16 +5,22 @@ from __future__ import annotations
 import base64
 import functools
 import logging
+import re
 import socket
-import sys
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+import h11
 import openai
 import orjson
 import pytest
 import trio
 
-from relay.timers import coarse_timers
+from protocol.chunks import ChunkEncoder
+from protocol.deltas import Delta, Finish, TextDelta
+from relay import chat, config
+from relay.netio import before_read
+from relay.server import ClientConnection, Exchange, Request
+from relay.timers import SLACK_S, coarse_timers
 from tests.relay.conftest import (
     AUTH,
     GLM_AUTH,
@@ -28,10 +34,14 @@ from tests.relay.conftest import (
     sse_events,
     sse_text,
 )
+from tests.relay.test_fetcher import RecordingProxy
 
 if TYPE_CHECKING:
+    from collections.abc import AsyncGenerator
+
     from providers.glm.emulator import GlmEmulator
     from providers.step.emulator import StepEmulator
+    from relay.config import Settings
 
 ANSWER = "阶跃星辰是一家人工智能公司。Hello, world!"
 PATH = "/v1/chat/completions"
@@ -204,7 +214,7 @@ async def test_chat_is_deleted_after_client_disconnect(
         await step.wait_until(lambda r: r.streams_aborted == 1 and len(r.chats_deleted) == 1)
     assert step.record.streams_finished == 0
     assert step.record.chats_deleted == step.record.chats_created
-    # the upstream read's stall timeout and the SSE clock were relay.timers
+    # the upstream read's stall timeout and the SSE clock are relay.timers
     # entries (120 s and 15 s by default): the cancelled stream leaves neither
     await _no_timer_left()
 
@@ -495,9 +505,9 @@ async def test_upstream_connection_is_reused_across_requests(
 async def test_paced_and_back_to_back_frames_give_the_same_stream(
     relay: Running, step: StepEmulator, frame_delay_s: float
 ) -> None:
-    """Frames that come back to back are queued and written together; frames after a
-    quiet spell are written at once by the reading task. Either way the client gets
-    every piece of the answer, in order, then [DONE]."""
+    """Frames that come back to back arrive in one upstream read and leave in one write;
+    paced frames leave one by one. Either way the client gets every piece of the answer,
+    in order, then [DONE]."""
     step.behavior.answer = ANSWER
     step.behavior.chunk_chars = 2
     step.behavior.frame_delay_s = frame_delay_s
@@ -506,6 +516,32 @@ async def test_paced_and_back_to_back_frames_give_the_same_stream(
     assert response.status == 200
     assert sse_text(response.content) == ANSWER
     assert sse_events(response.content)[-1] == b"[DONE]"
+
+
+@pytest.mark.parametrize("proxied", [False, True])
+async def test_events_leave_before_the_upstream_is_read_again(
+    relay_factory: RelayFactory, step: StepEmulator, nursery: trio.Nursery, proxied: bool
+) -> None:
+    """The events of one upstream read are written before the next read waits: with the
+    upstream silent after two text frames, the client has both (through an upstream
+    proxy too, whose connections are httpcore's own pool on the relay's sockets)."""
+    overrides: dict[str, Any] = {}
+    if proxied:
+        proxy = RecordingProxy()
+        await nursery.start(proxy.serve)
+        overrides["upstream_proxy"] = proxy.url
+    relay = await relay_factory(**overrides)
+    step.behavior.text_frames = ["first", "second", "never"]
+    step.behavior.stall_after = 2
+    with trio.fail_after(5):
+        client = await send_raw_post(relay, chat_body(stream=True), STEP_CREDENTIAL)
+        received = b""
+        while b'"content":"second"' not in received:
+            received += await client.receive_some(65536)
+        await client.aclose()
+    assert b'"content":"first"' in received
+    if proxied:
+        assert proxy.seen
 
 
 async def test_chat_deleted_when_client_leaves_while_it_is_being_created(
@@ -522,86 +558,6 @@ async def test_chat_deleted_when_client_leaves_while_it_is_being_created(
         await step.wait_until(lambda r: len(r.chats_created) == 1)
         await step.wait_until(lambda r: r.chats_deleted == r.chats_created)
     assert step.record.streams_finished == 0
-
-
-async def test_events_written_at_once_still_count_as_traffic_for_the_keepalive(
-    relay_factory: RelayFactory, step: StepEmulator
-) -> None:
-    """A paced upstream that is never silent for ``sse_keepalive`` gets no comments.
-
-    Paced events are written by the reading task itself; the flusher's keep-alive
-    clock must see those writes too, not only its own.
-    """
-    relay = await relay_factory(sse_keepalive=0.8)  # a 0.7 s margin for a loaded machine
-    step.behavior.text_frames = [str(i % 10) for i in range(20)]
-    step.behavior.frame_delay_s = 0.1
-    with trio.fail_after(10):
-        response = await post(relay.base_url, PATH, chat_body(stream=True))
-    body = response.content
-    assert sse_text(body) == "".join(str(i % 10) for i in range(20))
-    assert b": keep-alive" not in body
-
-
-async def test_the_run_queue_is_looked_at_once_per_window(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Whether the relay is busy is looked up at most every BUSY_LOOK_S.
-
-    The look walks every socket trio watches, so taking it per event made a
-    paced event cost tens of microseconds more with hundreds of streams open.
-    """
-    from relay import chat
-
-    looks: list[int] = []
-    real = trio.lowlevel.current_statistics
-
-    def counted() -> trio.lowlevel.RunStatistics:
-        stats = real()
-        looks.append(stats.tasks_runnable)
-        return stats
-
-    monkeypatch.setattr(trio.lowlevel, "current_statistics", counted)
-    now = trio.current_time()
-    async with trio.open_nursery() as nursery:
-        first = chat._relay_busy(now)
-        nursery.start_soon(trio.sleep, 0)  # runnable until this task yields
-        assert chat._relay_busy(now + chat.BUSY_LOOK_S / 2) is first  # the first look stands
-        assert len(looks) == 1
-        # a new look sees the task (twice the window: now + w - now may round below w)
-        assert chat._relay_busy(now + 2 * chat.BUSY_LOOK_S) is True
-        assert len(looks) == 2
-        assert looks[1] >= 1
-
-
-async def test_the_stream_clock_costs_no_timer_per_event(
-    relay_factory: RelayFactory, step: StepEmulator, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The commit and keep-alive deadline is kept by relay.timers, not a scope per wake-up.
-
-    Paced events that the flusher writes (the relay looks busy) used to set up
-    a fresh ``move_on_at`` each; now the deadline is a dict entry, re-armed only
-    when it rings.
-    """
-    from relay import chat
-
-    relay = await relay_factory()
-    def always_busy(now: float) -> bool:
-        return True
-
-    monkeypatch.setattr(chat, "_relay_busy", always_busy)  # every event goes to the flusher
-    timed: list[float] = []
-    real_move_on_at = trio.move_on_at
-
-    def counted(deadline: float, *, shield: bool = False) -> trio.CancelScope:
-        if sys._getframe(1).f_code.co_filename == chat.__file__:
-            timed.append(deadline)
-        return real_move_on_at(deadline, shield=shield)
-
-    monkeypatch.setattr(trio, "move_on_at", counted)
-    step.behavior.text_frames = [str(i % 10) for i in range(20)]
-    step.behavior.frame_delay_s = 0.005
-    with trio.fail_after(10):
-        response = await post(relay.base_url, PATH, chat_body(stream=True))
-    assert sse_text(response.content) == "".join(str(i % 10) for i in range(20))
-    assert timed == []
 
 
 async def test_a_client_that_stops_reading_is_cut_at_send_timeout(
@@ -643,3 +599,251 @@ async def test_a_client_that_stops_reading_is_cut_at_send_timeout(
     assert glm.record.conversations_deleted == glm.record.conversations_created
     access = [r.getMessage() for r in caplog.records if r.name == "relay.access"]
     assert any(line.endswith(" send-timeout") for line in access), access
+
+
+# --- the SSE writer, on its own --------------------------------------------------------
+#
+# A real Exchange over a stream that records every write (its time and bytes), an
+# upstream that hands out its batches read by read (before each read it runs
+# relay.netio's before_read hook, as the pool's sockets do), and trio's autojump
+# clock: the times below are exact, nothing waits on a real clock.
+
+
+class _Wire(trio.abc.Stream):
+    """The client's side: records each ``send_all``; :attr:`hold` makes writes wait."""
+
+    def __init__(self) -> None:
+        self.writes: list[tuple[float, bytes]] = []
+        self.hold: trio.Event | None = None
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        if self.hold is not None:
+            await self.hold.wait()
+        self.writes.append((trio.current_time(), bytes(data)))
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await trio.lowlevel.checkpoint()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        await trio.sleep_forever()
+        raise AssertionError  # pragma: no cover
+
+    async def aclose(self) -> None:
+        await trio.lowlevel.checkpoint()
+
+
+class _Upstream:
+    """An answer as a list of reads: (seconds the read waits, the batches it gives)."""
+
+    conversation_id = ""
+
+    def __init__(self, reads: list[tuple[float, list[list[Delta]]]]) -> None:
+        self.reads = reads
+        self.reads_done = 0
+
+    async def __aiter__(self) -> AsyncGenerator[list[Delta], None]:
+        for wait, batches in self.reads:
+            hook = before_read.get()
+            if hook is not None:
+                await hook()
+            await trio.sleep(wait)
+            self.reads_done += 1
+            for batch in batches:
+                yield batch
+
+
+def _exchange(wire: _Wire, **overrides: Any) -> tuple[Exchange, Settings]:
+    settings = config.load({"commit_timeout": 5.0, "sse_keepalive": 15.0, **overrides},
+                           environ={})
+    conn = ClientConnection(wire, settings, "test")
+    conn.feed(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
+    assert isinstance(conn.h11.next_event(), h11.Request)
+    assert isinstance(conn.h11.next_event(), h11.EndOfMessage)
+    request = Request("POST", "/v1/chat/completions", "/v1/chat/completions", "", [],
+                      b"1.1", "test")
+    return Exchange(conn, request, settings, body_read=True), settings
+
+
+async def _serve(wire: _Wire, upstream: _Upstream, **overrides: Any) -> Exchange:
+    ex, settings = _exchange(wire, **overrides)
+    encoder = ChunkEncoder(completion_id="chatcmpl-1", model="step", created=0)
+    await chat._serve_stream(ex, upstream, encoder, settings, chat.Outcome(), 0.0)
+    return ex
+
+
+def _texts(write: bytes) -> list[str]:
+    """The content of each text event in one write, in order."""
+    texts = []
+    for event in re.findall(rb"data: (\{.*?\})\n\n", write):
+        choices = orjson.loads(event)["choices"]
+        if choices and choices[0]["delta"].get("content"):
+            texts.append(choices[0]["delta"]["content"])
+    return texts
+
+
+def _text(text: str) -> list[Delta]:
+    return [TextDelta(text)]
+
+
+STOP: list[Delta] = [Finish("stop")]
+
+
+async def test_the_first_event_leaves_with_the_head_in_one_write(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The 200 waits for the first event, which then leaves at once with the head and the
+    role chunk, in one write, before the upstream is read again."""
+    wire = _Wire()
+    await _serve(wire, _Upstream([(1.0, [_text("a")]), (3.0, [_text("b"), STOP])]))
+    (at, first), *_ = wire.writes
+    assert at == 1.0
+    assert first.startswith(b"HTTP/1.1 200 ")
+    assert b'"delta":{"role":"assistant","content":""}' in first
+    assert _texts(first) == ["a"]
+
+
+async def test_the_events_of_one_read_leave_in_one_write_before_the_next_read(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Batches that one upstream read gave (one per HTTP chunk) are written together,
+    before the next read waits; nothing is kept past that read."""
+    wire = _Wire()
+    upstream = _Upstream([
+        (0.0, [_text("a")]),
+        (1.0, [_text("b"), _text("c"), _text("d")]),
+        (1.0, [_text("e")]),
+        (1.0, [STOP]),
+    ])
+    ex = await _serve(wire, upstream)
+    assert [(at, _texts(data)) for at, data in wire.writes] == [
+        (0.0, ["a"]), (1.0, ["b", "c", "d"]), (2.0, ["e"]), (3.0, []),
+    ]
+    assert wire.writes[-1][1].endswith(b"data: [DONE]\n\n\r\n0\r\n\r\n")
+    assert ex.finished
+
+
+async def test_a_burst_leaves_in_slices_first_event_first(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A read of many batches (an upstream that sent them all at once) is not decoded
+    whole before anything leaves: the first event goes with the head, the rest in
+    slices of SLICE_BATCHES, in order."""
+    wire = _Wire()
+    texts = [f"t{i}" for i in range(200)]
+    await _serve(wire, _Upstream([(0.0, [_text(t) for t in texts]), (0.0, [STOP])]))
+    slices = [_texts(data) for _, data in wire.writes]
+    assert slices[0] == ["t0"]
+    assert all(len(part) <= chat.SLICE_BATCHES for part in slices)
+    assert len(slices) == 2 + -(-199 // chat.SLICE_BATCHES)  # + the end
+    assert [t for part in slices for t in part] == texts
+
+
+async def test_a_silent_upstream_is_committed_then_kept_alive(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """No event for commit_timeout: the head and the role chunk go out alone; then a
+    comment after every sse_keepalive of silence (relay.timers: up to its slack late,
+    never early), until the events come."""
+    wire = _Wire()
+    await _serve(wire, _Upstream([(40.0, [_text("a")]), (0.0, [STOP])]))
+    keepalive = b": keep-alive\n\n"
+    times = [at for at, _ in wire.writes]
+    assert len(times) == 5
+    for at, due in zip(times[:3], (5.0, 20.0, 35.0), strict=True):
+        assert due <= at <= due + SLACK_S
+    assert times[3:] == [40.0, 40.0]
+    head, first_comment, second_comment, event, _ = (data for _, data in wire.writes)
+    assert head.startswith(b"HTTP/1.1 200 ")
+    assert _texts(head) == []
+    assert first_comment.endswith(keepalive + b"\r\n")
+    assert second_comment.endswith(keepalive + b"\r\n")
+    assert _texts(event) == ["a"]
+    assert keepalive not in event
+
+
+async def test_flowing_events_get_no_keepalive_and_a_pause_does(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Comments fill silence only: events every 0.5 s with sse_keepalive 2 s get none;
+    a 5 s pause between two of them gets two."""
+    wire = _Wire()
+    reads = [(0.5, [_text(str(i))]) for i in range(10)]
+    reads += [(5.0, [_text("late")]), (0.0, [STOP])]
+    await _serve(wire, _Upstream(reads), sse_keepalive=2.0)
+    body = b"".join(data for _, data in wire.writes)
+    late = body.index(b'"content":"late"')
+    assert body.count(b": keep-alive") == 2
+    assert body.index(b": keep-alive") > body.index(b'"content":"9"')
+    assert body.rindex(b": keep-alive") < late
+
+
+async def test_paced_events_wake_no_other_task(autojump_clock: trio.testing.MockClock) -> None:
+    """One task reads, encodes and writes: a stream of events 10 ms apart starts no task
+    and runs none besides the reader (the keep-alive clock is a relay.timers entry,
+    looked at only when silence could be due)."""
+
+    class Steps(trio.abc.Instrument):
+        def __init__(self, reader: trio.lowlevel.Task) -> None:
+            self.reader = reader
+            self.spawned = 0
+            self.others: set[str] = set()
+
+        def task_spawned(self, task: trio.lowlevel.Task) -> None:
+            self.spawned += 1
+
+        def before_task_step(self, task: trio.lowlevel.Task) -> None:
+            if task is not self.reader:
+                self.others.add(task.name)
+
+    wire = _Wire()
+    upstream = _Upstream([(0.01, [_text(str(i))]) for i in range(100)] + [(0.0, [STOP])])
+    coarse_timers()  # the timers' task, started before we count
+    steps = Steps(trio.lowlevel.current_task())
+    trio.lowlevel.add_instrument(steps)
+    try:
+        await _serve(wire, upstream)
+    finally:
+        trio.lowlevel.remove_instrument(steps)
+    assert len(wire.writes) == 101
+    assert steps.spawned == 0
+    assert steps.others <= {"relay.timers"}
+
+
+async def test_a_slow_client_slows_the_upstream_read(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """While a write waits for the client, the upstream is not read: nothing queues
+    up in the relay. The clock does not write into the waiting write either."""
+    wire = _Wire()
+    upstream = _Upstream([(0.1, [_text(str(i))]) for i in range(5)] + [(0.1, [STOP])])
+    async with trio.open_nursery() as nursery:
+        ex, settings = _exchange(wire, sse_keepalive=1.0)
+        encoder = ChunkEncoder(completion_id="chatcmpl-1", model="step", created=0)
+        wire.hold = trio.Event()
+        nursery.start_soon(chat._serve_stream, ex, upstream, encoder, settings,
+                           chat.Outcome(), 0.0)
+        await trio.sleep(30)  # 30 keep-alive periods; the first write waits all along
+        assert upstream.reads_done == 1
+        assert wire.writes == []
+        wire.hold.set()
+        wire.hold = None
+    body = b"".join(data for _, data in wire.writes)
+    assert [t for _, data in wire.writes for t in _texts(data)] == ["0", "1", "2", "3", "4"]
+    assert b": keep-alive" not in body
+    assert upstream.reads_done == 6
+
+
+async def test_last_words_without_a_queue_are_the_error_and_done(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """What a stopped stream ends with: an error event (server_shutting_down), [DONE]."""
+    ex, settings = _exchange(_Wire())
+    encoder = ChunkEncoder(completion_id="chatcmpl-1", model="step", created=0)
+    writer = chat.SSEWriter(ex, encoder, settings)
+    assert ex.last_words is not None
+    words = ex.last_words()
+    error_event, done = words.split(b"\n\n", 1)
+    assert orjson.loads(error_event.removeprefix(b"data: "))["error"]["code"] == (
+        "server_shutting_down")
+    assert done == b"data: [DONE]\n\n"
+    assert not writer.committed
