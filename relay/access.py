@@ -19,23 +19,13 @@ import hmac
 from typing import TYPE_CHECKING, Any
 
 from protocol.errors import AuthError, RelayError
+from protocol.http1 import bearer_token
 
 if TYPE_CHECKING:
     from relay.accounts import Account
     from relay.config import Settings
     from relay.registry import ProviderRuntime
     from relay.server import Exchange
-
-
-def bearer_token(header: bytes | None) -> str | None:
-    """The token of an ``Authorization: Bearer`` header, or None."""
-    if not header:
-        return None
-    scheme, _, token = header.decode("latin-1").strip().partition(" ")
-    if scheme.lower() != "bearer":
-        return None
-    token = token.strip()
-    return token or None
 
 
 def _is_api_key(settings: Settings, bearer: str | None) -> bool:

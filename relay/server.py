@@ -27,9 +27,10 @@ standard reason phrase, ``HTTP/1.1 200 OK``):
   ``HTTP/x.y``; a request line with no version at all, HTTP/0.9 style, is
   malformed: 400);
 - empty lines before a request line are skipped, up to
-  :data:`MAX_EMPTY_LINES` of them (RFC 9112 2.2: "a server ... SHOULD ignore
-  at least one empty line (CRLF) received prior to the request-line"), on
-  every request of a connection, a bare LF counted as a line end;
+  :data:`protocol.http1.MAX_EMPTY_LINES` of them (RFC 9112 2.2: "a server
+  ... SHOULD ignore at least one empty line (CRLF) received prior to the
+  request-line"), on every request of a connection, a bare LF counted as a
+  line end;
 - a head that takes longer than ``header_timeout`` to arrive -> closed;
 - no new request within ``keepalive_timeout`` of the last -> closed;
 - a body over ``max_body_bytes`` -> 413 (decided from Content-Length before
@@ -73,7 +74,6 @@ import stat
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
-from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
 
 import h11
@@ -86,6 +86,7 @@ from protocol.errors import (
     RequestTimeout,
     ServerShuttingDown,
 )
+from protocol.http1 import REASONS, EmptyLines, has_both_lengths, head_size
 from protocol.openai import error_body, error_from_exception
 from relay.netio import SocketListener, SocketStream
 
@@ -100,10 +101,6 @@ READ_BYTES = 64 * 1024
 PIPELINE_LIMIT_BYTES = 256 * 1024
 SERVER_HEADER = b"trio-llm-relay"
 JSON = b"application/json"
-#: RFC 9110 15: the standard reason phrase of every status (h11 sends none unless told)
-REASONS = {status.value: status.phrase.encode("ascii") for status in HTTPStatus}
-#: RFC 9112 2.2: empty lines skipped before a request line (more is not a client's mistake)
-MAX_EMPTY_LINES = 8
 #: HTTP versions served; others get 505 (RFC 9110 15.6.6)
 HTTP_VERSIONS = (b"1.1", b"1.0")
 #: once the grace period is over, how long stopped exchanges get to end their responses
@@ -114,7 +111,6 @@ LAST_WORDS_S = 1.0
 LISTEN_BACKLOG = 1024
 #: accept() failures (out of file descriptors) pause the accept loop this long
 ACCEPT_PAUSE_S = 0.1
-_LF, _CR = 10, 13
 
 
 @dataclass(slots=True)
@@ -139,51 +135,6 @@ class Request:
 
 class ClientGone(Exception):
     """The client closed the connection or a write to it failed."""
-
-
-class EmptyLines:
-    """Drops the empty lines a client sends before a request line (RFC 9112 2.2).
-
-    Sans-IO, fed the bytes of one connection as they arrive until the first
-    byte of a request line; h11 itself answers "no request line received" to
-    a head that starts with one. A line end is CRLF or a bare LF (RFC 9112
-    2.2 allows a recipient to take LF alone); a CR that ends one read may be
-    half of a CRLF, so it is held for the next. At most ``limit`` lines are
-    dropped; the rest are left for h11 to refuse.
-    """
-
-    __slots__ = ("_cr", "_limit", "_lines")
-
-    def __init__(self, limit: int = MAX_EMPTY_LINES) -> None:
-        self._limit = limit
-        self._lines = 0
-        self._cr = False  # the last read ended with a CR
-
-    def skip(self, data: bytes) -> bytes:
-        """``data`` without the empty lines it starts with.
-
-        Returns:
-            What is left: ``b""`` if ``data`` held only empty lines (or a CR
-            held back); otherwise the bytes from the first one that is not
-            part of an empty line (or from the first line over the limit).
-        """
-        if self._cr:
-            self._cr = False
-            data = b"\r" + data
-        pos, end = 0, len(data)
-        while pos < end and self._lines < self._limit:  # at most 2 * limit steps
-            byte = data[pos]
-            if byte == _LF:
-                pos += 1
-            elif byte == _CR and pos + 1 == end:
-                self._cr = True  # maybe half of a CRLF: decided by the next read
-                return b""
-            elif byte == _CR and data[pos + 1] == _LF:
-                pos += 2
-            else:
-                break  # a request line (or a bare CR, which h11 refuses)
-            self._lines += 1
-        return data[pos:] if pos else data
 
 
 class ClientConnection:
@@ -231,7 +182,7 @@ class ClientConnection:
         rest, closed = self.h11.trailing_data
         if not rest:
             self.awaiting_head = True
-        elif rest[0] in (_CR, _LF):
+        elif rest.startswith((b"\r", b"\n")):
             self.h11 = self._new_h11()
             self.awaiting_head = True
             self.feed(rest)
@@ -770,14 +721,14 @@ class Server:
         if isinstance(event, h11.Request):
             # h11 bounds only an *incomplete* head; a whole one that arrived in a
             # single read is checked here
-            if _head_size(event) > s.max_header_bytes:
+            if head_size(event.method, event.target, event.headers) > s.max_header_bytes:
                 await self._reject(conn, 431, "request head is too large")
                 return None
             if event.http_version not in HTTP_VERSIONS:
                 version = event.http_version.decode("ascii", "replace")
                 await self._reject(conn, 505, f"HTTP/{version} is not supported; use HTTP/1.1")
                 return None
-            if _has_both_lengths(event.headers):
+            if has_both_lengths(event.headers):
                 # RFC 9112 6.1 (and 6.3 item 3): a request smuggling pattern; we refuse
                 # it rather than pick one framing, and close after the answer
                 await self._reject(
@@ -848,25 +799,6 @@ def _malformed(exc: h11.RemoteProtocolError) -> str:
     if exc.error_status_hint == 431:
         return "request head is too large"
     return f"malformed HTTP request: {exc}"
-
-
-def _has_both_lengths(headers: Sequence[tuple[bytes, bytes]]) -> bool:
-    """Whether a head carries both Content-Length and Transfer-Encoding (h11: lower case)."""
-    length = coding = False
-    for name, _ in headers:
-        if name == b"content-length":
-            length = True
-        elif name == b"transfer-encoding":
-            coding = True
-    return length and coding
-
-
-def _head_size(request: h11.Request) -> int:
-    """The size of ``request``'s head as sent, give or take optional whitespace."""
-    size = len(request.method) + len(request.target) + 13  # " ", " HTTP/1.1\r\n"
-    for name, value in request.headers:
-        size += len(name) + len(value) + 4  # ": ", "\r\n"
-    return size + 2  # the blank line
 
 
 def _peer(stream: trio.abc.Stream) -> str:

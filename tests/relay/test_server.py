@@ -28,9 +28,10 @@ import trustme
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from protocol.http1 import MAX_EMPTY_LINES
 from relay import config
 from relay.app import App
-from relay.server import MAX_EMPTY_LINES, EmptyLines, Exchange, Server, open_listeners
+from relay.server import Exchange, Server, open_listeners
 from tests.relay.conftest import (
     AUTH,
     STEP_CREDENTIAL,
@@ -964,39 +965,6 @@ async def test_too_many_empty_lines_get_400(relay: Running) -> None:
                                   + b"GET /ping HTTP/1.1\r\nHost: x\r\n\r\n")
             data = await read_to_eof(stream)
     assert parse_raw(data).status == 400
-
-
-def _skip_split(wire: bytes, cuts: list[int]) -> bytes:
-    skipper, out, start = EmptyLines(), [], 0
-    for cut in [*sorted(set(cuts)), len(wire)]:
-        out.append(skipper.skip(wire[start:cut]) if cut > start else b"")
-        start = cut
-        if out[-1]:
-            out.append(wire[cut:])  # the head has begun: the rest goes to h11 as it is
-            break
-    return b"".join(out)
-
-
-@given(
-    lines=st.lists(st.sampled_from([b"\r\n", b"\n"]), max_size=MAX_EMPTY_LINES),
-    rest=st.sampled_from([b"GET / HTTP/1.1\r\n\r\n", b"\rGET", b"x\r\n", b""]),
-    data=st.data(),
-)
-def test_empty_lines_any_split_gives_the_same_bytes(
-    lines: list[bytes], rest: bytes, data: st.DataObject
-) -> None:
-    """However the bytes are cut between reads, EmptyLines drops exactly the leading empty
-    lines (up to its limit) and passes the rest unchanged; a CR that is not half of a CRLF is
-    passed on for h11 to refuse."""
-    wire = b"".join(lines) + rest
-    cuts = data.draw(st.lists(st.integers(0, len(wire))), label="cuts")
-    assert _skip_split(wire, cuts) == _skip_split(wire, list(range(len(wire)))) == rest
-
-
-def test_empty_lines_over_the_limit_are_passed_on() -> None:
-    """Past the limit, empty lines are left for h11 (which refuses them)."""
-    skipper = EmptyLines(limit=2)
-    assert skipper.skip(b"\r\n\n\r\nGET") == b"\r\nGET"
 
 
 async def test_every_status_line_carries_its_reason_phrase(
