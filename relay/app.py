@@ -31,12 +31,12 @@ from relay.upstream import make_pool
 
 if TYPE_CHECKING:
     import ssl
-    from collections.abc import Collection, Mapping, Sequence
+    from collections.abc import Collection, Sequence
     from types import TracebackType
 
+    from protocol.urls import Origin
     from relay.accounts import PoolStatistics
     from relay.config import Settings
-    from relay.fetcher import Origin
     from relay.registry import Entry, Providers
 
 log = logging.getLogger("relay.app")
@@ -72,10 +72,9 @@ class App:
         self.janitor = Janitor()
         parts = registry.Parts(settings, self._pool, self.fetcher, self.janitor)
         self.providers: Providers = registry.build(parts, providers)
-        #: path -> method -> handler, the forced /<provider>/v1/... routes included
-        self.routes: Mapping[str, Mapping[str, routes.RouteHandler]] = routes.route_table(
-            self.providers
-        )
+        #: path -> route (handlers by method, dialect), the forced /<provider>/v1/...
+        #: routes included; a route added here is served from the next request on
+        self.routes: dict[str, routes.Route] = routes.route_table(self.providers)
         self.server = Server(settings, self.handle)
         self.metrics = Metrics(self.pool_statistics, self.statistics)
         self.addresses: list[str] = []

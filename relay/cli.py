@@ -35,8 +35,8 @@ from relay.config import ConfigError, Settings
 if typing.TYPE_CHECKING:
     from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
+    from protocol.urls import Origin
     from relay.app import App
-    from relay.fetcher import Origin
 
 log = logging.getLogger("relay")
 

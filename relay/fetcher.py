@@ -13,7 +13,7 @@ resolve a name. For every hop (the URL, then each redirect, at most
 
 1. resolves the host itself, through a :data:`Resolver` (``getaddrinfo`` by
    default; tests inject one);
-2. keeps only public addresses (:func:`is_public_address`), unless
+2. keeps only public addresses (:func:`protocol.urls.is_public_address`), unless
    ``allow_private_urls`` is set or the URL's origin is one the relay trusts
    (the emulators ``relay serve --demo`` started); none left is a 400
    ``forbidden_file_url``;
@@ -55,7 +55,6 @@ Errors: everything a client's URL can cause is a 400 :class:`RequestError`
 
 from __future__ import annotations
 
-import ipaddress
 import mimetypes
 import ssl
 import urllib.parse
@@ -70,11 +69,13 @@ import trio
 
 from protocol.datauri import is_data_url, parse_data_url
 from protocol.errors import RequestError
+from protocol.urls import DEFAULT_PORTS, filename_from_url, ip_literal, is_public_address
 from providers.contract import FetchedFile
 
 if TYPE_CHECKING:
     from collections.abc import Collection, Iterable
 
+    from protocol.urls import Origin
     from relay.config import Settings
 
 MAX_REDIRECTS = 3
@@ -83,106 +84,16 @@ FETCH_USER_AGENT = b"Mozilla/5.0 (compatible; trio-llm-relay)"
 FETCH_MAX_CONNECTIONS = 100
 #: read size of a proxy's CONNECT answer
 READ_BYTES = 64 * 1024
-DEFAULT_PORTS = {"http": 80, "https": 443}
-
-#: An origin as the fetcher compares them: scheme, host (lower case, no brackets), port.
-Origin = tuple[str, str, int]
 #: Resolves a host name (and port) to IP address strings.
 Resolver = Callable[[str, int], Awaitable[list[str]]]
 
 _REDIRECTS = (301, 302, 303, 307, 308)
 
 
-# --- which addresses are public ---------------------------------------------------------
-
-#: RFC 6052 well-known NAT64 prefix: the IPv4 address is the last 32 bits.
-_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
-#: RFC 8215 local-use NAT64 prefixes: any RFC 6052 prefix length from /48 to /96.
-_NAT64_LOCAL = ipaddress.IPv6Network("64:ff9b:1::/48")
-#: RFC 4291 2.5.5.1 IPv4-compatible (deprecated) and RFC 2765 IPv4-translated addresses.
-_IPV4_COMPATIBLE = ipaddress.IPv6Network("::/96")
-_IPV4_TRANSLATED = ipaddress.IPv6Network("::ffff:0:0:0/96")
-
-
-def _bits(value: int, start: int, length: int) -> int:
-    """``length`` bits of a 128-bit ``value`` from bit ``start`` (0 is the most significant)."""
-    return (value >> (128 - start - length)) & ((1 << length) - 1)
-
-
-def embedded_ipv4(ip: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
-    """The IPv4 addresses an IPv6 address stands for; empty when it embeds none.
-
-    Traffic to these forms goes to (or through) the IPv4 address: IPv4-mapped
-    ``::ffff:a.b.c.d``, IPv4-translated ``::ffff:0:a.b.c.d``, IPv4-compatible
-    ``::a.b.c.d``, NAT64 ``64:ff9b::a.b.c.d``, 6to4 ``2002:AABB:CCDD::/48``,
-    and Teredo ``2001::/32`` (its server and its client, both). For the
-    local-use NAT64 prefix (RFC 8215) the prefix length is the operator's,
-    so every RFC 6052 position (/48, /56, /64, /96) is a candidate.
-    """
-    if ip.ipv4_mapped is not None:
-        return [ip.ipv4_mapped]
-    if ip.sixtofour is not None:
-        return [ip.sixtofour]
-    if ip.teredo is not None:
-        return list(ip.teredo)
-    value = int(ip)
-    if ip in _NAT64 or ip in _IPV4_COMPATIBLE or ip in _IPV4_TRANSLATED:
-        return [ipaddress.IPv4Address(value & 0xFFFFFFFF)]
-    if ip in _NAT64_LOCAL:  # RFC 6052 2.2: bits 64-71 (the "u" octet) are skipped
-        return [
-            ipaddress.IPv4Address(candidate)
-            for candidate in (
-                _bits(value, 48, 16) << 16 | _bits(value, 72, 16),
-                _bits(value, 56, 8) << 24 | _bits(value, 72, 24),
-                _bits(value, 72, 32),
-                _bits(value, 96, 32),
-            )
-        ]
-    return []
-
-
-def is_public_address(address: str) -> bool:
-    """True when ``address`` is a globally routable unicast IP.
-
-    An IPv6 address that embeds IPv4 addresses (:func:`embedded_ipv4`) is
-    judged by them alone: public only if every one of them is.
-    """
-    try:
-        ip = ipaddress.ip_address(address.split("%", 1)[0])
-    except ValueError:
-        return False
-    if isinstance(ip, ipaddress.IPv6Address):
-        inner = embedded_ipv4(ip)
-        if inner:
-            return all(v4.is_global and not v4.is_multicast for v4 in inner)
-    return ip.is_global and not ip.is_multicast
-
-
-def _ip_literal(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    try:
-        return ipaddress.ip_address(host)
-    except ValueError:
-        return None
-
-
 async def resolve_host(host: str, port: int) -> list[str]:
     """The addresses ``host`` resolves to, in the system resolver's order (the default)."""
     infos = await trio.socket.getaddrinfo(host, port, type=trio.socket.SOCK_STREAM)
     return [str(info[4][0]) for info in infos]
-
-
-def origin_of(url: str) -> Origin:
-    """The (scheme, host, port) of an http(s) ``url``, as the fetcher compares them.
-
-    Raises:
-        ValueError: not an http(s) URL with a host and a valid port.
-    """
-    parts = urllib.parse.urlsplit(url)
-    scheme = parts.scheme.lower()
-    host = parts.hostname
-    if scheme not in DEFAULT_PORTS or not host:
-        raise ValueError(f"not an http(s) URL: {url!r}")
-    return scheme, host, parts.port or DEFAULT_PORTS[scheme]
 
 
 # --- the network backends: checked IP literals only ---------------------------------------
@@ -193,7 +104,7 @@ class ForbiddenAddress(httpcore.ConnectError):
 
 
 def _checked(host: str) -> str:
-    if _ip_literal(host) is None:
+    if ip_literal(host) is None:
         raise ForbiddenAddress(f"{host} is not a checked address")
     return host
 
@@ -400,13 +311,6 @@ class FileBatch:
         return await self._fetcher.fetch_within(url, self.budget)
 
 
-def filename_from_url(url: str) -> str:
-    """The last path segment without the query string, URL-decoded."""
-    path = urllib.parse.urlsplit(url).path
-    name = urllib.parse.unquote(path.rsplit("/", 1)[-1])
-    return name or "file"
-
-
 def _header(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> bytes | None:
     for key, value in headers:
         if key.lower() == name:
@@ -505,7 +409,7 @@ class UrlFetcher:
             raise _invalid(f"file URL {url} is not an http(s) URL with a host")
         default_port = DEFAULT_PORTS[scheme]
         port = default_port if port is None else port
-        literal = _ip_literal(host)
+        literal = ip_literal(host)
         if literal is not None:
             name = str(literal)
             addresses = [name]

@@ -30,22 +30,22 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic
 
 from protocol.errors import RelayError
+from protocol.urls import origin_of
 from providers.contract import SessionT
 from providers.glm.client import GlmProvider
 from providers.step.client import StepProvider
 from relay.accounts import AccountPool
 from relay.config import ConfigError
-from relay.fetcher import origin_of
 from relay.upstream import HttpTransport
 
 if TYPE_CHECKING:
     import trio
 
+    from protocol.urls import Origin
     from providers.contract import Background, Fetcher, Provider
     from providers.glm.client import GlmSession
     from providers.step.client import StepSession
     from relay.config import Settings
-    from relay.fetcher import Origin
     from relay.upstream import Pool
 
 # accounts of the built-in emulators: not secrets

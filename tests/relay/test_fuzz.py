@@ -44,6 +44,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from protocol.openai import ROLES
+from protocol.urls import origin_of
 from providers.glm.emulator import TINY_PNG, GlmBehavior, GlmEmulator
 from providers.glm.media import (
     EMOTIONAL_ATMOSPHERES,
@@ -57,7 +58,6 @@ from providers.step.client import MODELS as STEP_MODELS
 from providers.step.emulator import StepBehavior, StepEmulator
 from relay import config
 from relay.app import App
-from relay.fetcher import origin_of
 from tests.relay.conftest import GLM_TOKEN, STEP_CREDENTIAL, STEP_TOKEN, sse_events
 
 if TYPE_CHECKING:
