@@ -1,7 +1,13 @@
-"""Chat completions: from a parsed request to a streamed or whole answer.
+"""The chat service: from a neutral request to a streamed or whole answer.
 
 Theory of operation
 -------------------
+The service speaks no client wire format: a :class:`relay.dialects.Dialect`
+(the route's) gives it a stream encoder or a whole-answer builder, and the
+service hands those neutral batches of events; the bytes they return are the
+dialect's. So the service knows accounts, providers, commits, keep-alives
+and failover, and nothing of OpenAI's or anyone's JSON.
+
 :func:`complete` runs one request through *attempts*. Each attempt leases an
 account (:mod:`relay.accounts`), gets its session, opens the provider's chat
 context (files uploaded, conversation created, upstream stream open) and
@@ -38,32 +44,30 @@ Streaming (:class:`SSEWriter`), one task and one write path (DESIGN.md,
   rings (once per ``sse_keepalive`` on a busy stream, never per event), and
   a task is started for the write only when the silence is due; a
   ``trio.Lock`` keeps its writes and the reader's apart.
-- Once the stream has started, failures travel in-band as an SSE error event
-  followed by ``[DONE]``, never as answer text.
+- Once the stream has started, failures travel in-band as the dialect's
+  error event and end of stream (OpenAI: ``data: {"error": ...}`` and
+  ``[DONE]``), never as answer text.
 - A stream still running when the server's grace period ends is stopped
   (:meth:`relay.server.Exchange.stop`): its work is cancelled like a
   client's leaving (the conversation is deleted, the account released), and
-  the server then writes the writer's :meth:`SSEWriter.last_words`: an error
-  event with code ``server_shutting_down`` and ``[DONE]``. A client that
+  the server then writes the writer's :meth:`SSEWriter.last_words`: the
+  dialect's error event with code ``server_shutting_down`` and its end. A client that
   stops reading is cut by the server's ``send_timeout`` (a write raises
   ClientGone), which ends the stream the same way, unwritten.
 
-Not streaming: the deltas are accumulated into one ``chat.completion`` body;
-an upstream error becomes its HTTP status.
+Not streaming: the deltas are accumulated into the dialect's one body (OpenAI:
+a ``chat.completion``); an upstream error becomes its HTTP status.
 """
 
 from __future__ import annotations
 
 import logging
-import time
-import uuid
 from contextlib import AsyncExitStack, aclosing
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeVar
 
 import trio
 
-from protocol.chunks import DONE
 from protocol.deltas import Delta, Finish, UpstreamError
 from protocol.errors import (
     AuthError,
@@ -72,12 +76,6 @@ from protocol.errors import (
     ServerShuttingDown,
     UpstreamFailed,
     UpstreamTimeout,
-)
-from protocol.openai import (
-    ChunkEncoder,
-    CompletionAccumulator,
-    error_from_exception,
-    prompt_tokens,
 )
 from relay.netio import before_read
 from relay.server import ClientGone
@@ -90,6 +88,7 @@ if TYPE_CHECKING:
     from providers.contract import ChatStream, SessionT
     from relay.accounts import Account
     from relay.config import Settings
+    from relay.dialects import Dialect, StreamEncoder, WholeAnswer
     from relay.registry import ProviderRuntime
     from relay.server import Exchange
 
@@ -99,7 +98,6 @@ SSE_HEADERS = (
     (b"cache-control", b"no-cache"),
     (b"x-accel-buffering", b"no"),
 )
-SSE_CONTENT_TYPE = b"text/event-stream; charset=utf-8"
 RETRY_STATUSES = (401, 429)
 #: SSE batches (one per upstream HTTP chunk) of one upstream read written
 #: together at most: a bigger read (a burst) leaves in slices of this many
@@ -156,7 +154,7 @@ class SSEWriter:
     is due.
     """
 
-    def __init__(self, ex: Exchange, encoder: ChunkEncoder, settings: Settings) -> None:
+    def __init__(self, ex: Exchange, encoder: StreamEncoder, settings: Settings) -> None:
         self._ex = ex
         self._encoder = encoder
         self._settings = settings
@@ -176,15 +174,15 @@ class SSEWriter:
     def last_words(self) -> bytes:
         """The bytes that end this stream if the server stops it (Exchange.stop).
 
-        What was kept and not written, an OpenAI error event with code
-        ``server_shutting_down``, and ``[DONE]``. Called once, after the
-        stream's tasks are gone.
+        What was kept and not written, then the dialect's in-band error
+        (code ``server_shutting_down``) and end of stream. Called once,
+        after the stream's tasks are gone.
         """
         data = b"".join(self._kept)
         self._kept.clear()
         error = ServerShuttingDown("the server is shutting down; the answer is incomplete",
                                    code="server_shutting_down")
-        return data + b"data: " + error_from_exception(error) + b"\n\n" + DONE
+        return data + self._encoder.last_words(error)
 
     async def send(self, data: bytes) -> None:
         """Keep one batch's SSE bytes for the next write; the first batch commits the 200.
@@ -227,8 +225,10 @@ class SSEWriter:
                 self._kept_size = 0
             ex = self._ex
             if not ex.started:
-                first = self._encoder.start() + data
-                await ex.start_stream(200, SSE_CONTENT_TYPE, SSE_HEADERS, first=first, end=end)
+                encoder = self._encoder
+                first = encoder.start() + data
+                await ex.start_stream(200, encoder.content_type, SSE_HEADERS, first=first,
+                                      end=end)
             elif end:
                 await ex.end_stream(data)
             else:
@@ -281,7 +281,7 @@ class SSEWriter:
                     if ex.started:
                         await ex.send_data(self._encoder.keepalive())
                     else:
-                        await ex.start_stream(200, SSE_CONTENT_TYPE, SSE_HEADERS,
+                        await ex.start_stream(200, self._encoder.content_type, SSE_HEADERS,
                                               first=self._encoder.start())
                     self._last_write = trio.current_time()
         except ClientGone:
@@ -294,7 +294,7 @@ class SSEWriter:
 async def _serve_stream(
     ex: Exchange,
     answer: ChatStream,
-    encoder: ChunkEncoder,
+    encoder: StreamEncoder,
     settings: Settings,
     outcome: Outcome,
     started_at: float,
@@ -318,7 +318,7 @@ async def _serve_stream(
 
 async def _pump(
     answer: ChatStream,
-    encoder: ChunkEncoder,
+    encoder: StreamEncoder,
     writer: SSEWriter,
     outcome: Outcome,
     started_at: float,
@@ -370,13 +370,10 @@ def _leading_error(batch: Sequence[Delta]) -> UpstreamError | None:
 async def _serve_whole(
     ex: Exchange,
     answer: ChatStream,
-    request: ChatRequest,
-    model: str,
-    settings: Settings,
+    acc: WholeAnswer,
     outcome: Outcome,
     started_at: float,
 ) -> None:
-    acc = CompletionAccumulator(reasoning=settings.reasoning)
     async with aclosing(answer.__aiter__()) as batches:
         async for batch in batches:
             if outcome.first_event_s is None:
@@ -392,28 +389,19 @@ async def _serve_whole(
                 break
         else:
             raise UpstreamFailed("upstream stream ended without an answer", code="truncated")
-    body = acc.body(
-        completion_id=answer.conversation_id or _new_id(),
-        model=model,
-        created=int(time.time()),
-        prompt_tokens=prompt_tokens(request),
-    )
-    await ex.respond(200, body)
-
-
-def _new_id() -> str:
-    return f"chatcmpl-{uuid.uuid4().hex}"
+    await ex.respond(200, acc.answer(answer.conversation_id))
 
 
 async def complete(
     ex: Exchange,
+    dialect: Dialect,
     runtime: ProviderRuntime[SessionT],
     accounts: Sequence[Account],
     request: ChatRequest,
     settings: Settings,
     outcome: Outcome,
 ) -> None:
-    """Serve one chat completion request (stream or not) with account failover.
+    """Serve one chat request (stream or not) in ``dialect``, with account failover.
 
     See :func:`with_account` for the failover rules; nothing moves to another
     account once bytes were sent to the client.
@@ -423,7 +411,8 @@ async def complete(
 
     async def attempt(session: SessionT) -> None:
         try:
-            await _attempt(ex, runtime, request, model, session, settings, outcome, started_at)
+            await _attempt(ex, dialect, runtime, request, model, session, settings, outcome,
+                           started_at)
         except _Retry as retry:
             raise retry.error from None
 
@@ -433,6 +422,7 @@ async def complete(
 
 async def _attempt(
     ex: Exchange,
+    dialect: Dialect,
     runtime: ProviderRuntime[SessionT],
     request: ChatRequest,
     model: str,
@@ -444,18 +434,17 @@ async def _attempt(
     async with runtime.provider.chat(session, request) as answer:
         outcome.conversation = answer.conversation_id
         if request.stream:
-            encoder = ChunkEncoder(
-                completion_id=answer.conversation_id or _new_id(),
+            encoder = dialect.stream(
+                request,
                 model=model,
-                created=int(time.time()),
+                conversation_id=answer.conversation_id,
                 reasoning=settings.reasoning,
-                include_usage=request.include_usage,
-                prompt_tokens=prompt_tokens(request),
                 citation_line=runtime.provider.citation_line,
             )
             await _serve_stream(ex, answer, encoder, settings, outcome, started_at)
         else:
-            await _serve_whole(ex, answer, request, model, settings, outcome, started_at)
+            whole = dialect.whole(request, model=model, reasoning=settings.reasoning)
+            await _serve_whole(ex, answer, whole, outcome, started_at)
         outcome.conversation = answer.conversation_id
 
 

@@ -1,11 +1,20 @@
-"""Path -> handler table, and the handlers of every endpoint (DESIGN.md HTTP surface).
+"""Path -> route table, and the handlers of every endpoint (DESIGN.md HTTP surface).
+
+A :class:`Route` holds a path's handlers by method and the dialect
+(:mod:`relay.dialects`) its errors are rendered in. A chat endpoint is
+:func:`chat_route` of a dialect: the dialect parses the body and encodes the
+answer, :func:`relay.chat.complete` does the rest, so a new client API is
+one dialect module plus one line in :data:`ROUTES`. The other endpoints
+(models, token check, media, metrics) speak OpenAI.
 
 :func:`dispatch` reads the body of every request (bounded by
 ``max_body_bytes``) before calling a handler, so keep-alive works for every
 method and a handler can watch for the client going away. Unknown paths get
-404 and known paths with the wrong method 405 (with ``Allow``), both as
-OpenAI error objects. ``OPTIONS`` answers CORS pre-flight requests, since
-browser-based clients (LobeChat, ChatGPT-Next-Web) call the API directly.
+404 (OpenAI's error object) and known paths with the wrong method 405 (with
+``Allow``, in the route's dialect); everything a handler raises, and a body
+too large (413) or too slow (408), is rendered by the route's dialect too.
+``OPTIONS`` answers CORS pre-flight requests, since browser-based clients
+(LobeChat, ChatGPT-Next-Web) call the API directly.
 
 Handlers see the application through :class:`Relay` (what
 :class:`relay.app.App` provides), and providers only through
@@ -19,20 +28,17 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import orjson
 import trio
 
 from protocol.errors import MethodNotAllowed, NotFound, RelayError, RequestError
-from protocol.openai import (
-    check_file_count,
-    error_from_exception,
-    models_body,
-    parse_chat_request,
-)
+from protocol.openai import check_file_count, models_body
 from relay.access import accounts_for, check_api_key
 from relay.chat import Outcome, complete, with_account
+from relay.dialects.openai_chat import OPENAI_CHAT
 from relay.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 
 if TYPE_CHECKING:
@@ -40,6 +46,7 @@ if TYPE_CHECKING:
 
     from providers.contract import Leased, Media, MediaAnswer, Provider
     from relay.config import Settings
+    from relay.dialects import Dialect
     from relay.metrics import Metrics
     from relay.registry import ProviderRuntime, Providers
     from relay.server import Exchange
@@ -55,11 +62,22 @@ class Relay(Protocol):
     settings: Settings
     metrics: Metrics
     providers: Providers
-    #: path -> method -> handler (:func:`route_table`)
-    routes: Mapping[str, Mapping[str, RouteHandler]]
+
+    @property
+    def routes(self) -> Mapping[str, Route]:
+        """Path -> route (:func:`route_table`)."""
+        ...
 
 
 RouteHandler = Callable[[Relay, "Exchange", bytes], Awaitable[None]]
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """One path: its handlers by method, and the dialect its errors are rendered in."""
+
+    methods: Mapping[str, RouteHandler]
+    dialect: Dialect = OPENAI_CHAT
 
 WELCOME = b"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>trio-llm-relay</title></head>
@@ -162,9 +180,9 @@ async def token_check(app: Relay, ex: Exchange, body: bytes) -> None:
 
 
 async def _chat(
-    app: Relay, ex: Exchange, body: bytes, runtime: ProviderRuntime[Any] | None
+    app: Relay, ex: Exchange, body: bytes, dialect: Dialect, runtime: ProviderRuntime[Any] | None
 ) -> None:
-    request = parse_chat_request(body)
+    request = dialect.parse(body)
     check_file_count(request, app.settings.max_files)
     if runtime is None:
         runtime = app.providers.for_model(request.model)
@@ -172,7 +190,7 @@ async def _chat(
     outcome = Outcome()
     ex.note = outcome
     try:
-        await complete(ex, runtime, accounts, request, app.settings, outcome)
+        await complete(ex, dialect, runtime, accounts, request, app.settings, outcome)
     finally:
         name = runtime.provider.name
         app.metrics.chunks.labels(name).inc(outcome.chunks)
@@ -180,17 +198,22 @@ async def _chat(
             app.metrics.first_event.labels(name).observe(outcome.first_event_s)
 
 
-async def chat_completions(app: Relay, ex: Exchange, body: bytes) -> None:
-    """``POST /v1/chat/completions``: provider chosen by the model name."""
-    await _chat(app, ex, body, None)
+def chat_route(dialect: Dialect, provider: str | None = None) -> Route:
+    """A chat endpoint (``POST``) that speaks ``dialect``: one routing line per dialect.
 
+    Args:
+        dialect: parses the body, encodes the answer, renders the errors.
+        provider: the provider that answers whatever the model (the
+            ``/<provider>/v1/...`` routes); None: the one that owns the model.
+    """
 
-def _forced(name: str) -> RouteHandler:
-    async def handler(app: Relay, ex: Exchange, body: bytes) -> None:
-        await _chat(app, ex, body, app.providers[name])
+    async def chat(app: Relay, ex: Exchange, body: bytes) -> None:
+        runtime = None if provider is None else app.providers[provider]
+        await _chat(app, ex, body, dialect, runtime)
 
-    handler.__doc__ = f"``POST /{name}/v1/chat/completions``: {name} whatever the model."
-    return handler
+    whom = "the model's provider" if provider is None else f"{provider} whatever the model"
+    chat.__doc__ = f"``POST``: a chat answer in the {dialect.name} dialect, from {whom}."
+    return Route({"POST": chat}, dialect)
 
 
 def _media(app: Relay) -> tuple[ProviderRuntime[Any], Media[Any]]:
@@ -233,15 +256,15 @@ async def videos(app: Relay, ex: Exchange, body: bytes) -> None:
     await _generate(app, ex, lambda media, leased: media.videos(body, leased))
 
 
-ROUTES: dict[str, dict[str, RouteHandler]] = {
-    "/": {"GET": index},
-    "/ping": {"GET": ping},
-    "/metrics": {"GET": metrics},
-    "/v1/models": {"GET": models},
-    "/token/check": {"POST": token_check},
-    "/v1/chat/completions": {"POST": chat_completions},
-    "/v1/images/generations": {"POST": images},
-    "/v1/videos/generations": {"POST": videos},
+ROUTES: dict[str, Route] = {
+    "/": Route({"GET": index}),
+    "/ping": Route({"GET": ping}),
+    "/metrics": Route({"GET": metrics}),
+    "/v1/models": Route({"GET": models}),
+    "/token/check": Route({"POST": token_check}),
+    "/v1/chat/completions": chat_route(OPENAI_CHAT),
+    "/v1/images/generations": Route({"POST": images}),
+    "/v1/videos/generations": Route({"POST": videos}),
 }
 
 CORS_PREFLIGHT = [
@@ -251,11 +274,15 @@ CORS_PREFLIGHT = [
 ]
 
 
-def route_table(providers: Iterable[str]) -> dict[str, dict[str, RouteHandler]]:
-    """:data:`ROUTES` plus each provider's ``/<name>/v1/chat/completions``."""
+def route_table(providers: Iterable[str]) -> dict[str, Route]:
+    """:data:`ROUTES` plus each provider's ``/<name>/v1/chat/completions``.
+
+    The table is the application's own (:attr:`relay.app.App.routes`): a
+    route added to it is served from the next request on.
+    """
     table = dict(ROUTES)
     for name in providers:
-        table[f"/{name}/v1/chat/completions"] = {"POST": _forced(name)}
+        table[f"/{name}/v1/chat/completions"] = chat_route(OPENAI_CHAT, name)
     return table
 
 
@@ -265,10 +292,13 @@ async def dispatch(app: Relay, ex: Exchange) -> None:
     path = req.path.rstrip("/") or "/"
     started = trio.current_time()
     try:
-        methods = app.routes.get(path)
+        route = app.routes.get(path)
+        if route is not None:
+            ex.errors = route.dialect.error
         body = await ex.read_body()
-        if methods is None:
+        if route is None:
             raise NotFound(f"unknown path {req.method} {req.path}", code="unknown_path")
+        methods = route.methods
         if req.method == "OPTIONS":
             allow = ", ".join([*methods, "OPTIONS"]).encode()
             await ex.respond(204, b"", None, [*CORS_PREFLIGHT, (b"allow", allow)])
@@ -287,10 +317,8 @@ async def dispatch(app: Relay, ex: Exchange) -> None:
             raise
         extra = []
         if isinstance(exc, MethodNotAllowed):
-            extra.append((b"allow", ", ".join(app.routes[path]).encode()))
-        if exc.status == 401:
-            extra.append((b"www-authenticate", b"Bearer"))
-        await ex.respond(exc.status, error_from_exception(exc), headers=extra)
+            extra.append((b"allow", ", ".join(app.routes[path].methods).encode()))
+        await ex.respond_error(exc, extra)
     finally:
         _log(app, ex, path, trio.current_time() - started)
 

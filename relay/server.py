@@ -87,13 +87,14 @@ from protocol.errors import (
     ServerShuttingDown,
 )
 from protocol.http1 import REASONS, EmptyLines, has_both_lengths, head_size
-from protocol.openai import error_body, error_from_exception
+from relay.dialects.openai_chat import OPENAI_CHAT
 from relay.netio import SocketListener, SocketStream
 
 if TYPE_CHECKING:
     from types import TracebackType
 
     from relay.config import Settings
+    from relay.dialects import ErrorRenderer
 
 log = logging.getLogger("relay.server")
 
@@ -285,6 +286,8 @@ class Exchange:
     body_deadline: float = math.inf
     #: a started response's final bytes if it is stopped (set by relay.chat's SSE writer)
     last_words: Callable[[], bytes] | None = field(default=None, repr=False)
+    #: how :meth:`respond_error` renders an error (the route's dialect, once routed)
+    errors: ErrorRenderer = field(default=OPENAI_CHAT.error, repr=False)
     _close_after: bool = False
     _watch_scope: trio.CancelScope | None = field(default=None, repr=False)
 
@@ -384,12 +387,14 @@ class Exchange:
         await self.conn.send_many(events)
         self.sent_bytes += len(body)
 
-    async def respond_error(self, exc: RelayError) -> None:
-        """Send ``exc`` as an OpenAI error object with its status."""
-        extra: list[tuple[bytes, bytes]] = []
-        if exc.status == 401:
-            extra.append((b"www-authenticate", b"Bearer"))
-        await self.respond(exc.status, error_from_exception(exc), headers=extra)
+    async def respond_error(
+        self, exc: RelayError, headers: Sequence[tuple[bytes, bytes]] = ()
+    ) -> None:
+        """Send ``exc`` as :attr:`errors` renders it (OpenAI's error object unless
+        routed elsewhere), with ``headers`` added."""
+        reply = self.errors(exc)
+        await self.respond(reply.status, reply.body, reply.content_type,
+                           [*reply.headers, *headers])
 
     async def start_stream(
         self, status: int, content_type: bytes, headers: Sequence[tuple[bytes, bytes]] = (),
@@ -543,6 +548,9 @@ class Server:
 
     settings: Settings
     handler: Handler
+    #: how refusals before a route is known are rendered (malformed HTTP, 431, 505),
+    #: and every exchange's errors until its route says otherwise
+    errors: ErrorRenderer = OPENAI_CHAT.error
     connections: int = 0
     requests: int = 0
     _idle: set[trio.CancelScope] = field(default_factory=set)
@@ -662,7 +670,8 @@ class Server:
                     break
                 self.requests += 1
                 exchange = Exchange(conn, request, self.settings,
-                                    body_deadline=trio.current_time() + self.settings.body_timeout)
+                                    body_deadline=trio.current_time() + self.settings.body_timeout,
+                                    errors=self.errors)
                 self._exchanges.add(exchange)
                 try:
                     await self._run_exchange(exchange)
@@ -750,20 +759,22 @@ class Server:
         return None  # ConnectionClosed, or EOF with nothing
 
     async def _reject(self, conn: ClientConnection, status: int, message: str) -> None:
-        """Answer a request head we refuse with ``status`` and an OpenAI error body; close."""
-        body = error_body(message, "invalid_request_error")
+        """Answer a request head we refuse with ``status`` (body: :attr:`errors`); close."""
         if conn.h11.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
             return
+        reply = self.errors(RequestError(message, status=status))
+        body = reply.body
         headers = [
             (b"server", SERVER_HEADER),
-            (b"content-type", JSON),
+            (b"content-type", reply.content_type),
+            *reply.headers,
             (b"content-length", str(len(body)).encode()),
             (b"connection", b"close"),
         ]
         with suppress(ClientGone, h11.LocalProtocolError):
             await conn.send_many(
-                [h11.Response(status_code=status, headers=headers,
-                              reason=REASONS.get(status, b"")),
+                [h11.Response(status_code=reply.status, headers=headers,
+                              reason=REASONS.get(reply.status, b"")),
                  h11.Data(data=body), h11.EndOfMessage()]
             )
 

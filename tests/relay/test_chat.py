@@ -15,9 +15,9 @@ import orjson
 import pytest
 import trio
 
-from protocol.chunks import ChunkEncoder
 from protocol.deltas import Delta, Finish, TextDelta
 from relay import chat, config
+from relay.dialects.openai_chat import ChunkStream
 from relay.netio import before_read
 from relay.server import ClientConnection, Exchange, Request
 from relay.timers import SLACK_S, coarse_timers
@@ -666,7 +666,7 @@ def _exchange(wire: _Wire, **overrides: Any) -> tuple[Exchange, Settings]:
 
 async def _serve(wire: _Wire, upstream: _Upstream, **overrides: Any) -> Exchange:
     ex, settings = _exchange(wire, **overrides)
-    encoder = ChunkEncoder(completion_id="chatcmpl-1", model="step", created=0)
+    encoder = ChunkStream(completion_id="chatcmpl-1", model="step", created=0)
     await chat._serve_stream(ex, upstream, encoder, settings, chat.Outcome(), 0.0)
     return ex
 
@@ -818,7 +818,7 @@ async def test_a_slow_client_slows_the_upstream_read(
     upstream = _Upstream([(0.1, [_text(str(i))]) for i in range(5)] + [(0.1, [STOP])])
     async with trio.open_nursery() as nursery:
         ex, settings = _exchange(wire, sse_keepalive=1.0)
-        encoder = ChunkEncoder(completion_id="chatcmpl-1", model="step", created=0)
+        encoder = ChunkStream(completion_id="chatcmpl-1", model="step", created=0)
         wire.hold = trio.Event()
         nursery.start_soon(chat._serve_stream, ex, upstream, encoder, settings,
                            chat.Outcome(), 0.0)
@@ -838,7 +838,7 @@ async def test_last_words_without_a_queue_are_the_error_and_done(
 ) -> None:
     """What a stopped stream ends with: an error event (server_shutting_down), [DONE]."""
     ex, settings = _exchange(_Wire())
-    encoder = ChunkEncoder(completion_id="chatcmpl-1", model="step", created=0)
+    encoder = ChunkStream(completion_id="chatcmpl-1", model="step", created=0)
     writer = chat.SSEWriter(ex, encoder, settings)
     assert ex.last_words is not None
     words = ex.last_words()
