@@ -9,15 +9,24 @@ The request's ``model`` picks the behaviour:
 - ``stall``: one chunk, then silence until the client leaves;
 - ``http500``: an HTTP 500 with an OpenAI error body;
 - ``notsse``: HTTP 200 with a JSON body.
+
+The HTTP side is the emulators' (``providers.emulator_http``); each
+connection serves one request and is closed after its answer.
 """
 
 from __future__ import annotations
+
+from functools import partial
 
 import h11
 import orjson
 import trio
 
+from providers.emulator_http import ClientConnection, Reply, Request, serve_connection, serve_http
+
 GOOD_TEXT = ("Hel", "lo ", "world")
+DONE = b"data: [DONE]\n\n"
+MAX_BODY_BYTES = 1024 * 1024
 
 
 def _chunk(delta: dict[str, str], finish: str | None = None) -> bytes:
@@ -29,7 +38,8 @@ def _chunk(delta: dict[str, str], finish: str | None = None) -> bytes:
     return b"data: " + orjson.dumps(body) + b"\n\n"
 
 
-DONE = b"data: [DONE]\n\n"
+def _refusal(exc: Exception) -> Reply | None:
+    return None  # bad HTTP or a body over the limit: close without an answer
 
 
 class FakeOpenAI:
@@ -47,61 +57,32 @@ class FakeOpenAI:
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Listen on 127.0.0.1, any port, until cancelled."""
-        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-        self.port = listeners[0].socket.getsockname()[1]
-        task_status.started()
-        await trio.serve_listeners(self._handle, listeners)
+        async with trio.open_nursery() as nursery:
+            self.port = await nursery.start(
+                partial(serve_http, self._handle, host="127.0.0.1", port=0)
+            )
+            task_status.started()
 
-    async def _handle(self, stream: trio.SocketStream) -> None:
-        conn = h11.Connection(h11.SERVER)
-        try:
-            body = b""
-            while True:
-                event = conn.next_event()
-                if event is h11.NEED_DATA:
-                    conn.receive_data(await stream.receive_some(65536))
-                elif isinstance(event, h11.Data):
-                    body += event.data
-                elif isinstance(event, h11.EndOfMessage):
-                    break
-                elif isinstance(event, h11.ConnectionClosed):
-                    return
-            self.requests += 1
-            model = orjson.loads(body)["model"]
-            self.models.append(model)
-            await self._answer(conn, stream, model)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, h11.ProtocolError):
-            pass
-        finally:
-            await trio.aclose_forcefully(stream)
+    async def _handle(self, stream: trio.abc.Stream) -> None:
+        await serve_connection(stream, self._respond, _refusal, max_body_bytes=MAX_BODY_BYTES)
 
-    async def _answer(self, conn: h11.Connection, stream: trio.SocketStream, model: str) -> None:
-        async def send(event: h11.Event) -> None:
-            data = conn.send(event)
-            if data:
-                await stream.send_all(data)
-
+    async def _respond(self, request: Request, conn: ClientConnection) -> bool:
+        self.requests += 1
+        model = orjson.loads(request.body)["model"]
+        self.models.append(model)
         if model == "http500":
             error = orjson.dumps({"error": {"message": "boom", "type": "server_error"}})
-            await send(
-                h11.Response(
-                    status_code=500,
-                    headers=[
-                        ("content-type", "application/json"),
-                        ("content-length", str(len(error))),
-                    ],
-                )
-            )
-            await send(h11.Data(data=error))
-            await send(h11.EndOfMessage())
-            return
-        if model == "notsse":
-            await send(
-                h11.Response(status_code=200, headers=[("content-type", "application/json")])
-            )
-            await send(h11.Data(data=b"{}"))
-            await send(h11.EndOfMessage())
-            return
+            await conn.reply(Reply(500, error))
+        elif model == "notsse":
+            await conn.reply(Reply(200, b"{}"))
+        else:
+            await conn.watched(partial(self._stream, conn, model))
+        return False
+
+    async def _stream(self, conn: ClientConnection, model: str) -> None:
+        async def send(event: h11.Event) -> None:
+            await conn.send(conn.encode(event))
+
         await send(h11.Response(status_code=200, headers=[("content-type", "text/event-stream")]))
         await send(h11.Data(data=_chunk({"role": "assistant", "content": ""})))
         if model in ("good", "nodone"):
@@ -121,5 +102,5 @@ class FakeOpenAI:
             await send(h11.Data(data=b"data: " + error + b"\n\n" + DONE))
             await send(h11.EndOfMessage())
         elif model == "stall":
-            await trio.sleep_forever()
-        # "cutoff": return without EndOfMessage; the caller closes the socket.
+            await trio.sleep_forever()  # until the client leaves (the watcher cancels it)
+        # "cutoff": return without EndOfMessage; serve_connection closes the socket.
