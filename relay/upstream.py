@@ -14,11 +14,13 @@ else :class:`UpstreamFailed`. Nothing above this module sees an httpcore class.
 Timeouts on streams: the first body bytes may take ``first_byte_timeout``
 since the request was sent (search and thinking are slow), and after that a
 silence longer than ``stall_timeout`` is a stall. httpcore's read timeout
-applies to every socket read, so it is set to ``stall_timeout`` and only the
-wait for the first chunk gets a trio deadline of its own; that keeps a cancel
-scope off the per-chunk hot path. Only when ``stall_timeout`` is the longer
-of the two (the read timeout must then let the first read wait longer) does
-:class:`_Streamed` fall back to a deadline around every read.
+bounds every socket read of the response, the first ones included, so it is
+the longer of the two; the wait for the first chunk has a trio deadline of
+its own (``first_byte_timeout``). When ``stall_timeout`` is the longer one
+(or they are equal, the default) the read timeout *is* the stall timeout and
+a chunk costs no deadline of ours. Only when ``stall_timeout`` is the shorter
+one does :class:`_Streamed` put ``trio.fail_after(stall_timeout)`` around
+every read after the first.
 
 Compression: we advertise only ``gzip, deflate`` (PROTOCOLS.md 2.4: never
 claim what we cannot decode) and decode those incrementally with zlib.
@@ -118,15 +120,13 @@ class _Streamed:
         response: httpcore.Response,
         what: str,
         first_deadline: float,
-        stall_timeout: float,
-        *,
-        per_read_deadline: bool,
+        stall_timeout: float | None,
     ) -> None:
         self._response = response
         self._what = what
         self._first_deadline = first_deadline
-        self._stall = stall_timeout
-        self._per_read_deadline = per_read_deadline
+        #: a deadline of ours per read after the first (None: httpcore's read timeout is it)
+        self._stall_timeout = stall_timeout
         self.status = response.status
         self.headers: list[tuple[bytes, bytes]] = list(response.headers)
         self._decompress = _decoder(self.headers)
@@ -150,7 +150,7 @@ class _Streamed:
                     self._started = True
                     with trio.fail_at(self._first_deadline):
                         chunk = await body.__anext__()
-                per_read = self._per_read_deadline
+                stall_timeout = self._stall_timeout
                 while True:
                     if decompress is not None:
                         try:
@@ -159,11 +159,11 @@ class _Streamed:
                             raise UpstreamFailed(f"{self._what}: bad compressed body") from exc
                     if chunk:
                         yield chunk
-                    if per_read:
-                        with trio.fail_after(self._stall):
-                            chunk = await body.__anext__()
-                    else:  # httpcore's read timeout is the stall timeout
+                    if stall_timeout is None:  # httpcore's read timeout is the stall timeout
                         chunk = await body.__anext__()
+                    else:
+                        with trio.fail_after(stall_timeout):
+                            chunk = await body.__anext__()
             except StopAsyncIteration:
                 self._ended = True
 
@@ -258,9 +258,10 @@ class HttpTransport:
         s = self._settings
         what = f"{self._name} {url.rsplit('/', 1)[-1]}"
         first_deadline = trio.current_time() + s.first_byte_timeout
-        # the first read may wait first_byte_timeout; see the module comment
+        # httpcore's read timeout lets the first read wait first_byte_timeout
+        # (module docstring); a shorter stall timeout needs a deadline per read
         read_timeout = max(s.first_byte_timeout, s.stall_timeout)
-        per_read_deadline = s.stall_timeout < read_timeout
+        stall_timeout = s.stall_timeout if s.stall_timeout < read_timeout else None
         # The exit stack holds the pool's stream open past the deadline, which
         # covers only its opening (connect, send, the response head); on the
         # way out the pool's __aexit__ sees whatever exception ends the block.
@@ -277,10 +278,7 @@ class HttpTransport:
                         )
                     )
                 # an encoding we cannot decode raises here: the stack closes the stream
-                streamed = _Streamed(
-                    response, what, first_deadline, s.stall_timeout,
-                    per_read_deadline=per_read_deadline,
-                )
+                streamed = _Streamed(response, what, first_deadline, stall_timeout)
                 try:
                     yield streamed
                 except BaseException:
