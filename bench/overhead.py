@@ -4,7 +4,11 @@ Theory of operation
 -------------------
 Per scenario (:func:`bench.scenarios.scenarios`) this module starts the provider's emulator
 as a process, in stamp mode, and a relay as another process pointed at it
-(ours by default; ``--relay-cmd`` runs any other). Then, for each repeat, it
+(ours by default; ``--relay-cmd`` runs any other). The relay runs in the log
+directory, not ours, with this checkout last on ``PYTHONPATH``: ``python -m``
+puts the working directory first on ``sys.path``, so from ours a command's
+``env PYTHONPATH=<other checkout>`` would still run this checkout's relay
+(A/B figures of one relay against itself). Then, for each repeat, it
 runs the scenario twice: *direct*, where the benchmark client reads the
 emulator's native stream itself (the floor: loopback plus parsing), and
 *relay*, where it reads the relay's OpenAI stream. Every frame carries the
@@ -78,6 +82,8 @@ from relay.cli import raise_open_files_limit
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
 
+#: The checkout this bench runs from: the default relay command imports its ``relay``.
+SOURCE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 #: Pause between runs, so that the previous run's cleanup (chat deletion) is over.
 SETTLE_S = 0.3
 #: Fewest distinct reads in a quarter for its chunk rate (fewer: a burst, not a rate).
@@ -195,7 +201,12 @@ class _Harness:
         )
         self._starts += 1
         log = os.path.join(self.log_dir, f"{scenario.key}-relay-{self._starts}.log")
-        self.relay = await procs.start_child("relay", argv, log)
+        # Not in our working directory: ``python -m`` puts the current directory
+        # first on sys.path, so a relay command's own PYTHONPATH (an A/B
+        # against another checkout) would lose to the checkout we run from.
+        self.relay = await procs.start_child(
+            "relay", argv, log, cwd=self.log_dir, env=procs.source_root_env(SOURCE_ROOT)
+        )
         await procs.wait_port(self.relay, "127.0.0.1", port)
         self.relay_endpoint = Endpoint("http", "127.0.0.1", port, "")
         record = await self.first_frame(self.relay_stream, scenario.bound_s)

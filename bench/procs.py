@@ -92,14 +92,34 @@ class Child:
         return ""
 
 
+def source_root_env(root: str) -> dict[str, str]:
+    """Our environment with ``root`` last on ``PYTHONPATH``.
+
+    A child started this way outside ``root`` still imports ``root``'s
+    packages unless its command line sets ``PYTHONPATH`` itself.
+    """
+    env = dict(os.environ)
+    paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env["PYTHONPATH"] = os.pathsep.join([*paths, root])
+    return env
+
+
 def _open_log(path: str) -> IO[bytes]:
     return open(path, "wb")
 
 
 async def start_child(
-    name: str, argv: list[str], log_path: str, *, capture_stdout: bool = False
+    name: str,
+    argv: list[str],
+    log_path: str,
+    *,
+    capture_stdout: bool = False,
+    cwd: str | None = None,
+    env: dict[str, str] | None = None,
 ) -> Child:
     """Start ``argv`` with stderr (and stdout unless captured) to ``log_path``.
+
+    ``cwd`` and ``env`` default to ours.
 
     Raises:
         UpstreamFailed: the program could not be started.
@@ -112,6 +132,8 @@ async def start_child(
             stdout=subprocess.PIPE if capture_stdout else log_file,
             stderr=log_file,
             start_new_session=True,
+            cwd=cwd,
+            env=env,
         )
     except OSError as exc:
         log_file.close()

@@ -101,3 +101,45 @@ async def test_missing_program_is_an_upstream_failure(tmp_path: Path) -> None:
     """A program that does not exist cannot start: UpstreamFailed naming it."""
     with trio.fail_after(5), pytest.raises(UpstreamFailed, match="cannot start"):
         await procs.start_child("relay", [str(tmp_path / "no-such-program")], str(tmp_path / "l"))
+
+
+async def test_python_m_child_imports_its_own_pythonpath_outside_our_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Run in another directory, ``env PYTHONPATH=<other> python -m pkg`` imports <other>'s pkg.
+
+    From a directory that holds a ``pkg`` of its own, ``python -m`` would import
+    that one first (the working directory leads ``sys.path``): an A/B of
+    two checkouts would then run one of them twice.
+    """
+    ours, other, elsewhere = tmp_path / "ours", tmp_path / "other", tmp_path / "logs"
+    for root in (ours, other):
+        (root / "abprobe").mkdir(parents=True)
+        (root / "abprobe" / "__main__.py").write_text(
+            f"print('listening on {root.name}', flush=True)\n"
+        )
+    elsewhere.mkdir()
+    monkeypatch.chdir(ours)
+    argv = ["env", f"PYTHONPATH={other}", sys.executable, "-m", "abprobe"]
+    seen = {}
+    with trio.fail_after(10):
+        for label, cwd in (("here", None), ("elsewhere", str(elsewhere))):
+            child = await procs.start_child(
+                "probe",
+                argv,
+                str(tmp_path / f"{label}.log"),
+                capture_stdout=True,
+                cwd=cwd,
+                env=procs.source_root_env(str(ours)),
+            )
+            try:
+                seen[label] = await procs.wait_listening(child)
+            finally:
+                await procs.stop_child(child)
+    assert seen == {"here": "ours", "elsewhere": "other"}
+
+
+def test_source_root_env_puts_the_root_last() -> None:
+    """The root follows any PYTHONPATH of ours, so a command's own setting still wins."""
+    env = procs.source_root_env("/src")
+    assert env["PYTHONPATH"].split(os.pathsep)[-1] == "/src"
