@@ -37,12 +37,13 @@ Streaming (:class:`SSEWriter`), one task and one write path (DESIGN.md,
   :data:`SLICE_BATCHES` batches (a burst) leaves in slices of that many, so
   that its first events do not wait for the whole read to be decoded.
 - If the upstream is silent for ``commit_timeout`` (search and thinking can
-  take long), the stream's clock (:meth:`SSEWriter.run_clock`, a task of
-  its own) commits anyway and from then on sends an SSE comment after every
+  take long), the stream's clock (:meth:`SSEWriter.start_clock`) commits
+  anyway and from then on sends an SSE comment after every
   ``sse_keepalive`` seconds of silence, so that proxies and clients do not
-  time out. It sleeps until silence would be due (it wakes once per
-  ``sse_keepalive`` on a busy stream, never per event); a ``trio.Lock``
-  keeps its writes and the reader's apart.
+  time out. Its deadline is a :mod:`relay.timers` entry, looked at when it
+  rings (once per ``sse_keepalive`` on a busy stream, never per event), and
+  a task is started for the write only when the silence is due; a
+  ``trio.Lock`` keeps its writes and the reader's apart.
 - Once the stream has started, failures travel in-band as the dialect's
   error event and end of stream (OpenAI: ``data: {"error": ...}`` and
   ``[DONE]``), never as answer text.
@@ -78,6 +79,7 @@ from protocol.errors import (
 )
 from relay.netio import before_read
 from relay.server import ClientGone
+from relay.timers import SLACK_S, coarse_timers
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -148,7 +150,7 @@ class SSEWriter:
     The reading task calls :meth:`send` per batch and :meth:`end` once; the
     batches kept since the last write leave before the next upstream read
     (:meth:`before_read`), or as soon as they make a slice. The clock
-    (:meth:`run_clock`) writes from a task of its own, only when silence
+    (:meth:`start_clock`) writes from a task of its own, only when silence
     is due.
     """
 
@@ -161,6 +163,7 @@ class SSEWriter:
         self._lock = trio.Lock()  # the reader's writes and the clock's
         self._reader = trio.lowlevel.current_task()
         self._last_write = trio.current_time()
+        self._nursery: trio.Nursery | None = None  # where the clock's writes run
         ex.last_words = self.last_words
 
     @property
@@ -234,36 +237,58 @@ class SSEWriter:
             lock.release()
         self._last_write = trio.current_time()
 
-    async def run_clock(self) -> None:
-        """Keep the stream's silence short, until cancelled (a task of its own).
+    def start_clock(self, nursery: trio.Nursery) -> None:
+        """Keep the stream's silence short from now on, writing from ``nursery``'s tasks.
 
         Commit after ``commit_timeout`` without an event; once committed, a
         comment after every ``sse_keepalive`` seconds without a write. The
-        task sleeps until silence would be due and looks again if a write
-        came meanwhile: on a flowing stream it wakes once per
-        ``sse_keepalive`` at most, never per event.
+        deadline is a :mod:`relay.timers` entry (no task waits for it, no
+        cancel scope per stream): when it rings, :meth:`expire` looks at the
+        silence since the last write, sets the timer again if some write came
+        meanwhile, and only if the silence is due starts a task for the write.
         """
-        ex = self._ex
-        while True:
-            await trio.sleep_until(self._last_write + self._allowed())
-            if trio.current_time() < self._last_write + self._allowed():
-                continue  # written since: silence is due later
-            try:
-                async with self._lock:  # a write in progress ends before we look again
-                    if trio.current_time() >= self._last_write + self._allowed():
-                        if ex.started:
-                            await ex.send_data(self._encoder.keepalive())
-                        else:
-                            await ex.start_stream(200, self._encoder.content_type, SSE_HEADERS,
-                                                  first=self._encoder.start())
-                        self._last_write = trio.current_time()
-            except ClientGone:
-                ex.abandon()
-                return
+        self._nursery = nursery
+        self._arm()
+
+    def stop_clock(self) -> None:
+        """Forget the deadline (the stream is over)."""
+        coarse_timers().cancel(self)
+        self._nursery = None
 
     def _allowed(self) -> float:
         s = self._settings
         return s.sse_keepalive if self._ex.started else s.commit_timeout
+
+    def _arm(self) -> None:
+        allowed = self._allowed()
+        coarse_timers().set(self, self._last_write + allowed, slack=min(SLACK_S, allowed / 4))
+
+    def expire(self) -> None:
+        """The deadline came (relay.timers): a write of the clock's, or a later deadline."""
+        if self._nursery is None:
+            return
+        if trio.current_time() < self._last_write + self._allowed():
+            self._arm()  # written since: silence is due later
+        else:
+            self._nursery.start_soon(self._fill_silence)
+
+    async def _fill_silence(self) -> None:
+        """Commit with the head alone, or write a keep-alive comment; then set the timer again."""
+        ex = self._ex
+        try:
+            async with self._lock:  # a write in progress ends before we look again
+                if trio.current_time() >= self._last_write + self._allowed():
+                    if ex.started:
+                        await ex.send_data(self._encoder.keepalive())
+                    else:
+                        await ex.start_stream(200, self._encoder.content_type, SSE_HEADERS,
+                                              first=self._encoder.start())
+                    self._last_write = trio.current_time()
+        except ClientGone:
+            ex.abandon()
+            return
+        if self._nursery is not None:
+            self._arm()
 
 
 async def _serve_stream(
@@ -277,7 +302,7 @@ async def _serve_stream(
     writer = SSEWriter(ex, encoder, settings)
     failure: BaseException | None = None
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(writer.run_clock)
+        writer.start_clock(nursery)
         hook = before_read.set(writer.before_read)
         try:
             await _pump(answer, encoder, writer, outcome, started_at)
@@ -285,6 +310,7 @@ async def _serve_stream(
             failure = exc  # raised outside the nursery, unwrapped
         finally:
             before_read.reset(hook)
+            writer.stop_clock()
             nursery.cancel_scope.cancel()
     if failure is not None:
         raise failure

@@ -14,8 +14,8 @@ its tasks and file descriptors must come back to where they started once its
 cleanups are done: while it is still running (all that may stay are the
 idle upstream connections its pool keeps: one socket at each end and the
 emulator's task reading it), and again after it and the emulator stop. Tasks
-are counted below the test's own task (trio's system tasks are left
-out); descriptors in ``/proc/self/fd``.
+are counted below the test's own task (trio's system tasks, such as
+relay.timers' one per run, are left out); descriptors in ``/proc/self/fd``.
 """
 
 from __future__ import annotations
