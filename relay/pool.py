@@ -51,7 +51,7 @@ import certifi
 import httpcore
 import trio
 
-from relay.netio import HookedBackend
+from relay.netio import TrioNetworkBackend
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Iterable
@@ -123,7 +123,7 @@ class UpstreamPool:
         self._max = max_connections
         self._max_idle = max_idle_per_origin
         self._expiry = keepalive_expiry
-        self._backend = network_backend if network_backend is not None else HookedBackend()
+        self._backend = network_backend if network_backend is not None else TrioNetworkBackend()
         self._socket_options = list(socket_options)
         # per origin, oldest first: (connection, when it went idle)
         self._idle: dict[_Key, list[tuple[httpcore.AsyncHTTP11Connection, float]]] = {}

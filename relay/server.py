@@ -88,7 +88,7 @@ from protocol.errors import (
 )
 from protocol.http1 import REASONS, EmptyLines, has_both_lengths, head_size
 from relay.dialects.openai_chat import OPENAI_CHAT
-from relay.netio import ClientListener, ClientStream
+from relay.netio import SocketListener, SocketStream
 
 if TYPE_CHECKING:
     from types import TracebackType
@@ -647,6 +647,9 @@ class Server:
 
     async def _serve_connection(self, stream: trio.abc.Stream) -> None:
         client = _peer(stream)
+        inner = stream.transport_stream if isinstance(stream, trio.SSLStream) else stream
+        if isinstance(inner, SocketStream):  # netio keeps the clock of every blocked send
+            inner.send_timeout = self.settings.send_timeout
         if isinstance(stream, trio.SSLStream):
             with trio.move_on_after(self.settings.header_timeout) as scope:
                 try:
@@ -811,7 +814,7 @@ def _malformed(exc: h11.RemoteProtocolError) -> str:
 
 def _peer(stream: trio.abc.Stream) -> str:
     inner = stream.transport_stream if isinstance(stream, trio.SSLStream) else stream
-    if isinstance(inner, ClientStream | trio.SocketStream):
+    if isinstance(inner, SocketStream | trio.SocketStream):
         try:
             peer = inner.socket.getpeername()
         except OSError:
@@ -851,8 +854,7 @@ async def open_listeners(
     listeners: list[trio.abc.Listener[trio.abc.Stream]] = []
     if settings.uds:
         try:
-            unix = await _unix_listener(settings.uds)
-            listeners.append(ClientListener(unix, settings.send_timeout))
+            listeners.append(SocketListener(await _unix_listener(settings.uds)))
         except OSError as exc:
             raise _cannot_listen(settings.uds, exc) from exc
     else:
@@ -862,7 +864,7 @@ async def open_listeners(
             host = settings.host or "*"
             where = f"[{host}]:{settings.port}" if ":" in host else f"{host}:{settings.port}"
             raise _cannot_listen(where, exc) from exc
-        listeners.extend(ClientListener(listener, settings.send_timeout) for listener in tcp)
+        listeners.extend(SocketListener(listener) for listener in tcp)
     ctx = ssl_context_from(settings)
     if ctx is not None:
         listeners = [
@@ -942,7 +944,7 @@ def bound_addresses(listeners: Sequence[trio.abc.Listener[trio.abc.Stream]]) -> 
     out = []
     for listener in listeners:
         inner = listener.transport_listener if isinstance(listener, trio.SSLListener) else listener
-        if isinstance(inner, ClientListener | trio.SocketListener):
+        if isinstance(inner, SocketListener | trio.SocketListener):
             name = inner.socket.getsockname()
             if isinstance(name, tuple):
                 host = name[0]

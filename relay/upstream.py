@@ -38,7 +38,7 @@ import trio
 
 from protocol.errors import UpstreamFailed, UpstreamTimeout
 from providers.contract import Headers, Response
-from relay.netio import HookedBackend
+from relay.netio import TrioNetworkBackend
 from relay.pool import TCP_NODELAY, UpstreamPool
 
 if TYPE_CHECKING:
@@ -301,7 +301,7 @@ def make_pool(settings: Settings, *, ssl_context: ssl.SSLContext | None = None,
             # the relay's sockets, as in our pool: relay.chat's writer needs
             # their before_read hook (relay.netio)
             network_backend=network_backend if network_backend is not None
-            else HookedBackend(),
+            else TrioNetworkBackend(),
             socket_options=[TCP_NODELAY],
         )
     return UpstreamPool(

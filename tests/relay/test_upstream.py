@@ -21,6 +21,8 @@ import h11
 import pytest
 import trio
 
+import relay.netio
+import relay.timers
 from protocol.errors import UpstreamFailed, UpstreamTimeout
 from relay import upstream
 from relay.config import Settings
@@ -460,9 +462,21 @@ async def test_stall_timeout_after_one_chunk(server: TinyServer) -> None:
     assert info.value.status == 504
 
 
-async def test_stall_timeout_no_shorter_than_the_first_byte_timeout(server: TinyServer) -> None:
-    """The usual settings (the stall timeout is httpcore's read timeout, no deadline of
-    our own per read) end a stalled stream the same way: the chunk, then UpstreamTimeout."""
+async def test_stall_timeout_kept_by_coarse_timers(
+    server: TinyServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stall timeout long enough for relay.timers (120 s by default; made short
+    here) ends the stream the same way: the chunk, then UpstreamTimeout (504)."""
+    monkeypatch.setattr(relay.netio, "COARSE_MIN_S", SHORT_S / 2)
+    monkeypatch.setattr(relay.timers, "SLACK_S", SHORT_S / 5)
+    expired: list[relay.netio.SocketStream] = []
+    real_expire = relay.netio.SocketStream.expire
+
+    def expire(stream: relay.netio.SocketStream) -> None:
+        expired.append(stream)
+        real_expire(stream)
+
+    monkeypatch.setattr(relay.netio.SocketStream, "expire", expire)
     server.routes["/stall"] = Reply(200, [], [b"hello", HANG])
     received: list[bytes] = []
     with trio.fail_after(IO_LIMIT_S):
@@ -472,8 +486,10 @@ async def test_stall_timeout_no_shorter_than_the_first_byte_timeout(server: Tiny
         ):
             with pytest.raises(UpstreamTimeout) as info:
                 await drain(resp, received)
+            assert len(relay.timers.coarse_timers()) == 0  # expired, nothing left behind
     assert received == [b"hello"]
     assert info.value.status == 504
+    assert len(expired) == 1  # the timers ended it, not a cancel scope
 
 
 async def test_stall_timer_restarts_with_every_chunk(server: TinyServer) -> None:
