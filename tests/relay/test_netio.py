@@ -7,8 +7,7 @@ import functools
 import gc
 import socket
 import ssl
-import sys
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import httpcore
 import pytest
@@ -18,10 +17,10 @@ import trustme
 
 import relay.netio
 import relay.server
-import relay.timers
 from relay import config
 from relay.netio import SocketStream, TrioNetworkBackend, TrioNetworkStream
 from relay.server import bound_addresses, open_listeners
+from relay.timers import SLACK_S
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -174,17 +173,11 @@ async def test_half_close_and_is_readable(pair: Pair) -> None:
     peer.close()
 
 
-async def test_read_and_write_timeouts_and_errors_are_httpcore_s(pair: Pair) -> None:
+async def test_read_and_write_errors_are_httpcore_s(pair: Pair) -> None:
+    """A closed stream: a read raises httpcore's ReadError and a write its WriteError;
+    before that, get_extra_info names the socket and the peer's address."""
     stream, peer = pair
     network = TrioNetworkStream(stream)
-    with trio.fail_after(LIMIT_S):
-        with pytest.raises(httpcore.ReadTimeout):
-            await network.read(10, timeout=0.05)
-        peer.send(b"abc")
-        assert await network.read(10, timeout=1.0) == b"abc"
-        stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-        with pytest.raises(httpcore.WriteTimeout):
-            await network.write(b"x" * 50_000_000, timeout=0.1)  # nobody reads
     assert network.get_extra_info("socket") is stream.socket
     assert network.get_extra_info("server_addr") == peer.getsockname()
     await network.aclose()
@@ -192,121 +185,201 @@ async def test_read_and_write_timeouts_and_errors_are_httpcore_s(pair: Pair) -> 
         await network.read(10)
     with pytest.raises(httpcore.WriteError):
         await network.write(b"x")
-    peer.close()
 
 
-async def test_a_timeout_costs_a_timer_only_when_the_call_has_to_wait(
-    pair: Pair, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    stream, peer = pair
-    network = TrioNetworkStream(stream)
-    scopes = 0
-    real_scope = trio.CancelScope
+# --- timeouts, on trio's autojump clock --------------------------------------------------------
+#
+# A Unix socket pair whose peer never sends (or never reads) is a deterministic silence:
+# its I/O is done by the time the sending call returns, so the autojump clock never
+# jumps while bytes are in flight (MockClock's warning about real sockets).
 
-    def counted(*args: Any, **kwargs: Any) -> trio.CancelScope:
-        nonlocal scopes
-        scopes += 1
-        return real_scope(*args, **kwargs)
-
-    peer.send(b"ready")
-    await trio.sleep(0.02)
-    with trio.fail_after(LIMIT_S):
-        monkeypatch.setattr(trio, "CancelScope", counted)
-        assert await network.read(10, timeout=1.0) == b"ready"  # there already
-        await network.write(b"taken at once", timeout=1.0)
-        assert scopes == 0
-        with pytest.raises(httpcore.ReadTimeout):  # has to wait: a timer, and it fires
-            await network.read(10, timeout=0.05)
-        assert scopes == 1
-    assert peer.recv(100) == b"taken at once"
+#: Mock-clock bound for tests that wait out a 120 s timeout: a hang fails at once
+MOCK_LIMIT_S = 10_000
+#: A short timeout (below COARSE_MIN_S), a unary call's and a stream's (both above it)
+SHORT_S, UNARY_S, STALL_S = 1.0, 15.0, 120.0
 
 
 @pytest.fixture
-def short_timers(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Coarse timers' thresholds made short enough for real loopback waits.
-
-    Returns where the cancel scopes relay/netio.py creates from then on are
-    counted (trio's own, such as the timer task's sleeps, are not).
-    """
-    monkeypatch.setattr(relay.netio, "COARSE_MIN_S", 0.1)
-    monkeypatch.setattr(relay.timers, "SLACK_S", 0.02)
-    scopes = [0]
-    real_scope = trio.CancelScope
-
-    def counted(*args: Any, **kwargs: Any) -> trio.CancelScope:
-        if sys._getframe(1).f_code.co_filename == relay.netio.__file__:
-            scopes[0] += 1
-        return real_scope(*args, **kwargs)
-
-    monkeypatch.setattr(trio, "CancelScope", counted)
-    return scopes
+def unix_pair() -> Iterator[Pair]:
+    """Our stream on one end of a Unix socket pair, a plain non-blocking socket on the other."""
+    ours, theirs = socket.socketpair()
+    theirs.setblocking(False)
+    with ours, theirs:
+        yield SocketStream(ours), theirs
 
 
-async def test_a_long_timeout_is_kept_by_coarse_timers_not_a_cancel_scope(
-    pair: Pair, short_timers: list[int]
+def test_the_timeouts_here_are_on_the_sides_of_coarse_min_s_they_claim() -> None:
+    """SHORT_S is below the documented COARSE_MIN_S; a unary call's and a stream's are not."""
+    assert SHORT_S < relay.netio.COARSE_MIN_S <= UNARY_S < STALL_S
+
+
+async def test_a_read_past_a_short_timeout_raises_read_timeout_and_the_stream_stays_usable(
+    unix_pair: Pair, autojump_clock: trio.testing.MockClock
 ) -> None:
-    """A wait past a long timeout closes the stream and raises httpcore's timeout."""
-    stream, peer = pair
+    """A silent peer and a short read timeout: httpcore's ReadTimeout at the deadline;
+    data the peer sends afterwards is read from the same stream."""
+    stream, peer = unix_pair
     network = TrioNetworkStream(stream)
-    with trio.fail_after(LIMIT_S):
+    with trio.fail_after(MOCK_LIMIT_S):
+        started = trio.current_time()
+        with pytest.raises(httpcore.ReadTimeout):
+            await network.read(10, timeout=SHORT_S)
+        assert started + SHORT_S <= trio.current_time() <= started + SHORT_S + SLACK_S
         peer.send(b"abc")
-        assert await network.read(10, timeout=0.2) == b"abc"  # there already
-        await trio.sleep(0.2)  # past that read's deadline: it is forgotten, the stream open
-        assert not stream.expired
-        peer.send(b"def")
-        assert await network.read(10, timeout=0.2) == b"def"
-        await network.write(b"taken at once", timeout=0.2)
-        assert len(relay.timers.coarse_timers()) == 0
-        assert peer.recv(100) == b"taken at once"
-        with pytest.raises(httpcore.ReadTimeout):  # the peer is silent
-            await network.read(10, timeout=0.2)
-    assert stream.expired
-    assert stream.socket.fileno() == -1  # closed, as httpcore would close it
-    assert short_timers == [0]
+        assert await network.read(10, timeout=SHORT_S) == b"abc"
 
 
-async def test_a_write_that_waits_past_a_long_timeout_times_out(
-    pair: Pair, short_timers: list[int]
+@pytest.mark.parametrize("seconds", [UNARY_S, STALL_S])
+async def test_a_read_past_a_long_timeout_raises_read_timeout_and_closes_the_stream(
+    unix_pair: Pair, autojump_clock: trio.testing.MockClock, seconds: float
 ) -> None:
-    stream, _ = pair
+    """A silent peer and a unary call's or a stream's read timeout: httpcore's
+    ReadTimeout, never early and at most SLACK_S late, and the socket is closed
+    (as httpcore would close it)."""
+    stream, _ = unix_pair
     network = TrioNetworkStream(stream)
-    stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-    with trio.fail_after(LIMIT_S), pytest.raises(httpcore.WriteTimeout):
-        await network.write(b"x" * 50_000_000, timeout=0.2)  # nobody reads
+    with trio.fail_after(MOCK_LIMIT_S):
+        started = trio.current_time()
+        with pytest.raises(httpcore.ReadTimeout):
+            await network.read(10, timeout=seconds)
+        assert started + seconds <= trio.current_time() <= started + seconds + SLACK_S
+    assert stream.expired
     assert stream.socket.fileno() == -1
-    assert short_timers == [0]
 
 
-async def test_a_tls_read_past_a_long_timeout_times_out(
-    nursery: trio.Nursery, short_timers: list[int]
+@pytest.mark.parametrize("seconds", [SHORT_S, STALL_S])
+async def test_a_write_past_its_timeout_raises_write_timeout(
+    unix_pair: Pair, autojump_clock: trio.testing.MockClock, seconds: float
 ) -> None:
-    """Over TLS a read always had a scope of its own; a long timeout now has none."""
+    """A peer that never reads, a write larger than the socket buffers: httpcore's
+    WriteTimeout, never early and at most SLACK_S late."""
+    stream, _ = unix_pair
+    network = TrioNetworkStream(stream)
+    with trio.fail_after(MOCK_LIMIT_S):
+        started = trio.current_time()
+        with pytest.raises(httpcore.WriteTimeout):
+            await network.write(b"x" * 10_000_000, timeout=seconds)
+        assert started + seconds <= trio.current_time() <= started + seconds + SLACK_S
+
+
+async def test_a_write_past_a_long_timeout_closes_the_stream(
+    unix_pair: Pair, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A peer that never reads and a stream's write timeout: WriteTimeout, and the
+    socket is closed (as httpcore would close it)."""
+    stream, _ = unix_pair
+    network = TrioNetworkStream(stream)
+    with trio.fail_after(MOCK_LIMIT_S), pytest.raises(httpcore.WriteTimeout):
+        await network.write(b"x" * 10_000_000, timeout=STALL_S)
+    assert stream.expired
+    assert stream.socket.fileno() == -1
+
+
+@pytest.mark.parametrize("seconds", [SHORT_S, UNARY_S, STALL_S])
+async def test_calls_that_need_not_wait_return_at_once_and_leave_no_deadline_behind(
+    unix_pair: Pair, autojump_clock: trio.testing.MockClock, seconds: float
+) -> None:
+    """Data already there is read, and a write the socket takes is sent, with no time
+    passing; a read that waits and gets data before its deadline returns it. Long past
+    all those deadlines the stream is still open and works both ways."""
+    stream, peer = unix_pair
+    network = TrioNetworkStream(stream)
+    with trio.fail_after(MOCK_LIMIT_S):
+        peer.send(b"ready")
+        started = trio.current_time()
+        assert await network.read(10, timeout=seconds) == b"ready"
+        await network.write(b"taken at once", timeout=seconds)
+        assert trio.current_time() == started
+        assert peer.recv(100) == b"taken at once"
+
+        async def send_later() -> None:
+            await trio.sleep(seconds / 2)
+            peer.send(b"in time")
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(send_later)
+            assert await network.read(10, timeout=seconds) == b"in time"
+        await trio.sleep(3 * seconds + 10 * SLACK_S)  # every deadline above has passed
+        assert not stream.expired
+        assert stream.socket.fileno() != -1
+        peer.send(b"still")
+        assert await network.read(10, timeout=seconds) == b"still"
+        await network.write(b"open", timeout=seconds)
+        assert peer.recv(100) == b"open"
+
+
+@pytest.fixture
+def tls_contexts() -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    """A server context with a trustme certificate for localhost, a client one trusting it."""
     ca = trustme.CA()
     server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ca.issue_cert("localhost").configure_cert(server_context)
+    client_context = ssl.create_default_context()
+    ca.configure_trust(client_context)
+    return server_context, client_context
 
-    async def greet_then_mute(plain: trio.SocketStream) -> None:
-        tls = trio.SSLStream(plain, server_context, server_side=True)
+
+def _tls_server(sock: socket.socket, context: ssl.SSLContext) -> trio.SSLStream[trio.SocketStream]:
+    """trio's own TLS server stream over one end of a socket pair."""
+    return trio.SSLStream(
+        trio.SocketStream(trio.socket.from_stdlib_socket(sock)), context, server_side=True
+    )
+
+
+@pytest.mark.parametrize("seconds", [SHORT_S, STALL_S])
+async def test_a_tls_read_past_its_timeout_raises_read_timeout(
+    nursery: trio.Nursery,
+    autojump_clock: trio.testing.MockClock,
+    tls_contexts: tuple[ssl.SSLContext, ssl.SSLContext],
+    seconds: float,
+) -> None:
+    """A TLS peer that greets, then stays silent: the greeting is read, the next read
+    raises httpcore's ReadTimeout, never early and at most SLACK_S late."""
+    server_context, client_context = tls_contexts
+    ours, theirs = socket.socketpair()
+
+    async def greet_then_mute() -> None:
+        tls = _tls_server(theirs, server_context)
         await tls.send_all(b"hello")
         await trio.sleep_forever()
 
-    listeners = await nursery.start(
-        functools.partial(trio.serve_tcp, greet_then_mute, 0, host="127.0.0.1")
-    )
-    port = listeners[0].socket.getsockname()[1]
-    trusted = ssl.create_default_context()
-    ca.configure_trust(trusted)
-    with trio.fail_after(LIMIT_S):
-        plain = await TrioNetworkBackend().connect_tcp("127.0.0.1", port, timeout=LIMIT_S)
-        tls = await plain.start_tls(trusted, server_hostname="localhost", timeout=LIMIT_S)
-        scopes = short_timers[0]
-        assert await tls.read(10, timeout=0.2) == b"hello"
+    nursery.start_soon(greet_then_mute)
+    with ours, theirs, trio.fail_after(MOCK_LIMIT_S):
+        plain = TrioNetworkStream(SocketStream(ours))
+        tls = await plain.start_tls(client_context, server_hostname="localhost", timeout=seconds)
+        assert await tls.read(10, timeout=seconds) == b"hello"
+        started = trio.current_time()
         with pytest.raises(httpcore.ReadTimeout):
-            await tls.read(10, timeout=0.2)
-    assert short_timers[0] == scopes
-    assert tls.get_extra_info("socket").fileno() == -1
-    with trio.fail_after(LIMIT_S):
-        await tls.aclose()  # what httpcore does next: no error from the closed socket
+            await tls.read(10, timeout=seconds)
+        assert started + seconds <= trio.current_time() <= started + seconds + SLACK_S
+        await tls.aclose()  # what httpcore does next: no error, whatever the socket's state
+    nursery.cancel_scope.cancel()
+
+
+async def test_a_tls_read_past_a_long_timeout_closes_the_socket(
+    nursery: trio.Nursery,
+    autojump_clock: trio.testing.MockClock,
+    tls_contexts: tuple[ssl.SSLContext, ssl.SSLContext],
+) -> None:
+    """A TLS peer that never sends after the handshake and a stream's read timeout:
+    ReadTimeout, the socket under TLS is closed, and closing the TLS stream then is no error."""
+    server_context, client_context = tls_contexts
+    ours, theirs = socket.socketpair()
+
+    async def handshake_then_mute() -> None:
+        await _tls_server(theirs, server_context).do_handshake()
+        await trio.sleep_forever()
+
+    nursery.start_soon(handshake_then_mute)
+    with ours, theirs, trio.fail_after(MOCK_LIMIT_S):
+        plain = TrioNetworkStream(SocketStream(ours))
+        tls = await plain.start_tls(client_context, server_hostname="localhost", timeout=UNARY_S)
+        with pytest.raises(httpcore.ReadTimeout):
+            await tls.read(10, timeout=STALL_S)
+        assert tls.get_extra_info("socket").fileno() == -1
+        await tls.aclose()
+    nursery.cancel_scope.cancel()
+
 
 
 async def test_connect_refused_is_a_connect_error() -> None:
@@ -444,94 +517,108 @@ async def test_the_relay_s_listeners_hand_out_our_streams_with_nodelay() -> None
 # --- the send clock (send_timeout) ---------------------------------------------------------------
 
 
+@pytest.mark.parametrize("send_timeout", [3.0, STALL_S])
 async def test_a_send_that_makes_no_progress_for_send_timeout_raises_too_slow(
-    pair: Pair, autojump_clock: trio.testing.MockClock
+    unix_pair: Pair, autojump_clock: trio.testing.MockClock, send_timeout: float
 ) -> None:
-    """A peer that never reads: once the buffers are full, a send waits send_timeout seconds
-    (a cancel scope for a short one) and raises trio.TooSlowError."""
-    stream, _ = pair
-    stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    """A peer that never reads: once the buffers are full, the send raises
+    trio.TooSlowError send_timeout seconds later (never early, at most SLACK_S late)."""
+    stream, _ = unix_pair
+    stream.send_timeout = send_timeout
+    with trio.fail_after(MOCK_LIMIT_S):
+        started = trio.current_time()
+        with pytest.raises(trio.TooSlowError):
+            await stream.send_all(b"x" * 10_000_000)
+        assert started + send_timeout <= trio.current_time() <= started + send_timeout + SLACK_S
+
+
+async def test_a_short_send_timeout_leaves_the_stream_open(
+    unix_pair: Pair, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A send_timeout below COARSE_MIN_S that fires: TooSlowError, the stream not closed."""
+    stream, _ = unix_pair
     stream.send_timeout = 3.0
-    with trio.fail_after(100), pytest.raises(trio.TooSlowError):
-        await stream.send_all(b"x" * 50_000_000)
+    with trio.fail_after(MOCK_LIMIT_S), pytest.raises(trio.TooSlowError):
+        await stream.send_all(b"x" * 10_000_000)
     assert not stream.expired
+    assert stream.socket.fileno() != -1
 
 
-async def test_a_long_send_timeout_is_a_coarse_timer_and_closes_the_stream(
-    pair: Pair, short_timers: list[int]
+async def test_a_long_send_timeout_closes_the_stream_when_it_fires(
+    unix_pair: Pair, autojump_clock: trio.testing.MockClock
 ) -> None:
-    """A send_timeout of COARSE_MIN_S or more is kept by relay.timers, not a cancel scope:
-    the stream is closed when it fires and the send raises trio.TooSlowError."""
-    stream, _ = pair
-    stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-    stream.send_timeout = 0.2
-    with trio.fail_after(LIMIT_S), pytest.raises(trio.TooSlowError):
-        await stream.send_all(b"x" * 50_000_000)
+    """A send_timeout of COARSE_MIN_S or more that fires (a client that stopped reading):
+    TooSlowError, and the stream is closed; later calls fail as on any closed stream."""
+    stream, _ = unix_pair
+    stream.send_timeout = STALL_S
+    with trio.fail_after(MOCK_LIMIT_S), pytest.raises(trio.TooSlowError):
+        await stream.send_all(b"x" * 10_000_000)
     assert stream.expired
     assert stream.socket.fileno() == -1
-    assert short_timers == [0]
-    assert len(relay.timers.coarse_timers()) == 0
+    with pytest.raises(trio.ClosedResourceError):
+        await stream.send_all(b"x")
 
 
+@pytest.mark.parametrize(("send_timeout", "period"), [(2.0, 1.5), (10.0, 6.0)])
 async def test_send_progress_restarts_the_send_clock(
-    autojump_clock: trio.testing.MockClock,
+    unix_pair: Pair, autojump_clock: trio.testing.MockClock, send_timeout: float, period: float
 ) -> None:
-    """A peer that reads what is there every 6 s never leaves a send 10 s without progress,
-    so a send that takes far longer than send_timeout in all still completes.
+    """A peer that reads what is there every ``period`` seconds never leaves a send
+    send_timeout seconds without progress, so a send that takes far longer than
+    send_timeout in all still completes (a short send_timeout and a long one).
 
     Over a Unix socket pair: a read there makes room for the writer at once, where
     loopback TCP may wait for a delayed ACK in real time, which the autojump clock
     would not wait for.
     """
-    ours, peer = socket.socketpair()
-    peer.setblocking(False)
-    stream = SocketStream(ours)
-    stream.send_timeout = 10.0
+    stream, peer = unix_pair
+    stream.send_timeout = send_timeout
     payload = b"x" * 2_000_000
     received = 0
 
     async def slow_reader() -> None:
         nonlocal received
         while received < len(payload):
-            await trio.sleep(6)
+            await trio.sleep(period)
             with contextlib.suppress(BlockingIOError):
                 received += len(peer.recv(1 << 22))
 
-    with ours, peer, trio.fail_after(100_000):
+    with trio.fail_after(100_000):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(slow_reader)
             started = trio.current_time()
             await stream.send_all(payload)
             took = trio.current_time() - started
-    assert took > 3 * stream.send_timeout
+    assert took > 3 * send_timeout
     assert received == len(payload)
+    assert not stream.expired
 
 
-async def test_tls_over_our_stream_has_the_send_clock(nursery: trio.Nursery) -> None:
+@pytest.mark.parametrize("send_timeout", [3.0, STALL_S])
+async def test_tls_over_our_stream_has_the_send_clock(
+    nursery: trio.Nursery,
+    autojump_clock: trio.testing.MockClock,
+    tls_contexts: tuple[ssl.SSLContext, ssl.SSLContext],
+    send_timeout: float,
+) -> None:
     """trio.SSLStream over a SocketStream with send_timeout: a TLS peer that never reads
-    makes send_all raise trio.TooSlowError (the clock is the transport's own)."""
-    ca = trustme.CA()
-    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ca.issue_cert("localhost").configure_cert(server_context)
+    makes send_all raise trio.TooSlowError send_timeout seconds after the buffers fill
+    (at most SLACK_S late): the clock is the transport's own."""
+    server_context, client_context = tls_contexts
+    ours, theirs = socket.socketpair()
 
-    async def handshake_then_mute(plain: trio.SocketStream) -> None:
-        tls = trio.SSLStream(plain, server_context, server_side=True)
-        await tls.do_handshake()
+    async def handshake_then_mute() -> None:
+        await _tls_server(theirs, server_context).do_handshake()
         await trio.sleep_forever()
 
-    listeners = await nursery.start(
-        functools.partial(trio.serve_tcp, handshake_then_mute, 0, host="127.0.0.1")
-    )
-    port = listeners[0].socket.getsockname()[1]
-    trusted = ssl.create_default_context()
-    ca.configure_trust(trusted)
-    sock = socket.create_connection(("127.0.0.1", port))
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-    ours = SocketStream(sock)
-    ours.send_timeout = 0.2
-    tls = trio.SSLStream(ours, trusted, server_hostname="localhost")
-    with trio.fail_after(LIMIT_S):
+    nursery.start_soon(handshake_then_mute)
+    stream = SocketStream(ours)
+    stream.send_timeout = send_timeout
+    tls = trio.SSLStream(stream, client_context, server_hostname="localhost")
+    with ours, theirs, trio.fail_after(MOCK_LIMIT_S):
         await tls.do_handshake()
+        started = trio.current_time()
         with pytest.raises(trio.TooSlowError):
-            await tls.send_all(b"x" * 50_000_000)
-    ours.close()
+            await tls.send_all(b"x" * 10_000_000)
+        assert started + send_timeout <= trio.current_time() <= started + send_timeout + SLACK_S
+    nursery.cancel_scope.cancel()
