@@ -38,6 +38,8 @@ if TYPE_CHECKING:
 
 IO_LIMIT_S = 5.0
 SHORT_S = 0.1  # a timeout that must fire
+#: the default stall timeout (long enough to be kept by relay.timers)
+STALL_DEFAULT_S = Settings().stall_timeout
 HANG = "hang"  # a body step: never send anything more
 
 
@@ -462,34 +464,32 @@ async def test_stall_timeout_after_one_chunk(server: TinyServer) -> None:
     assert info.value.status == 504
 
 
-async def test_stall_timeout_kept_by_coarse_timers(
-    server: TinyServer, monkeypatch: pytest.MonkeyPatch
+async def test_default_stall_timeout_ends_a_silent_stream(
+    server: TinyServer, autojump_clock: trio.testing.MockClock
 ) -> None:
-    """A stall timeout long enough for relay.timers (120 s by default; made short
-    here) ends the stream the same way: the chunk, then UpstreamTimeout (504)."""
-    monkeypatch.setattr(relay.netio, "COARSE_MIN_S", SHORT_S / 2)
-    monkeypatch.setattr(relay.timers, "SLACK_S", SHORT_S / 5)
-    expired: list[relay.netio.SocketStream] = []
-    real_expire = relay.netio.SocketStream.expire
-
-    def expire(stream: relay.netio.SocketStream) -> None:
-        expired.append(stream)
-        real_expire(stream)
-
-    monkeypatch.setattr(relay.netio.SocketStream, "expire", expire)
+    """With the default timeouts (120 s: long enough for relay.timers), an upstream
+    that goes silent after its first chunk ends the stream the same way as a short
+    timeout: the chunk, then UpstreamTimeout (504) no earlier than 120 s after it
+    and at most relay.timers' slack later, with no deadline left behind. The
+    autojump clock makes the 120 s pass at once; the silent peer is deterministic."""
     server.routes["/stall"] = Reply(200, [], [b"hello", HANG])
     received: list[bytes] = []
-    with trio.fail_after(IO_LIMIT_S):
+    with trio.fail_after(2 * STALL_DEFAULT_S):  # virtual time: a stall never ended fails
         async with (
-            transport(first_byte_timeout=SHORT_S, stall_timeout=SHORT_S) as http,
+            transport(first_byte_timeout=STALL_DEFAULT_S, stall_timeout=STALL_DEFAULT_S) as http,
             http.stream(b"POST", server.url("/stall"), []) as resp,
         ):
+            chunks = resp.chunks()
+            received.append(await chunks.__anext__())
+            silent_since = trio.current_time()
             with pytest.raises(UpstreamTimeout) as info:
-                await drain(resp, received)
-            assert len(relay.timers.coarse_timers()) == 0  # expired, nothing left behind
+                await chunks.__anext__()
+            waited = trio.current_time() - silent_since
+            await chunks.aclose()
     assert received == [b"hello"]
     assert info.value.status == 504
-    assert len(expired) == 1  # the timers ended it, not a cancel scope
+    assert STALL_DEFAULT_S <= waited <= STALL_DEFAULT_S + relay.timers.SLACK_S
+    assert len(relay.timers.coarse_timers()) == 0  # the expired deadline is gone
 
 
 async def test_stall_timer_restarts_with_every_chunk(server: TinyServer) -> None:
