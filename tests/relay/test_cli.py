@@ -192,6 +192,14 @@ class Child:
             self.stderr += chunk
 
 
+async def reap(process: trio.Process) -> None:
+    """Kill ``process`` if it still runs and wait for it, even when cancelled."""
+    if process.returncode is None:
+        process.kill()
+        with trio.CancelScope(shield=True):
+            await process.wait()
+
+
 @asynccontextmanager
 async def relay_process(
     *args: str, open_files: tuple[int, int | None] | None = None
@@ -223,10 +231,7 @@ async def relay_process(
             found[1].decode(), found[2].decode(), int(found[3]))
         yield child
     finally:
-        if process.returncode is None:
-            process.kill()
-            with trio.CancelScope(shield=True):
-                await process.wait()
+        await reap(process)
         if process.stderr is not None:
             await process.stderr.aclose()
 
@@ -356,10 +361,7 @@ async def test_sigterm_while_the_banner_is_still_being_written_exits_0() -> None
             await child.drain_stderr()
             status = await process.wait()
     finally:
-        if process.returncode is None:
-            process.kill()
-            with trio.CancelScope(shield=True):
-                await process.wait()
+        await reap(process)
         await stdout.aclose()
         if process.stderr is not None:
             await process.stderr.aclose()
@@ -449,10 +451,7 @@ async def test_workers_share_the_port() -> None:
                 ping = await pool.request("GET", f"http://127.0.0.1:{port}/ping")
             status = await stop(child, signal.SIGTERM)
     finally:
-        if process.returncode is None:
-            process.kill()
-            with trio.CancelScope(shield=True):
-                await process.wait()
+        await reap(process)
         if process.stderr is not None:
             await process.stderr.aclose()
     assert ping.content == b"pong"

@@ -326,6 +326,12 @@ def _tls_server(sock: socket.socket, context: ssl.SSLContext) -> trio.SSLStream[
     )
 
 
+async def _handshake_then_mute(sock: socket.socket, context: ssl.SSLContext) -> None:
+    """A TLS peer that completes the handshake, then never sends or reads again."""
+    await _tls_server(sock, context).do_handshake()
+    await trio.sleep_forever()
+
+
 @pytest.mark.parametrize("seconds", [SHORT_S, STALL_S])
 async def test_a_tls_read_past_its_timeout_raises_read_timeout(
     nursery: trio.Nursery,
@@ -366,11 +372,7 @@ async def test_a_tls_read_past_a_long_timeout_closes_the_socket(
     server_context, client_context = tls_contexts
     ours, theirs = socket.socketpair()
 
-    async def handshake_then_mute() -> None:
-        await _tls_server(theirs, server_context).do_handshake()
-        await trio.sleep_forever()
-
-    nursery.start_soon(handshake_then_mute)
+    nursery.start_soon(_handshake_then_mute, theirs, server_context)
     with ours, theirs, trio.fail_after(MOCK_LIMIT_S):
         plain = TrioNetworkStream(SocketStream(ours))
         tls = await plain.start_tls(client_context, server_hostname="localhost", timeout=UNARY_S)
@@ -607,11 +609,7 @@ async def test_tls_over_our_stream_has_the_send_clock(
     server_context, client_context = tls_contexts
     ours, theirs = socket.socketpair()
 
-    async def handshake_then_mute() -> None:
-        await _tls_server(theirs, server_context).do_handshake()
-        await trio.sleep_forever()
-
-    nursery.start_soon(handshake_then_mute)
+    nursery.start_soon(_handshake_then_mute, theirs, server_context)
     stream = SocketStream(ours)
     stream.send_timeout = send_timeout
     tls = trio.SSLStream(stream, client_context, server_hostname="localhost")
