@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-FinishReason = Literal["stop", "length", "content_filter"]
+FinishReason = Literal["stop", "length", "content_filter", "tool_calls"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,12 +55,33 @@ class VideoResult:
 
 
 @dataclass(frozen=True, slots=True)
+class ToolCallDelta:
+    """A piece of one tool (function) call of the answer.
+
+    The first delta of a call carries its ``index`` (0, 1, ... in the order
+    the calls began), its ``id`` (``call_...``) and its function ``name``,
+    with ``arguments_part`` usually empty; the following deltas of the same
+    index carry only ``arguments_part``, pieces of the arguments' JSON text
+    whose concatenation is that text. ``id`` and ``name`` are ``""`` on the
+    following deltas.
+    """
+
+    index: int
+    id: str = ""
+    name: str = ""
+    arguments_part: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class Finish:
     """The answer is complete. Always the last event of a successful stream."""
 
     reason: FinishReason = "stop"
     #: Text that goes with the finish, e.g. the content filter's explanation.
     text: str = ""
+    #: With ``reason="stop"``: the client's stop sequence that ended the
+    #: answer (``""``: the model ended it).
+    stop_sequence: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,4 +97,7 @@ class UpstreamError:
     status: int = 502
 
 
-Delta = TextDelta | ReasoningDelta | Citation | ImageResult | VideoResult | Finish | UpstreamError
+Delta = (
+    TextDelta | ReasoningDelta | Citation | ImageResult | VideoResult | ToolCallDelta | Finish
+    | UpstreamError
+)

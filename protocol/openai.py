@@ -74,6 +74,10 @@ __all__ = [
     "CompletionAccumulator",
     "ContentPart",
     "Message",
+    "ResponseFormat",
+    "ToolCall",
+    "ToolChoice",
+    "ToolSpec",
     "ReasoningMode",
     "error_body",
     "error_from_exception",
@@ -111,6 +115,68 @@ class ContentPart:
 
 
 @dataclass(frozen=True, slots=True)
+class ToolCall:
+    """A tool call an earlier assistant message made (history sent back by the client).
+
+    Attributes:
+        id: the call's id (``call_...``), as the client sent it.
+        name: the function's name.
+        arguments: the arguments as JSON text, as the client sent it.
+    """
+
+    id: str
+    name: str
+    arguments: str
+
+
+@dataclass(frozen=True, slots=True)
+class ToolSpec:
+    """One function the model may call.
+
+    Attributes:
+        name: the function's name.
+        description: what it does (``""`` if none).
+        parameters: its JSON Schema (an object), ``None`` if none was given.
+    """
+
+    name: str
+    description: str = ""
+    parameters: Any = None
+
+
+@dataclass(frozen=True, slots=True)
+class ToolChoice:
+    """Whether and which tools the model should call.
+
+    Attributes:
+        mode: ``"auto"`` (the model decides), ``"none"`` (tools are not
+            offered), ``"required"`` (at least one call), ``"function"``
+            (exactly the function ``name``).
+        name: the function, with ``mode="function"``.
+    """
+
+    mode: Literal["auto", "none", "required", "function"] = "auto"
+    name: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ResponseFormat:
+    """Structured output: the answer must be one JSON document.
+
+    Attributes:
+        type: ``"json_object"`` (any JSON object) or ``"json_schema"``.
+        schema: the JSON Schema, with ``"json_schema"``.
+        name: the schema's name (``""`` if none).
+        strict: the answer must satisfy the schema, not merely parse.
+    """
+
+    type: Literal["json_object", "json_schema"]
+    schema: Any = None
+    name: str = ""
+    strict: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class Message:
     """One chat message.
 
@@ -119,11 +185,17 @@ class Message:
         parts: a string content becomes one text part; null or missing
             content gives ``()``.
         is_list: the content was an array of parts.
+        tool_calls: an assistant message's calls (``()`` if none).
+        tool_call_id: a ``tool`` message's answer names the call it answers.
+        name: a ``tool``/``function`` message's function name (``""`` if none).
     """
 
     role: str
     parts: tuple[ContentPart, ...]
     is_list: bool
+    tool_calls: tuple[ToolCall, ...] = ()
+    tool_call_id: str = ""
+    name: str = ""
 
     @property
     def text(self) -> str:
@@ -149,6 +221,11 @@ class ChatRequest:
             has no such key; ``""`` when it is null or empty (start a new
             conversation and keep it); else the conversation to continue.
         use_search: the StepChat extension field (may be ignored).
+        tools: the functions the model may call (``()``: none).
+        tool_choice: whether and which of ``tools`` to call.
+        response_format: structured output, ``None`` for free text.
+        stop: up to four sequences that end the answer where they appear.
+        max_tokens: the most answer tokens (estimated), ``None`` for no limit.
     """
 
     model: str
@@ -157,6 +234,11 @@ class ChatRequest:
     include_usage: bool
     conversation_id: str | None
     use_search: bool | None
+    tools: tuple[ToolSpec, ...] = ()
+    tool_choice: ToolChoice = ToolChoice()
+    response_format: ResponseFormat | None = None
+    stop: tuple[str, ...] = ()
+    max_tokens: int | None = None
 
 
 def _invalid_type(param: str, expected: str) -> RequestError:
