@@ -28,6 +28,20 @@ if TYPE_CHECKING:
     from relay.server import Exchange
 
 
+def presented_key(ex: Exchange) -> str | None:
+    """The key or credentials a client presented.
+
+    ``Authorization: Bearer <key>`` (OpenAI's clients), else ``x-api-key:
+    <key>`` (Anthropic's clients send their key this way); None for neither.
+    """
+    bearer = bearer_token(ex.request.header(b"authorization"))
+    if bearer is None:
+        raw = ex.request.header(b"x-api-key")
+        if raw:
+            bearer = raw.decode("latin-1").strip() or None
+    return bearer
+
+
 def _is_api_key(settings: Settings, bearer: str | None) -> bool:
     return bearer is not None and any(
         hmac.compare_digest(bearer.encode(), key.encode()) for key in settings.api_keys
@@ -40,9 +54,7 @@ def check_api_key(settings: Settings, ex: Exchange) -> None:
     Raises:
         AuthError: missing or wrong key.
     """
-    if settings.api_keys and not _is_api_key(
-        settings, bearer_token(ex.request.header(b"authorization"))
-    ):
+    if settings.api_keys and not _is_api_key(settings, presented_key(ex)):
         raise AuthError("invalid or missing API key", code="invalid_api_key")
 
 
@@ -53,7 +65,7 @@ def accounts_for(settings: Settings, ex: Exchange, runtime: ProviderRuntime[Any]
         AuthError: missing or wrong credentials.
         RelayError: (503) the provider has no accounts configured.
     """
-    bearer = bearer_token(ex.request.header(b"authorization"))
+    bearer = presented_key(ex)
     name = runtime.provider.name
     if settings.demo and runtime.server_credentials and not settings.api_keys:
         # demo mode: any key (the SDK insists on one) uses the emulator's account

@@ -30,6 +30,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from urllib.parse import unquote
 
 import orjson
 import trio
@@ -116,6 +117,29 @@ async def models(app: Relay, ex: Exchange, body: bytes) -> None:
         for model in rt.provider.models()
     ]
     await ex.respond(200, models_body(pairs, created=int(time.time())))
+
+
+MODEL_PREFIX = "/v1/models/"
+#: the route of ``GET /v1/models/{id}`` in the table (and the metrics' label)
+MODEL_ROUTE = MODEL_PREFIX + "{id}"
+
+
+async def model(app: Relay, ex: Exchange, body: bytes) -> None:
+    """``GET /v1/models/{id}``: one model (the SDK's ``models.retrieve``).
+
+    A model is known if a provider lists it or owns its name (agent ids,
+    versioned names); else 404 ``model_not_found``.
+    """
+    check_api_key(app.settings, ex)
+    model_id = unquote(ex.request.path.split("?", 1)[0][len(MODEL_PREFIX):])
+    for rt in app.providers.values():
+        if model_id in rt.provider.models() or rt.provider.owns_model(model_id):
+            entry = {"id": model_id, "object": "model", "created": int(time.time()),
+                     "owned_by": rt.provider.name}
+            await ex.respond(200, orjson.dumps(entry))
+            return
+    raise NotFound(f"The model '{model_id[:200]}' does not exist", code="model_not_found",
+                   param="model")
 
 
 async def metrics(app: Relay, ex: Exchange, body: bytes) -> None:
@@ -261,6 +285,7 @@ ROUTES: dict[str, Route] = {
     "/ping": Route({"GET": ping}),
     "/metrics": Route({"GET": metrics}),
     "/v1/models": Route({"GET": models}),
+    MODEL_ROUTE: Route({"GET": model}),
     "/token/check": Route({"POST": token_check}),
     "/v1/chat/completions": chat_route(OPENAI_CHAT),
     "/v1/images/generations": Route({"POST": images}),
@@ -290,6 +315,8 @@ async def dispatch(app: Relay, ex: Exchange) -> None:
     """Route one request; log it and count it once it is answered."""
     req = ex.request
     path = req.path.rstrip("/") or "/"
+    if path.startswith(MODEL_PREFIX):
+        path = MODEL_ROUTE  # one route, and one metrics label, for every model id
     started = trio.current_time()
     try:
         route = app.routes.get(path)
