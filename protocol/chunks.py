@@ -64,6 +64,7 @@ extra memory.
 from __future__ import annotations
 
 import enum
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, assert_never
 
 import orjson
@@ -74,6 +75,7 @@ from protocol.deltas import (
     ImageResult,
     ReasoningDelta,
     TextDelta,
+    ToolCallDelta,
     UpstreamError,
     VideoResult,
 )
@@ -114,6 +116,26 @@ def image_markdown(url: str) -> str:
 def video_markdown(url: str) -> str:
     """The content text that links a generated video."""
     return "[video](" + url + ")\n"
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCall:
+    """One whole tool call: of an earlier assistant message, or of an answer.
+
+    Requests carry them in assistant messages (history the client sends
+    back); :class:`CompletionAccumulator` assembles the answer's from its
+    :class:`~protocol.deltas.ToolCallDelta` pieces.
+
+    Attributes:
+        id: the call's id (``call_...``), as the client sent it (``""`` for
+            a legacy ``function_call``, which has none).
+        name: the function's name.
+        arguments: the arguments as JSON text, as the client sent it (not parsed).
+    """
+
+    id: str
+    name: str
+    arguments: str
 
 
 # ---------------------------------------------------------------------------
@@ -215,7 +237,10 @@ class ChunkEncoder:
         "_started",
         "_state",
         "_tags",
+        "_tail",
         "_think_open",
+        "_tool_field",
+        "_tool_index",
         "_top",
         "citations",
     )
@@ -223,6 +248,9 @@ class ChunkEncoder:
     #: What follows the last field of the delta object in every non-final
     #: chunk: it closes that object, so prefixes leave it open.
     _SUFFIX = b'},"logprobs":null,"finish_reason":null}]}\n\n'
+    #: The same after a tool call's ``arguments``: it closes the function,
+    #: the call and the ``tool_calls`` array first.
+    _TOOL_SUFFIX = b"}}]" + _SUFFIX
 
     def __init__(
         self,
@@ -259,6 +287,9 @@ class ChunkEncoder:
         self._id_used = False  # bytes carrying completion_id were produced
         self._pending: list[str] = []  # texts of the chunk being built
         self._field = b""  # the prefix (delta field) of the chunk being built
+        self._tail = self._SUFFIX  # what follows the queued text in that chunk
+        self._tool_field = b""  # the prefix of the last tool call chunk begun
+        self._tool_index = -1  # the call that chunk belongs to
         self._think_open = False  # tags mode: a <think> block is open
         self._content_sent = False  # answer content went out (think tags aside)
         self._line_open = False  # the last content did not end with a newline
@@ -380,6 +411,8 @@ class ChunkEncoder:
                     self._content(out, "\n" * self._line_open + image_markdown(url))
                 case VideoResult(video_url=url):
                     self._content(out, "\n" * self._line_open + video_markdown(url))
+                case ToolCallDelta():
+                    self._tool_call(out, delta)
                 case Finish(reason=reason, text=text):
                     self._finish(out, reason, text)
                     return b"".join(out)
@@ -412,7 +445,50 @@ class ChunkEncoder:
         if field is not self._field:
             self._flush(out)
             self._field = field
+            self._tail = self._SUFFIX
         self._pending.append(text)
+
+    def _tool_call(self, out: list[bytes], delta: ToolCallDelta) -> None:
+        """Queue a piece of a tool call: a new chunk for a call's first delta.
+
+        A call's first delta (it has an id or a name) opens a chunk that
+        names the call; the arguments pieces that follow it, of the same
+        index and within one batch, join that chunk's ``arguments`` as text
+        pieces join a content chunk. Pieces of a call whose chunk went out
+        open a chunk of ``{"index", "function": {"arguments"}}`` alone: the
+        shape the openai SDK's stream accumulator merges by index.
+        """
+        if self._think_open:  # tags mode: the reasoning is over
+            self._think_open = False
+            self._put(out, self._content_prefix, THINK_CLOSE)
+        index = delta.index
+        if delta.id or delta.name:
+            self._flush(out)
+            ascii_chars, other_chars = _split_count(delta.name)
+            self._ascii_chars += ascii_chars
+            self._other_chars += other_chars
+            field = b"".join(
+                (
+                    self._head,
+                    b'{"tool_calls":[{"index":%d,"id":' % index,
+                    orjson.dumps(delta.id),
+                    b',"type":"function","function":{"name":',
+                    orjson.dumps(delta.name),
+                    b',"arguments":',
+                )
+            )
+        elif not delta.arguments_part:
+            return  # nothing to say
+        elif self._pending and self._field is self._tool_field and self._tool_index == index:
+            self._pending.append(delta.arguments_part)  # the same call's chunk
+            return
+        else:
+            self._flush(out)
+            field = self._head + b'{"tool_calls":[{"index":%d,"function":{"arguments":' % index
+        self._field = self._tool_field = field
+        self._tail = self._TOOL_SUFFIX
+        self._tool_index = index
+        self._pending.append(delta.arguments_part)  # may be "": the chunk goes out anyway
 
     def _flush(self, out: list[bytes]) -> None:
         """Turn the queued text into one chunk."""
@@ -428,7 +504,7 @@ class ChunkEncoder:
             ascii_chars, other_chars = _split_count(text)
             self._ascii_chars += ascii_chars
             self._other_chars += other_chars
-        out.append(self._field + orjson.dumps(text) + self._SUFFIX)
+        out.append(self._field + orjson.dumps(text) + self._tail)
 
     def _finish(self, out: list[bytes], reason: FinishReason, text: str) -> None:
         """Emit the finish text, the final chunk, the usage chunk and ``[DONE]``."""
@@ -465,6 +541,7 @@ class CompletionAccumulator:
     """
 
     __slots__ = (
+        "_calls",
         "_content",
         "_finish",
         "_reasoning",
@@ -485,6 +562,8 @@ class CompletionAccumulator:
         self._tags = reasoning == "tags"
         self._content: list[str] = []  # answer pieces; joined lazily by `text`
         self._reasoning: list[str] = []
+        # index -> [id, name, arguments pieces...]: each call's deltas as they came
+        self._calls: dict[int, list[str]] = {}
         self._finish: Finish | None = None
         self.finished = False
         self.error: UpstreamError | None = None
@@ -507,6 +586,14 @@ class CompletionAccumulator:
         if len(reasoning) > 1:
             reasoning[:] = ["".join(reasoning)]
         return reasoning[0] if reasoning else ""
+
+    @property
+    def tool_calls(self) -> list[ToolCall]:
+        """The answer's tool calls so far, by index, arguments joined."""
+        return [
+            ToolCall(call[0], call[1], "".join(call[2:]))
+            for _, call in sorted(self._calls.items())
+        ]
 
     def add(self, deltas: Iterable[Delta]) -> None:
         """Collect ``deltas``.
@@ -533,6 +620,12 @@ class CompletionAccumulator:
                 case VideoResult(video_url=url):
                     self.videos.append(delta)
                     content.append(_own_line(content, video_markdown(url)))
+                case ToolCallDelta(index=index, id=call_id, name=name, arguments_part=part):
+                    call = self._calls.setdefault(index, ["", ""])
+                    call[0] = call[0] or call_id  # the first id and name given win
+                    call[1] = call[1] or name
+                    if part:
+                        call.append(part)
                 case Finish(text=text):
                     if text:
                         # The same separator as the stream: a blank line only
@@ -555,6 +648,10 @@ class CompletionAccumulator:
         (duplicate URLs dropped, first title kept). In "tags" mode a
         ``<think>`` block with all the reasoning comes first; in "field" mode
         the reasoning is ``message.reasoning_content`` (absent without any).
+        Tool calls are ``message.tool_calls`` (``{"id", "type": "function",
+        "function": {"name", "arguments"}}`` in index order; absent without
+        any), and with calls an empty content is ``null``, as OpenAI sends it.
+        The finish reason is the ``Finish``'s.
 
         Raises:
             LocalProtocolError: no ``Finish`` was added, or an
@@ -573,15 +670,28 @@ class CompletionAccumulator:
                 seen.setdefault(citation.url, citation.title)
             lines = "\n".join(f"{title} - {url}" for url, title in seen.items())
             content = content + CITATIONS_HEADING + lines
-        message: dict[str, str] = {"role": "assistant", "content": content}
-        if reasoning:
-            if self._tags:
-                message["content"] = THINK_OPEN + reasoning + THINK_CLOSE + content
-            else:
-                message["reasoning_content"] = reasoning
-        completion_tokens = estimate_tokens(message["content"]) + (
-            0 if self._tags else estimate_tokens(reasoning)
-        )
+        if reasoning and self._tags:
+            content = THINK_OPEN + reasoning + THINK_CLOSE + content
+        completion_tokens = estimate_tokens(content)
+        message: dict[str, object] = {"role": "assistant", "content": content}
+        if reasoning and not self._tags:
+            message["reasoning_content"] = reasoning
+            completion_tokens += estimate_tokens(reasoning)
+        calls = self.tool_calls
+        if calls:
+            if not content:
+                message["content"] = None
+            message["tool_calls"] = [
+                {
+                    "id": call.id,
+                    "type": "function",
+                    "function": {"name": call.name, "arguments": call.arguments},
+                }
+                for call in calls
+            ]
+            completion_tokens += sum(
+                estimate_tokens(call.name) + estimate_tokens(call.arguments) for call in calls
+            )
         return orjson.dumps(
             {
                 "id": completion_id,

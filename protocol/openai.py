@@ -57,6 +57,7 @@ from protocol.chunks import (
     ChunkEncoder,
     CompletionAccumulator,
     ReasoningMode,
+    ToolCall,
     error_body,
     estimate_tokens,
 )
@@ -74,11 +75,11 @@ __all__ = [
     "CompletionAccumulator",
     "ContentPart",
     "Message",
+    "ReasoningMode",
     "ResponseFormat",
     "ToolCall",
     "ToolChoice",
     "ToolSpec",
-    "ReasoningMode",
     "error_body",
     "error_from_exception",
     "estimate_tokens",
@@ -112,21 +113,6 @@ class ContentPart:
     text: str = ""
     url: str = ""
     name: str = ""
-
-
-@dataclass(frozen=True, slots=True)
-class ToolCall:
-    """A tool call an earlier assistant message made (history sent back by the client).
-
-    Attributes:
-        id: the call's id (``call_...``), as the client sent it.
-        name: the function's name.
-        arguments: the arguments as JSON text, as the client sent it.
-    """
-
-    id: str
-    name: str
-    arguments: str
 
 
 @dataclass(frozen=True, slots=True)
