@@ -37,9 +37,34 @@ What is accepted, and why:
   (:mod:`protocol.datauri`). The rest of a URL is the fetcher's to judge
   (scheme, address and size) when, and if, it fetches;
 - optional parameters may be null, which means absent, as with OpenAI;
-- sampling parameters, ``stop``, ``tools`` and ``user`` are type-checked and
-  then ignored: the web upstreams have no such knobs, but a wrong type is a
-  client bug worth reporting. ``n`` must be 1: the upstreams give one answer.
+- what agents send is parsed into neutral fields of :class:`ChatRequest`,
+  which the chat service emulates (the web upstreams have no such knobs:
+  tools and structured output become prompt instructions, ``stop`` and
+  ``max_tokens`` cut the answer as it streams):
+
+  - ``tools`` (function tools only: a built-in or custom tool type is a 400,
+    there is nothing to emulate it with) with OpenAI's rule for names
+    (``[a-zA-Z0-9_-]``, 1 to 64 characters); ``strict`` is checked and
+    dropped. The legacy ``functions`` stand in when there are no ``tools``;
+  - ``tool_choice`` (``none``, ``auto``, ``required`` or a named function),
+    or the legacy ``function_call``. A named function must be one of the
+    tools, and anything but ``none`` and ``auto`` needs tools, as OpenAI
+    checks; ``none`` and ``auto`` without tools pass, since clients send
+    them on every request;
+  - ``response_format``: ``text`` is the default (``None``), ``json_object``
+    and ``json_schema`` (its ``name`` is required, the ``schema`` an object);
+  - ``stop``: a string or up to four; empty strings are dropped (they could
+    only match everywhere);
+  - ``max_tokens`` and ``max_completion_tokens`` (positive integers): the
+    smaller of the two when both are given;
+  - in messages: an assistant's ``tool_calls`` (or legacy ``function_call``,
+    whose call has no id: ``""``), whose ``arguments`` stay the JSON text the
+    client sent; a ``tool`` message's ``tool_call_id`` (required, as OpenAI
+    requires it) and optional ``name``; a ``function`` message's ``name``
+    (required);
+- sampling parameters and ``user`` are type-checked and then ignored: the
+  web upstreams have no such knobs, but a wrong type is a client bug worth
+  reporting. ``n`` must be 1: the upstreams give one answer.
 
 JSON is parsed by orjson, which refuses ``NaN`` and ``Infinity`` literals,
 lone surrogates and invalid UTF-8, and handles multi-megabyte documents in
@@ -48,6 +73,7 @@ message contents at C speed. The body size limit is the HTTP layer's job.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -94,7 +120,6 @@ TOKENS_PER_MESSAGE = 4
 TOKENS_PER_REPLY = 3
 
 _NUMBER_PARAMS = ("temperature", "top_p", "presence_penalty", "frequency_penalty")
-_POSITIVE_INT_PARAMS = ("max_tokens", "max_completion_tokens")
 
 
 @dataclass(frozen=True, slots=True)
@@ -335,6 +360,85 @@ _CONTENT_REQUIRED = frozenset({"system", "user", "developer"})
 ROLES = frozenset({*_CONTENT_REQUIRED, "assistant", "tool", "function"})
 
 
+def _required_str(obj: dict[str, Any], key: str, param: str) -> str:
+    value = obj.get(key)
+    if isinstance(value, str):
+        return value
+    if value is None:
+        raise _missing(param)
+    raise _invalid_type(param, "a string")
+
+
+def _object(value: object, param: str) -> dict[str, Any]:
+    """``value`` if it is a JSON object; else a 400 naming ``param`` (missing if null)."""
+    if isinstance(value, dict):
+        return value
+    if value is None:
+        raise _missing(param)
+    raise _invalid_type(param, "an object")
+
+
+def _invalid_value(param: str, value: object, supported: str) -> RequestError:
+    shown = value[:40] if isinstance(value, str) else value
+    return RequestError(
+        f"Invalid value for '{param}': {shown!r}; supported values are {supported}.",
+        param=param, code="invalid_value",
+    )
+
+
+def _parse_content(
+    role: str, raw: dict[str, Any], param: str
+) -> tuple[tuple[ContentPart, ...], bool]:
+    """A message's parts and whether its content was an array."""
+    content = raw.get("content")
+    if isinstance(content, str):
+        return (ContentPart("text", text=content),), False
+    if content is None:
+        if role in _CONTENT_REQUIRED:  # as OpenAI: only assistant (and tool) may omit it
+            if "content" not in raw:
+                raise _missing(f"{param}.content")
+            raise _invalid_type(f"{param}.content", "a string or an array of content parts")
+        return (), False
+    if isinstance(content, list):
+        parts = []
+        for index, item in enumerate(content):
+            part = _parse_part(item, f"{param}.content[{index}]")
+            if part is not None:
+                parts.append(part)
+        return tuple(parts), True
+    raise _invalid_type(f"{param}.content", "a string, an array of content parts, or null")
+
+
+def _parse_function_call(raw: object, param: str, call_id: str) -> ToolCall:
+    """A call's ``{"name", "arguments"}`` (``arguments``: JSON text, kept as sent)."""
+    function = _object(raw, param)
+    name = _required_str(function, "name", f"{param}.name")
+    arguments = _required_str(function, "arguments", f"{param}.arguments")
+    return ToolCall(call_id, name, arguments)
+
+
+def _parse_tool_calls(raw: dict[str, Any], param: str) -> tuple[ToolCall, ...]:
+    """An assistant message's ``tool_calls``, or its legacy ``function_call`` (id ``""``)."""
+    calls = raw.get("tool_calls")
+    if calls is None:
+        legacy = raw.get("function_call")
+        if legacy is None:
+            return ()
+        return (_parse_function_call(legacy, f"{param}.function_call", ""),)
+    if not isinstance(calls, list):
+        raise _invalid_type(f"{param}.tool_calls", "an array of tool calls")
+    parsed = []
+    for index, item in enumerate(calls):
+        at = f"{param}.tool_calls[{index}]"
+        call = _object(item, at)
+        kind = _required_str(call, "type", f"{at}.type")
+        if kind != "function":
+            raise _invalid_value(f"{at}.type", kind, "'function'")
+        call_id = _required_str(call, "id", f"{at}.id")
+        parsed.append(_parse_function_call(call.get("function"), f"{at}.function", call_id))
+    return tuple(parsed)
+
+
 def _parse_message(raw: object, param: str) -> Message:
     if not isinstance(raw, dict):
         raise _invalid_type(param, "an object")
@@ -344,28 +448,188 @@ def _parse_message(raw: object, param: str) -> Message:
             raise _missing(f"{param}.role")
         raise _invalid_type(f"{param}.role", "a string")
     if role not in ROLES:
+        raise _invalid_value(f"{param}.role", role, ", ".join(sorted(ROLES)))
+    parts, is_list = _parse_content(role, raw, param)
+    if role == "assistant":
+        return Message(role, parts, is_list, tool_calls=_parse_tool_calls(raw, param))
+    if role == "tool":  # OpenAI requires the id of the call it answers; a name is an extra
+        call_id = _required_str(raw, "tool_call_id", f"{param}.tool_call_id")
+        name = _optional_str(raw, "name", f"{param}.name") or ""
+        return Message(role, parts, is_list, tool_call_id=call_id, name=name)
+    if role == "function":  # legacy: the result names its function, there are no ids
+        name = _required_str(raw, "name", f"{param}.name")
+        return Message(role, parts, is_list, name=name)
+    return Message(role, parts, is_list)
+
+
+#: OpenAI's rule for function names (API reference, "tools"): a to z, A to Z,
+#: 0 to 9, underscores and dashes, at most 64 characters.
+FUNCTION_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")
+
+
+def _parse_function(raw: object, param: str) -> ToolSpec:
+    """One function definition: ``{"name", "description"?, "parameters"?, "strict"?}``."""
+    function = _object(raw, param)
+    name = _required_str(function, "name", f"{param}.name")
+    if not FUNCTION_NAME.fullmatch(name):
         raise RequestError(
-            f"Invalid value for '{param}.role': {role[:40]!r}; supported values are "
-            f"{', '.join(sorted(ROLES))}.",
-            param=f"{param}.role", code="invalid_value",
+            f"Invalid '{param}.name': {name[:70]!r} does not match the pattern "
+            "'^[a-zA-Z0-9_-]{1,64}$'.",
+            param=f"{param}.name", code="invalid_value",
         )
-    content = raw.get("content")
-    if isinstance(content, str):
-        return Message(role, (ContentPart("text", text=content),), False)
-    if content is None:
-        if role in _CONTENT_REQUIRED:  # as OpenAI: only assistant (and tool) may omit it
-            if "content" not in raw:
-                raise _missing(f"{param}.content")
-            raise _invalid_type(f"{param}.content", "a string or an array of content parts")
-        return Message(role, (), False)
-    if isinstance(content, list):
-        parts = []
-        for index, item in enumerate(content):
-            part = _parse_part(item, f"{param}.content[{index}]")
-            if part is not None:
-                parts.append(part)
-        return Message(role, tuple(parts), True)
-    raise _invalid_type(f"{param}.content", "a string, an array of content parts, or null")
+    description = _optional_str(function, "description", f"{param}.description") or ""
+    parameters = function.get("parameters")
+    if parameters is not None and not isinstance(parameters, dict):
+        raise _invalid_type(f"{param}.parameters", "a JSON Schema object")
+    # strict: the shaper cannot hold a model to a schema while it streams, so
+    # it is checked and dropped (arguments are passed on as the model wrote them)
+    _optional_bool(function, "strict", f"{param}.strict")
+    return ToolSpec(name, description, parameters)
+
+
+def _parse_tools(body: dict[str, Any]) -> tuple[ToolSpec, ...]:
+    """``tools``, or the legacy ``functions`` when there are no ``tools``."""
+    tools = body.get("tools")
+    functions = body.get("functions")
+    if tools is None and functions is not None:
+        if not isinstance(functions, list):
+            raise _invalid_type("functions", "an array of functions")
+        return tuple(_parse_function(f, f"functions[{i}]") for i, f in enumerate(functions))
+    if tools is None:
+        return ()
+    if not isinstance(tools, list):
+        raise _invalid_type("tools", "an array of tools")
+    specs = []
+    for index, item in enumerate(tools):
+        at = f"tools[{index}]"
+        tool = _object(item, at)
+        kind = _required_str(tool, "type", f"{at}.type")
+        if kind != "function":  # custom tools, OpenAI's built-in ones: nothing to emulate
+            raise _invalid_value(f"{at}.type", kind, "'function'")
+        specs.append(_parse_function(tool.get("function"), f"{at}.function"))
+    return tuple(specs)
+
+
+_CHOICE_MODES: dict[str, Literal["auto", "none", "required"]] = {
+    "auto": "auto", "none": "none", "required": "required",
+}
+
+
+def _parse_tool_choice(body: dict[str, Any], tools: tuple[ToolSpec, ...]) -> ToolChoice:
+    """``tool_choice``, or the legacy ``function_call`` when there is no ``tool_choice``.
+
+    ``"none"`` and ``"auto"`` are accepted without tools (clients send them
+    always); anything else needs tools, and a named function must be one of them.
+    """
+    raw = body.get("tool_choice")
+    param = "tool_choice"
+    if raw is None:
+        raw = body.get("function_call")
+        if raw is None:
+            return ToolChoice()
+        param = "function_call"
+        if raw == "required":  # the legacy field never had it
+            raise _invalid_value(param, raw, "'none', 'auto' or an object naming a function")
+    if isinstance(raw, str):
+        mode = _CHOICE_MODES.get(raw)
+        if mode is None:
+            raise _invalid_value(
+                param, raw, "'none', 'auto', 'required' or an object naming a function"
+            )
+        choice = ToolChoice(mode)
+    else:
+        obj = _object(raw, param)
+        if param == "tool_choice":
+            kind = _required_str(obj, "type", "tool_choice.type")
+            if kind != "function":
+                raise _invalid_value("tool_choice.type", kind, "'function'")
+            obj = _object(obj.get("function"), "tool_choice.function")
+            name_param = "tool_choice.function.name"
+        else:
+            name_param = "function_call.name"
+        choice = ToolChoice("function", _required_str(obj, "name", name_param))
+    if choice.mode in ("auto", "none"):
+        return choice
+    if not tools:
+        tools_field = "tools" if param == "tool_choice" else "functions"
+        raise RequestError(
+            f"Invalid value for '{param}': '{param}' is only allowed when "
+            f"'{tools_field}' are specified.",
+            param=param, code="invalid_value",
+        )
+    if choice.mode == "function" and all(tool.name != choice.name for tool in tools):
+        raise RequestError(
+            f"Invalid value for '{param}': no function named {choice.name[:70]!r} is "
+            "among the tools.",
+            param=param, code="invalid_value",
+        )
+    return choice
+
+
+def _parse_response_format(body: dict[str, Any]) -> ResponseFormat | None:
+    """``response_format``: ``None`` for text, else what the answer must be."""
+    raw = body.get("response_format")
+    if raw is None:
+        return None
+    obj = _object(raw, "response_format")
+    kind = _required_str(obj, "type", "response_format.type")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return ResponseFormat("json_object")
+    if kind != "json_schema":
+        raise _invalid_value(
+            "response_format.type", kind, "'text', 'json_object' and 'json_schema'"
+        )
+    spec = _object(obj.get("json_schema"), "response_format.json_schema")
+    name = _required_str(spec, "name", "response_format.json_schema.name")
+    if not FUNCTION_NAME.fullmatch(name):  # OpenAI's schema names follow the same rule
+        raise RequestError(
+            f"Invalid 'response_format.json_schema.name': {name[:70]!r} does not match the "
+            "pattern '^[a-zA-Z0-9_-]{1,64}$'.",
+            param="response_format.json_schema.name", code="invalid_value",
+        )
+    _optional_str(spec, "description", "response_format.json_schema.description")
+    schema = spec.get("schema")
+    if schema is not None and not isinstance(schema, dict):
+        raise _invalid_type("response_format.json_schema.schema", "a JSON Schema object")
+    strict = _optional_bool(spec, "strict", "response_format.json_schema.strict") or False
+    return ResponseFormat("json_schema", schema=schema, name=name, strict=strict)
+
+
+#: OpenAI's limit on stop sequences (API reference, "stop").
+MAX_STOP_SEQUENCES = 4
+
+
+def _parse_stop(body: dict[str, Any]) -> tuple[str, ...]:
+    """``stop`` as a tuple of non-empty sequences (an empty one could never end anything)."""
+    stop = body.get("stop")
+    if stop is None:
+        return ()
+    if isinstance(stop, str):
+        return (stop,) if stop else ()
+    if not isinstance(stop, list) or not all(isinstance(item, str) for item in stop):
+        raise _invalid_type("stop", "a string or an array of strings")
+    if len(stop) > MAX_STOP_SEQUENCES:
+        raise RequestError(
+            f"Invalid 'stop': array too long. Expected an array with maximum length "
+            f"{MAX_STOP_SEQUENCES}, but got an array with length {len(stop)} instead.",
+            param="stop", code="array_above_max_length",
+        )
+    return tuple(item for item in stop if item)
+
+
+def _parse_max_tokens(body: dict[str, Any]) -> int | None:
+    """``max_tokens`` / ``max_completion_tokens`` (the smaller, if both are given)."""
+    limits = []
+    for key in ("max_tokens", "max_completion_tokens"):
+        value = body.get(key)
+        if value is None:
+            continue
+        if type(value) is not int or value < 1:
+            raise RequestError(f"Invalid '{key}': expected a positive integer.", param=key)
+        limits.append(value)
+    return min(limits) if limits else None
 
 
 def _check_ignored_params(body: dict[str, Any]) -> None:
@@ -377,20 +641,6 @@ def _check_ignored_params(body: dict[str, Any]) -> None:
         value = body.get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
             raise _invalid_type(key, "a number")
-    for key in _POSITIVE_INT_PARAMS:
-        value = body.get(key)
-        if value is not None and (type(value) is not int or value < 1):
-            raise RequestError(f"Invalid '{key}': expected a positive integer.", param=key)
-    stop = body.get("stop")
-    if not (
-        stop is None
-        or isinstance(stop, str)
-        or (isinstance(stop, list) and all(isinstance(item, str) for item in stop))
-    ):
-        raise _invalid_type("stop", "a string or an array of strings")
-    tools = body.get("tools")
-    if tools is not None and not isinstance(tools, list):
-        raise _invalid_type("tools", "an array")
     _optional_str(body, "user", "user")
 
 
@@ -444,6 +694,7 @@ def parse_chat_request(body: bytes) -> ChatRequest:
         conversation_id = ""  # present but null: a conversation-aware client, new conversation
     use_search = _optional_bool(data, "use_search", "use_search")
     _check_ignored_params(data)
+    tools = _parse_tools(data)
     return ChatRequest(
         model=model,
         messages=messages,
@@ -451,6 +702,11 @@ def parse_chat_request(body: bytes) -> ChatRequest:
         include_usage=include_usage,
         conversation_id=conversation_id,
         use_search=use_search,
+        tools=tools,
+        tool_choice=_parse_tool_choice(data, tools),
+        response_format=_parse_response_format(data),
+        stop=_parse_stop(data),
+        max_tokens=_parse_max_tokens(data),
     )
 
 
@@ -480,11 +736,28 @@ def check_file_count(request: ChatRequest, max_files: int) -> None:
 def prompt_tokens(request: ChatRequest) -> int:
     """Estimate the prompt's tokens: every message's text plus a few per message.
 
-    Images and files are not counted (the upstreams do not say what they cost).
+    An assistant message's tool calls count by their names and arguments,
+    and the tools offered by their definitions as compact JSON (what the
+    model reads of them, near enough). Meant for the client's request, not
+    one whose tools were already rendered into messages (they would count
+    twice). Images and files are not counted (the upstreams do not say what
+    they cost).
     """
-    return TOKENS_PER_REPLY + sum(
-        TOKENS_PER_MESSAGE + estimate_tokens(message.text) for message in request.messages
-    )
+    total = TOKENS_PER_REPLY
+    for message in request.messages:
+        total += TOKENS_PER_MESSAGE + estimate_tokens(message.text)
+        for call in message.tool_calls:
+            total += estimate_tokens(call.name) + estimate_tokens(call.arguments)
+    if request.tools and request.tool_choice.mode != "none":
+        total += estimate_tokens(
+            orjson.dumps(
+                [
+                    {"name": t.name, "description": t.description, "parameters": t.parameters}
+                    for t in request.tools
+                ]
+            ).decode()
+        )
+    return total
 
 
 def error_from_exception(exc: RelayError) -> bytes:

@@ -43,6 +43,10 @@ from protocol.openai import (
     ContentPart,
     Message,
     ReasoningMode,
+    ResponseFormat,
+    ToolCall,
+    ToolChoice,
+    ToolSpec,
     error_body,
     error_from_exception,
     estimate_tokens,
@@ -186,7 +190,8 @@ def test_null_optional_fields_mean_absent() -> None:
 
 
 def test_ignored_parameters_with_right_types_are_accepted() -> None:
-    """Sampling knobs, stop, tools and user of the right type are accepted (and ignored)."""
+    """Sampling knobs and user of the right type are accepted (and ignored), next to the
+    agents' fields (parsed: see the tests below)."""
     request = parse_chat_request(
         body_of(
             n=1,
@@ -216,7 +221,7 @@ def test_content_forms() -> None:
                 "messages": [
                     {"role": "system", "content": "be brief"},
                     {"role": "assistant", "content": None, "tool_calls": []},
-                    {"role": "tool"},
+                    {"role": "tool", "tool_call_id": "call_1"},
                     {"role": "user", "content": []},
                     {"role": "developer", "content": [{"type": "text", "text": "x"}]},
                 ]
@@ -226,7 +231,7 @@ def test_content_forms() -> None:
     system, assistant, tool, empty, developer = request.messages
     assert system == Message("system", (ContentPart("text", text="be brief"),), False)
     assert assistant == Message("assistant", (), False)
-    assert tool == Message("tool", (), False)
+    assert tool == Message("tool", (), False, tool_call_id="call_1")
     assert empty == Message("user", (), True)
     assert developer == Message("developer", (ContentPart("text", text="x"),), True)
     assert assistant.text == ""
@@ -274,6 +279,261 @@ def test_large_document_content_is_accepted() -> None:
 
 
 # ---------------------------------------------------------------------------
+# parse_chat_request: the agents' fields (issue 14)
+
+WEATHER_SCHEMA = {
+    "type": "object",
+    "properties": {"city": {"type": "string"}},
+    "required": ["city"],
+}
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Weather now",
+        "parameters": WEATHER_SCHEMA,
+        "strict": True,
+    },
+}
+WEATHER = ToolSpec("get_weather", "Weather now", WEATHER_SCHEMA)
+PARIS = '{"city":"Paris"}'
+
+
+def test_a_tool_loop_request_parses_into_the_neutral_fields() -> None:
+    """A second-step tool loop request (tools, a named choice, structured output, stop, limits,
+    an assistant's calls and their results) gives every neutral field, nothing dropped."""
+    request = parse_chat_request(
+        orjson.dumps(
+            {
+                "model": "glm-4",
+                "messages": [
+                    {"role": "user", "content": "weather in Paris and Oslo?"},
+                    {
+                        "role": "assistant",
+                        "content": None,
+                        "tool_calls": [
+                            {
+                                "id": "call_1",
+                                "type": "function",
+                                "function": {"name": "get_weather", "arguments": PARIS},
+                            },
+                            {
+                                "id": "call_2",
+                                "type": "function",
+                                "function": {"name": "get_weather", "arguments": "not json"},
+                            },
+                        ],
+                    },
+                    {"role": "tool", "tool_call_id": "call_1", "content": "18C"},
+                    {"role": "tool", "tool_call_id": "call_2", "name": "get_weather",
+                     "content": [{"type": "text", "text": "9C"}]},
+                ],
+                "tools": [WEATHER_TOOL, {"type": "function", "function": {"name": "noop"}}],
+                "tool_choice": {"type": "function", "function": {"name": "noop"}},
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {"name": "report", "schema": WEATHER_SCHEMA, "strict": True},
+                },
+                "stop": ["\nObservation:", "", "END"],
+                "max_tokens": 300,
+                "max_completion_tokens": 200,
+            }
+        )
+    )
+    assert request == ChatRequest(
+        model="glm-4",
+        messages=(
+            Message("user", (ContentPart("text", text="weather in Paris and Oslo?"),), False),
+            Message(
+                "assistant",
+                (),
+                False,
+                tool_calls=(
+                    ToolCall("call_1", "get_weather", PARIS),
+                    ToolCall("call_2", "get_weather", "not json"),
+                ),
+            ),
+            Message("tool", (ContentPart("text", text="18C"),), False, tool_call_id="call_1"),
+            Message(
+                "tool",
+                (ContentPart("text", text="9C"),),
+                True,
+                tool_call_id="call_2",
+                name="get_weather",
+            ),
+        ),
+        stream=False,
+        include_usage=False,
+        conversation_id=None,
+        use_search=None,
+        tools=(WEATHER, ToolSpec("noop")),
+        tool_choice=ToolChoice("function", "noop"),
+        response_format=ResponseFormat(
+            "json_schema", schema=WEATHER_SCHEMA, name="report", strict=True
+        ),
+        stop=("\nObservation:", "END"),
+        max_tokens=200,
+    )
+
+
+def test_legacy_functions_map_onto_tools() -> None:
+    """functions, function_call, an assistant's function_call (id "") and function-role
+    results give the same neutral fields as tools do."""
+    request = parse_chat_request(
+        orjson.dumps(
+            {
+                "messages": [
+                    USER,
+                    {
+                        "role": "assistant",
+                        "content": "Let me look.",
+                        "function_call": {"name": "get_weather", "arguments": "{}"},
+                    },
+                    {"role": "function", "name": "get_weather", "content": "18C"},
+                ],
+                "functions": [WEATHER_TOOL["function"]],
+                "function_call": {"name": "get_weather"},
+            }
+        )
+    )
+    assert request.tools == (WEATHER,)
+    assert request.tool_choice == ToolChoice("function", "get_weather")
+    assistant, result = request.messages[1:]
+    assert assistant.tool_calls == (ToolCall("", "get_weather", "{}"),)
+    assert assistant.text == "Let me look."
+    assert result == Message("function", (ContentPart("text", text="18C"),), False,
+                             name="get_weather")
+    auto = parse_chat_request(body_of(functions=[{"name": "f"}], function_call="none"))
+    assert (auto.tools, auto.tool_choice) == ((ToolSpec("f"),), ToolChoice("none"))
+
+
+def test_tools_win_over_legacy_functions() -> None:
+    """With both tools and functions (and tool_choice and function_call) the new fields count."""
+    request = parse_chat_request(
+        body_of(
+            tools=[WEATHER_TOOL],
+            functions=[{"name": "old"}],
+            tool_choice="required",
+            function_call={"name": "old"},
+        )
+    )
+    assert (request.tools, request.tool_choice) == ((WEATHER,), ToolChoice("required"))
+
+
+@pytest.mark.parametrize(
+    ("tool_choice", "expected"),
+    [
+        (None, ToolChoice("auto")),
+        ("auto", ToolChoice("auto")),
+        ("none", ToolChoice("none")),
+        ("required", ToolChoice("required")),
+        (
+            {"type": "function", "function": {"name": "get_weather"}},
+            ToolChoice("function", "get_weather"),
+        ),
+    ],
+)
+def test_tool_choice_forms(tool_choice: Any, expected: ToolChoice) -> None:
+    """Each of OpenAI's tool_choice forms gives its ToolChoice; absent or null means auto."""
+    request = parse_chat_request(body_of(tools=[WEATHER_TOOL], tool_choice=tool_choice))
+    assert request.tool_choice == expected
+
+
+@pytest.mark.parametrize("fields", [{"tool_choice": "none"}, {"tool_choice": "auto"},
+                                    {"function_call": "none"}, {"function_call": "auto"},
+                                    {"tools": [], "tool_choice": "auto"}])
+def test_none_and_auto_need_no_tools(fields: dict[str, Any]) -> None:
+    """tool_choice "none" or "auto" without tools passes silently (clients always send it)."""
+    request = parse_chat_request(body_of(**fields))
+    assert request.tools == ()
+    assert request.tool_choice.mode in ("none", "auto")
+
+
+def test_tool_optional_fields_may_be_null() -> None:
+    """A function's description, parameters and strict may be null or absent."""
+    tool = {"type": "function",
+            "function": {"name": "a-B_9", "description": None, "parameters": None, "strict": None}}
+    assert parse_chat_request(body_of(tools=[tool])).tools == (ToolSpec("a-B_9"),)
+    assert parse_chat_request(body_of(tools=[])).tools == ()
+    long_name = "x" * 64
+    tool = {"type": "function", "function": {"name": long_name}}
+    assert parse_chat_request(body_of(tools=[tool])).tools == (ToolSpec(long_name),)
+
+
+@pytest.mark.parametrize(
+    ("response_format", "expected"),
+    [
+        (None, None),
+        ({"type": "text"}, None),
+        ({"type": "json_object"}, ResponseFormat("json_object")),
+        ({"type": "json_schema", "json_schema": {"name": "n"}}, ResponseFormat("json_schema",
+                                                                               name="n")),
+        (
+            {
+                "type": "json_schema",
+                "json_schema": {"name": "n", "description": "d", "schema": {"type": "object"},
+                                "strict": None},
+            },
+            ResponseFormat("json_schema", schema={"type": "object"}, name="n"),
+        ),
+    ],
+)
+def test_response_format_forms(response_format: Any, expected: ResponseFormat | None) -> None:
+    """text is free text (None); json_object and json_schema give their ResponseFormat."""
+    request = parse_chat_request(body_of(response_format=response_format))
+    assert request.response_format == expected
+
+
+@pytest.mark.parametrize(
+    ("stop", "expected"),
+    [
+        (None, ()),
+        ("", ()),
+        ("END", ("END",)),
+        ([], ()),
+        (["a", "", "b", "c"], ("a", "b", "c")),
+        (["1", "2", "3", "4"], ("1", "2", "3", "4")),
+    ],
+)
+def test_stop_forms(stop: Any, expected: tuple[str, ...]) -> None:
+    """stop is a string or up to four; empty sequences are dropped."""
+    assert parse_chat_request(body_of(stop=stop)).stop == expected
+
+
+@pytest.mark.parametrize(
+    ("fields", "expected"),
+    [
+        ({}, None),
+        ({"max_tokens": 50}, 50),
+        ({"max_completion_tokens": 7}, 7),
+        ({"max_tokens": 5, "max_completion_tokens": 9}, 5),
+        ({"max_tokens": None, "max_completion_tokens": 9}, 9),
+    ],
+)
+def test_max_tokens_takes_the_smaller_limit(fields: dict[str, Any], expected: int | None) -> None:
+    """max_tokens and max_completion_tokens both limit the answer; the smaller one wins."""
+    assert parse_chat_request(body_of(**fields)).max_tokens == expected
+
+
+def test_prompt_tokens_count_tool_calls_and_offered_tools() -> None:
+    """An assistant's calls count by name and arguments, offered tools by their JSON; tools
+    that tool_choice "none" hides do not count."""
+    call = {"id": "c", "type": "function", "function": {"name": "abcd", "arguments": "{}"}}
+    messages = [USER, {"role": "assistant", "tool_calls": [call]}]
+    plain = parse_chat_request(orjson.dumps({"messages": messages}))
+    base = TOKENS_PER_REPLY + 2 * TOKENS_PER_MESSAGE + estimate_tokens("hi")
+    assert prompt_tokens(plain) == base + 1 + 1
+    tool = {"type": "function", "function": {"name": "f"}}
+    offered = parse_chat_request(orjson.dumps({"messages": messages, "tools": [tool]}))
+    tools_json = '[{"name":"f","description":"","parameters":null}]'
+    assert prompt_tokens(offered) == base + 2 + estimate_tokens(tools_json)
+    hidden = parse_chat_request(
+        orjson.dumps({"messages": messages, "tools": [tool], "tool_choice": "none"})
+    )
+    assert prompt_tokens(hidden) == base + 2
+
+
+# ---------------------------------------------------------------------------
 # parse_chat_request: rejected input
 
 BAD_JSON = [
@@ -305,6 +565,110 @@ def _msg(content: Any) -> dict[str, Any]:
 
 def _part(part: Any) -> dict[str, Any]:
     return _msg([{"type": "text", "text": "ok"}, part])
+
+
+def _tools(*tools: Any, **fields: Any) -> dict[str, Any]:
+    return {"messages": [USER], "tools": list(tools), **fields}
+
+
+def _fn(name: Any = "f", **fields: Any) -> dict[str, Any]:
+    return {"type": "function", "function": {"name": name, **fields}}
+
+
+def _history(message: dict[str, Any]) -> dict[str, Any]:
+    return {"messages": [USER, message]}
+
+
+def _call(**fields: Any) -> dict[str, Any]:
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    call.update(fields)
+    return _history({"role": "assistant", "tool_calls": [call]})
+
+
+AGENT_BAD_REQUESTS: list[tuple[dict[str, Any], str]] = [
+    # tools
+    (_tools("f"), "tools[0]"),
+    (_tools(_fn(), {"function": {"name": "g"}}), "tools[1].type"),
+    (_tools({"type": "code_interpreter"}), "tools[0].type"),
+    (_tools({"type": "custom", "custom": {"name": "x"}}), "tools[0].type"),
+    (_tools({"type": "function"}), "tools[0].function"),
+    (_tools({"type": "function", "function": "f"}), "tools[0].function"),
+    (_tools(_fn(None)), "tools[0].function.name"),
+    (_tools(_fn(3)), "tools[0].function.name"),
+    (_tools(_fn("")), "tools[0].function.name"),
+    (_tools(_fn("get weather")), "tools[0].function.name"),
+    (_tools(_fn("a.b")), "tools[0].function.name"),
+    (_tools(_fn("ü")), "tools[0].function.name"),
+    (_tools(_fn("x" * 65)), "tools[0].function.name"),
+    (_tools(_fn(description=1)), "tools[0].function.description"),
+    (_tools(_fn(parameters="{}")), "tools[0].function.parameters"),
+    (_tools(_fn(parameters=[])), "tools[0].function.parameters"),
+    (_tools(_fn(strict="yes")), "tools[0].function.strict"),
+    ({"messages": [USER], "functions": {"name": "f"}}, "functions"),
+    ({"messages": [USER], "functions": [{"name": "a b"}]}, "functions[0].name"),
+    ({"messages": [USER], "functions": [None]}, "functions[0]"),
+    # tool_choice and function_call
+    (_tools(_fn(), tool_choice="any"), "tool_choice"),
+    (_tools(_fn(), tool_choice=1), "tool_choice"),
+    (_tools(_fn(), tool_choice={"function": {"name": "f"}}), "tool_choice.type"),
+    (_tools(_fn(), tool_choice={"type": "allowed_tools"}), "tool_choice.type"),
+    (_tools(_fn(), tool_choice={"type": "function"}), "tool_choice.function"),
+    (_tools(_fn(), tool_choice={"type": "function", "function": {}}), "tool_choice.function.name"),
+    (_tools(_fn(), tool_choice={"type": "function", "function": {"name": "g"}}), "tool_choice"),
+    ({"messages": [USER], "tool_choice": "required"}, "tool_choice"),
+    (_tools(tool_choice="required"), "tool_choice"),
+    ({"messages": [USER], "tool_choice": {"type": "function", "function": {"name": "f"}}},
+     "tool_choice"),
+    ({"messages": [USER], "function_call": {"name": "f"}}, "function_call"),
+    ({"messages": [USER], "functions": [{"name": "f"}], "function_call": "required"},
+     "function_call"),
+    ({"messages": [USER], "functions": [{"name": "f"}], "function_call": {"name": "g"}},
+     "function_call"),
+    ({"messages": [USER], "functions": [{"name": "f"}], "function_call": {}},
+     "function_call.name"),
+    ({"messages": [USER], "functions": [{"name": "f"}], "function_call": ["f"]},
+     "function_call"),
+    # response_format
+    ({"messages": [USER], "response_format": "json_object"}, "response_format"),
+    ({"messages": [USER], "response_format": {}}, "response_format.type"),
+    ({"messages": [USER], "response_format": {"type": "json"}}, "response_format.type"),
+    ({"messages": [USER], "response_format": {"type": "json_schema"}},
+     "response_format.json_schema"),
+    ({"messages": [USER], "response_format": {"type": "json_schema", "json_schema": {}}},
+     "response_format.json_schema.name"),
+    ({"messages": [USER],
+      "response_format": {"type": "json_schema", "json_schema": {"name": "a b"}}},
+     "response_format.json_schema.name"),
+    ({"messages": [USER],
+      "response_format": {"type": "json_schema", "json_schema": {"name": "n", "schema": "{}"}}},
+     "response_format.json_schema.schema"),
+    ({"messages": [USER],
+      "response_format": {"type": "json_schema", "json_schema": {"name": "n", "strict": 1}}},
+     "response_format.json_schema.strict"),
+    # stop and max_tokens
+    ({"messages": [USER], "stop": ["1", "2", "3", "4", "5"]}, "stop"),
+    ({"messages": [USER], "max_tokens": 5, "max_completion_tokens": -1}, "max_completion_tokens"),
+    # messages: calls and results
+    (_history({"role": "assistant", "tool_calls": {"id": "c1"}}), "messages[1].tool_calls"),
+    (_history({"role": "assistant", "tool_calls": ["c1"]}), "messages[1].tool_calls[0]"),
+    (_call(id=None), "messages[1].tool_calls[0].id"),
+    (_call(id=5), "messages[1].tool_calls[0].id"),
+    (_call(type=None), "messages[1].tool_calls[0].type"),
+    (_call(type="custom"), "messages[1].tool_calls[0].type"),
+    (_call(function=None), "messages[1].tool_calls[0].function"),
+    (_call(function={"arguments": "{}"}), "messages[1].tool_calls[0].function.name"),
+    (_call(function={"name": "f"}), "messages[1].tool_calls[0].function.arguments"),
+    (_call(function={"name": "f", "arguments": {"a": 1}}),
+     "messages[1].tool_calls[0].function.arguments"),
+    (_history({"role": "assistant", "function_call": {"name": "f"}}),
+     "messages[1].function_call.arguments"),
+    (_history({"role": "assistant", "function_call": "f"}), "messages[1].function_call"),
+    (_history({"role": "tool", "content": "18C"}), "messages[1].tool_call_id"),
+    (_history({"role": "tool", "tool_call_id": 1, "content": "18C"}), "messages[1].tool_call_id"),
+    (_history({"role": "tool", "tool_call_id": "c", "name": 2, "content": "x"}),
+     "messages[1].name"),
+    (_history({"role": "function", "content": "18C"}), "messages[1].name"),
+]
 
 
 BAD_REQUESTS: list[tuple[dict[str, Any], str]] = [
@@ -384,7 +748,21 @@ BAD_REQUESTS: list[tuple[dict[str, Any], str]] = [
     ({"messages": [USER], "stop": ["a", 2]}, "stop"),
     ({"messages": [USER], "tools": {"type": "function"}}, "tools"),
     ({"messages": [USER], "user": 42}, "user"),
+    *AGENT_BAD_REQUESTS,
 ]
+
+
+def test_tool_choice_errors_say_what_is_wrong() -> None:
+    """A choice that needs tools says tools are needed (OpenAI's words); a named function that
+    is not offered is named."""
+    with pytest.raises(RequestError) as info:
+        parse_chat_request(body_of(tool_choice="required"))
+    assert "'tool_choice' is only allowed when 'tools' are specified" in info.value.message
+    with pytest.raises(RequestError) as info:
+        parse_chat_request(
+            body_of(tools=[_fn()], tool_choice={"type": "function", "function": {"name": "g"}})
+        )
+    assert "'g'" in info.value.message
 
 
 @pytest.mark.parametrize(("body", "param"), BAD_REQUESTS)
@@ -400,7 +778,10 @@ def test_invalid_parameter_is_a_400_naming_it(body: dict[str, Any], param: str) 
 @pytest.mark.parametrize("role", ["system", "developer", "user", "assistant", "tool", "function"])
 def test_every_openai_role_is_accepted(role: str) -> None:
     """Each of OpenAI's six roles parses (only other strings are refused)."""
-    request = parse_chat_request(orjson.dumps({"messages": [{"role": role, "content": "x"}]}))
+    # what OpenAI requires of the tool roles besides content
+    extra = {"tool": {"tool_call_id": "call_1"}, "function": {"name": "f"}}.get(role, {})
+    message = {"role": role, "content": "x", **extra}
+    request = parse_chat_request(orjson.dumps({"messages": [message]}))
     assert request.messages[0].role == role
 
 
