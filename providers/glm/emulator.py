@@ -48,7 +48,13 @@ final event goes out, so a client that reacts to ``finish`` by starting the
 next stream on the same account is not refused. Misbehaviour knobs act on
 the wire bytes after h11's chunked framing: ``write_size`` cuts them into
 TCP writes of that many bytes (inside SSE lines and UTF-8 characters),
-``pack_all`` sends the whole answer in one write.
+``pack_all`` sends the whole answer in one write. The answer text is
+``behavior.answer`` when a test set one; otherwise an agent prompt (tools,
+tool results, a JSON instruction) gets
+:func:`providers.emulator_agent.agent_answer`'s scripted answer (without
+citation markers, which would break its blocks), and any other prompt the
+demo answer; the snapshots grow by ``chunk_chars``, so a ``<tool_call>``
+block arrives split across events.
 
 *Record.* :class:`GlmRecord` keeps a list entry per request. A long
 benchmark run starts the emulator with ``--no-record``
@@ -84,6 +90,7 @@ import orjson
 import trio
 
 from protocol.errors import PayloadTooLarge, RequestError
+from providers.emulator_agent import agent_answer
 from providers.emulator_http import (
     ClientConnection,
     Reply,
@@ -101,6 +108,7 @@ from providers.glm.emulator_script import (
     demo_answer,
     drawing_answer,
     prompt_last_line,
+    prompt_text,
 )
 from providers.glm.signing import DEFAULT_SECRET, verify
 
@@ -897,13 +905,18 @@ class GlmEmulator:
         think = behavior.think
         if think is None and chat_mode in ("zero", "deep_research"):
             think = default_think(line)
-        answer = behavior.answer if behavior.answer is not None else demo_answer(line)
+        # demo mode: agent prompts get what a cooperative model says
+        agent = agent_answer(prompt_text(body)) if behavior.answer is None else None
+        scripted = agent is not None
+        answer = behavior.answer if behavior.answer is not None else agent or demo_answer(line)
         images = [self._image_url(image) for image in behavior.images]
         if body.get("assistant_id") == DRAWING_ASSISTANT_ID and not images:
             images = [self._image_url(f"{conversation_id}_0")]
             if behavior.answer is None:
                 answer = drawing_answer(line)
-        if behavior.search_results and behavior.citations:
+                scripted = False
+        if behavior.search_results and behavior.citations and not scripted:
+            # markers would break a <tool_call> block or a JSON document
             answer = cite(answer, len(behavior.search_results))
         return ScriptSpec(
             conversation_id=conversation_id,

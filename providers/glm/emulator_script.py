@@ -178,28 +178,35 @@ def grow(text: str, step: int) -> Iterator[str]:
     yield text
 
 
-def prompt_last_line(body: dict[str, Any]) -> str:
-    """The last meaningful line of the user's prompt in a 3.7 stream body.
+def prompt_text(body: dict[str, Any]) -> str:
+    """The prompt of a 3.7 stream body: the last message's text items, joined by newlines.
 
-    Role tag lines of a merged prompt (``<|assistant|>``) are skipped, so the
-    result is what the user actually wrote last. Malformed bodies give "".
+    Malformed bodies give "".
     """
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages or not isinstance(messages[-1], dict):
         return ""
     content = messages[-1].get("content")
     if isinstance(content, str):
-        text = content
-    elif isinstance(content, list):
-        text = "\n".join(
+        return content
+    if isinstance(content, list):
+        return "\n".join(
             item["text"]
             for item in content
             if isinstance(item, dict)
             and item.get("type") == "text"
             and isinstance(item.get("text"), str)
         )
-    else:
-        return ""
+    return ""
+
+
+def prompt_last_line(body: dict[str, Any]) -> str:
+    """The last meaningful line of the user's prompt in a 3.7 stream body.
+
+    Role tag lines of a merged prompt (``<|assistant|>``) are skipped, so the
+    result is what the user actually wrote last. Malformed bodies give "".
+    """
+    text = prompt_text(body)
     for line in reversed(text.splitlines()):
         line = line.strip()
         if line and not _ROLE_TAG.fullmatch(line):

@@ -39,6 +39,12 @@ h11 only frames the response head and the final ``0\\r\\n\\r\\n``; with
 chunked encoding it does not count body bytes, so bypassing it for the
 chunks is safe and saves one copy per frame.
 
+The answer text is ``behavior.answer`` when a test set one; otherwise an
+agent prompt (tools, tool results, a JSON instruction) gets
+:func:`providers.emulator_agent.agent_answer`'s scripted answer, and any
+other prompt :func:`demo_answer`. The text is cut into ``chunk_chars``
+frames like any answer, so a ``<tool_call>`` block arrives split.
+
 Memory: the :class:`StepRecord` lists grow with every request. A long
 benchmark run starts the emulator with ``--no-record`` (``keep_record=False``):
 counters are still kept, the per-request lists (and the set of deleted chat
@@ -86,6 +92,7 @@ from protocol.errors import (
     RelayError,
     RequestError,
 )
+from providers.emulator_agent import agent_answer
 from providers.emulator_http import (
     ClientConnection,
     Reply,
@@ -358,7 +365,11 @@ def _texts(behavior: StepBehavior, prompt: str) -> Iterator[Callable[[], str]]:
     if behavior.text_frames is not None:
         texts: Iterable[str] = behavior.text_frames
     else:
-        answer = behavior.answer if behavior.answer is not None else demo_answer(prompt)
+        answer = behavior.answer
+        if answer is None:  # demo mode: agent prompts get what a cooperative model says
+            answer = agent_answer(prompt)
+        if answer is None:
+            answer = demo_answer(prompt)
         step = max(1, behavior.chunk_chars)
         texts = (answer[start : start + step] for start in range(0, len(answer), step))
     return (partial(str, text) for text in texts)
