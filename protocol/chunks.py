@@ -38,6 +38,16 @@ Rendering rules:
   structured, in :attr:`ChunkEncoder.citations`;
 - images become ``![图像](url)`` ("图像" = image, as the GLM reference writes
   it, 3.11), videos ``[video](url)``, each on its own line;
+- tool calls (:class:`~protocol.deltas.ToolCallDelta`) become
+  ``delta.tool_calls`` chunks of one call each, in OpenAI's shape: a call's
+  first delta (it carries the id and name) gives
+  ``{"index", "id", "type": "function", "function": {"name", "arguments"}}``
+  whose ``arguments`` are the pieces of the same call that follow it in the
+  same batch, joined (``""`` if none); later pieces give
+  ``{"index", "function": {"arguments"}}``, merged within a batch as text
+  is. Text queued before a call goes out first, an open ``<think>`` block is
+  closed first; the openai SDK's stream accumulator concatenates the pieces
+  by ``index``, so how the calls were batched does not show in its result;
 - ``Finish`` ends the stream: the finish text (a content filter's
   explanation) in a content chunk, set off by a blank line; the final chunk
   with an empty delta and the finish reason; the usage chunk if the client
@@ -54,11 +64,13 @@ collected as they come and one ``chat.completion`` object is built at the
 end. There, citations are not inline; they form the references' trailing
 list ``搜索结果来自：`` ("search results from:"), duplicates dropped. In
 "tags" mode all the reasoning goes in one ``<think>`` block before the answer.
+Tool calls are gathered by index into ``message.tool_calls``, and
+``content`` is ``null`` when they came without any text, as OpenAI sends it.
 
 Token counts are estimates (:func:`estimate_tokens`): neither upstream
 reports them. The encoder keeps two running integers (ASCII and other
-characters emitted), never the text itself, so counting is linear and free of
-extra memory.
+characters emitted: content, reasoning, tool names and arguments), never the
+text itself, so counting is linear and free of extra memory.
 """
 
 from __future__ import annotations
@@ -340,7 +352,7 @@ class ChunkEncoder:
 
     @property
     def completion_tokens(self) -> int:
-        """The estimate over all content and reasoning text encoded so far."""
+        """The estimate over all content, reasoning and tool calls encoded so far."""
         return _tokens(self._ascii_chars, self._other_chars)
 
     def start(self) -> bytes:
@@ -672,11 +684,12 @@ class CompletionAccumulator:
             content = content + CITATIONS_HEADING + lines
         if reasoning and self._tags:
             content = THINK_OPEN + reasoning + THINK_CLOSE + content
-        completion_tokens = estimate_tokens(content)
+        # Counted as the stream counts them: all the characters together.
+        counted = [content]
         message: dict[str, object] = {"role": "assistant", "content": content}
         if reasoning and not self._tags:
             message["reasoning_content"] = reasoning
-            completion_tokens += estimate_tokens(reasoning)
+            counted.append(reasoning)
         calls = self.tool_calls
         if calls:
             if not content:
@@ -689,9 +702,14 @@ class CompletionAccumulator:
                 }
                 for call in calls
             ]
-            completion_tokens += sum(
-                estimate_tokens(call.name) + estimate_tokens(call.arguments) for call in calls
-            )
+            for call in calls:
+                counted += (call.name, call.arguments)
+        ascii_chars = other_chars = 0
+        for text in counted:
+            ascii_count, other_count = _split_count(text)
+            ascii_chars += ascii_count
+            other_chars += other_count
+        completion_tokens = _tokens(ascii_chars, other_chars)
         return orjson.dumps(
             {
                 "id": completion_id,
