@@ -18,12 +18,14 @@ their own envelope (PROTOCOLS.md 1.2, 5), which SDKs cannot detect.
 What is accepted, and why:
 
 - OpenAI's roles only: system, developer, user, assistant, tool and
-  function; providers decide what to make of the last three. Any other
-  role is a 400 naming ``messages[i].role`` (a provider would otherwise
-  merge it into the prompt as if it were text);
+  function (the chat service renders calls and their results into the
+  prompt before a provider sees them). Any other role is a 400 naming
+  ``messages[i].role`` (a provider would otherwise merge it into the
+  prompt as if it were text);
 - ``content`` as a string or an array of parts; null or missing only in
   assistant messages (those with tool calls carry none) and tool messages,
-  as OpenAI: a system, user or developer message without content is a 400. Text parts, ``image_url``
+  as OpenAI: a system, user or developer message without content is a
+  400. Text parts, ``image_url``
   parts (``{"url": ...}`` or, as some clients send, a plain string) and
   ``file`` parts are kept; a file is named by ``file_url`` (the references'
   form, 1.4) or by OpenAI's ``file.file_data`` data URL with its

@@ -25,6 +25,7 @@ from protocol.deltas import (
     ImageResult,
     ReasoningDelta,
     TextDelta,
+    ToolCallDelta,
     UpstreamError,
     VideoResult,
 )
@@ -1304,7 +1305,8 @@ def test_sdk_reads_a_completion() -> None:
 
 texts = st.text(max_size=12)
 finishes = st.builds(
-    Finish, st.sampled_from(["stop", "length", "content_filter"]), st.text(max_size=8)
+    Finish, st.sampled_from(["stop", "length", "content_filter", "tool_calls"]),
+    st.text(max_size=8),
 )
 
 
@@ -1349,6 +1351,7 @@ deltas_any = st.lists(
         st.builds(Citation, texts, texts),
         st.builds(ImageResult, texts),
         st.builds(VideoResult, texts, texts),
+        st.builds(ToolCallDelta, st.integers(0, 2), texts, texts, texts),
         finishes,
         st.builds(UpstreamError, texts, texts),
     ),
