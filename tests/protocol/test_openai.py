@@ -12,6 +12,7 @@ from typing import Any
 import httpx2
 import openai
 import orjson
+import pydantic
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -1170,7 +1171,11 @@ class SdkClient:
     """An openai.OpenAI client whose transport answers every request with ``body``."""
 
     def __init__(self, body: bytes, content_type: str) -> None:
+        #: the body of every request the client sent, in order
+        self.requests: list[bytes] = []
+
         def answer(request: httpx2.Request) -> httpx2.Response:
+            self.requests.append(request.read())
             return httpx2.Response(200, content=body, headers={"content-type": content_type})
 
         self._client = openai.OpenAI(
@@ -1185,6 +1190,59 @@ class SdkClient:
 
     def __exit__(self, *exc: object) -> None:
         self._client.close()
+
+
+class City(pydantic.BaseModel):
+    city: str
+
+
+class Report(pydantic.BaseModel):
+    summary: str
+
+
+def test_sdk_tool_loop_requests_parse() -> None:
+    """A tool loop with the openai SDK's helpers (a pydantic tool, a pydantic response format):
+    it parses our completion's call, and the next request it builds (its own assistant message
+    sent back, a tool result) parses into the neutral fields."""
+    acc = CompletionAccumulator()
+    acc.add([
+        ToolCallDelta(0, "call_1", "City", '{"city": '),
+        ToolCallDelta(0, arguments_part='"Oslo"}'),
+        Finish("tool_calls"),
+    ])
+    body = acc.body(completion_id="c1", model="step", created=3, prompt_tokens=2)
+    sdk = SdkClient(body, "application/json")
+    tools = [openai.pydantic_function_tool(City)]
+    with sdk as client:
+        messages: list[Any] = [{"role": "user", "content": "weather in Oslo?"}]
+        first = client.chat.completions.parse(
+            model="step", messages=messages, tools=tools, response_format=Report,
+            stop="Observation:", max_completion_tokens=64,
+        )
+        message = first.choices[0].message
+        assert message.tool_calls is not None
+        assert message.tool_calls[0].function.parsed_arguments == City(city="Oslo")
+        messages += [message, {"role": "tool", "tool_call_id": "call_1", "content": "-3C"}]
+        client.chat.completions.parse(
+            model="step", messages=messages, tools=tools, response_format=Report,
+            tool_choice="none",
+        )
+    first_request, second = (parse_chat_request(raw) for raw in sdk.requests)
+    assert first_request.tools == second.tools
+    assert [tool.name for tool in first_request.tools] == ["City"]
+    assert first_request.tools[0].parameters["properties"] == {
+        "city": {"title": "City", "type": "string"}
+    }
+    assert first_request.response_format is not None
+    assert (first_request.response_format.type, first_request.response_format.name,
+            first_request.response_format.strict) == ("json_schema", "Report", True)
+    assert (first_request.stop, first_request.max_tokens) == (("Observation:",), 64)
+    assert second.tool_choice == ToolChoice("none")
+    assert second.messages[1:] == (
+        Message("assistant", (), False,
+                tool_calls=(ToolCall("call_1", "City", '{"city": "Oslo"}'),)),
+        Message("tool", (ContentPart("text", text="-3C"),), False, tool_call_id="call_1"),
+    )
 
 
 # ---------------------------------------------------------------------------
