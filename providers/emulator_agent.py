@@ -26,9 +26,12 @@ the messages into one text. This module reads that text back:
      ``""``, and its "last user text" is what follows the last instruction
      or call block in it (:func:`last_user_text`).
 
-   Consecutive segments of one role are joined (a message with several text
-   parts prints one line or tag per part). A ``<tool_response ...>`` block is
-   never cut by a role line inside it: tool output may hold anything.
+   The shape is told by both ends of the text (a tag line first and
+   ``<|assistant|>`` last, or a ``role:`` first and ``assistant:`` last),
+   never by a line in between, which may be anyone's text. Consecutive
+   segments of one role are joined (a message with several text parts prints
+   one line or tag per part). A ``<tool_response ...>`` block is never cut by
+   a role line inside it: tool output may hold anything.
 
 2. :func:`read_prompt` finds, in the system messages (the whole text for
    the pass-through shape), the offered tools (the JSON lines between
@@ -38,13 +41,15 @@ the messages into one text. This module reads that text back:
 3. :func:`agent_answer` decides, first match wins:
 
    a. the last user message asks ``call NAME with {JSON}`` (``call`` in any
-      case, NAME an offered tool, JSON an object; several requests are
-      parallel calls): one ``<tool_call>`` block per request, joined by
-      newlines, and nothing else (so the relay's answer has null content).
-      With a named tool choice only requests for that tool count;
+      case, NAME an offered tool, optionally in backticks or quotes, JSON an
+      object; several requests are parallel calls, and right after one
+      request ``and NAME with {...}`` or ``, NAME with {...}`` needs no second
+      ``call``): one ``<tool_call>`` block per request, joined by newlines,
+      and nothing else (so the relay's answer has null content). With a
+      named tool choice only requests for that tool count;
    b. the last user message holds ``<tool_response>`` blocks (results coming
-      back) and no JSON was asked for: ``The tool N returned: CONTENT.``-style
-      sentences, one per result, joined by a space;
+      back) and no JSON was asked for: ``The tool N returned: CONTENT`` per
+      result (CONTENT stripped), joined by a space;
    c. the choice line says a call is required (``You must call at least one
       function now.``, or ``You must call the function "X" now``) and no
       result came back: a call of X (or the first tool) with ``{}``;
@@ -108,7 +113,7 @@ _MORE_RE = re.compile(
 #: providers/step/prompt.py build_prompt: ``{role}:{text}`` lines.
 _STEP_ROLE_RE = re.compile(r"(system|developer|user|assistant|tool|function):")
 #: The end of a StepChat prompt.
-_STEP_END = "assistant:"
+_STEP_END = "\nassistant:"
 #: providers/glm/prompt.py build_prompt: one tag line per text.
 _GLM_TAGS = {
     "<|system|>": "system",
@@ -116,6 +121,8 @@ _GLM_TAGS = {
     "<|user|>": "user",
     "<|assistant|>": "assistant",
 }
+#: The end of a merged ChatGLM prompt.
+_GLM_END = "\n<|assistant|>\n"
 #: The opening tag of a result block, attributes required: the tools
 #: instruction itself mentions a bare ``<tool_response>``.
 _RESPONSE_OPEN_RE = re.compile(r"<tool_response\s[^>\n]*>")
@@ -203,9 +210,10 @@ def split_prompt(prompt: str) -> list[PromptMessage]:
         message of role ``""``.
     """
     lines = prompt.split("\n")
-    if any(line in _GLM_TAGS for line in lines):
+    # the shape shows at both ends; a tag or role line in between may be anyone's text
+    if lines[0] in _GLM_TAGS and prompt.endswith(_GLM_END):
         segments = _segments(lines, _glm_head)
-    elif prompt.rstrip("\n").endswith(_STEP_END) and _STEP_ROLE_RE.match(prompt):
+    elif _STEP_ROLE_RE.match(prompt) and prompt.endswith(_STEP_END):
         segments = _segments(lines, _step_head)
     else:
         return [PromptMessage("", prompt)] if prompt.strip() else []
@@ -464,7 +472,10 @@ def agent_answer(prompt: str) -> str | None:
                 assert_never(agent.choice)
     if agent.json_mode:
         if agent.schema is not None:
-            return json_answer(schema_instance(agent.schema))
+            try:
+                return json_answer(schema_instance(agent.schema))
+            except orjson.JSONEncodeError:  # a const nested past orjson's limit
+                pass
         quote = results_sentence(results) if results else agent.last_user
         return json_answer({"answer": _shorten(quote)})
     return None
@@ -484,8 +495,10 @@ def schema_instance(schema: object) -> object:
     first ``enum`` value win; ``anyOf``/``oneOf`` take their first branch,
     ``allOf`` is merged; ``$ref`` into ``$defs``/``definitions`` (any local
     JSON pointer) is followed. Past a depth of 12 the shortest way out is
-    taken (a branch without ``$ref``, no optional array items), so a
-    recursive schema ends. ``pattern`` and ``uniqueItems`` are not honoured.
+    taken (a branch without ``$ref``, a ``null`` type, required properties
+    only, no optional array items), so a recursive schema ends; past 24 a
+    ``$ref`` and past 48 any subschema gives null. ``pattern``,
+    ``uniqueItems`` and a fractional ``multipleOf`` are not honoured.
 
     Args:
         schema: a JSON Schema (draft 2020-12 or older), as parsed JSON.
@@ -524,11 +537,20 @@ def _pick_branch(branches: list[Any], deep: bool) -> object:
 
 
 def _refers(schema: object) -> bool:
-    """Whether ``schema`` holds a ``$ref`` anywhere (so it may recurse)."""
-    if isinstance(schema, dict):
-        return "$ref" in schema or any(_refers(value) for value in schema.values())
-    if isinstance(schema, list):
-        return any(_refers(value) for value in schema)
+    """Whether ``schema`` holds a ``$ref`` anywhere (so it may recurse).
+
+    A loop over a stack, not recursion: a schema may be nested as deep as
+    JSON allows, deeper than Python's recursion limit.
+    """
+    stack = [schema]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            if "$ref" in node:
+                return True
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
     return False
 
 
@@ -537,6 +559,8 @@ def _instance(schema: object, root: object, depth: int) -> object:
         return None  # nothing is valid; null is as good as anything
     if not isinstance(schema, dict):
         return "example"  # true or a malformed schema: anything goes
+    if depth >= 4 * _MAX_SCHEMA_DEPTH:
+        return None  # a schema nested deeper than any model is asked to fill: give up
     deep = depth >= _MAX_SCHEMA_DEPTH
     rest = dict(schema)
     ref = rest.pop("$ref", None)
@@ -569,6 +593,8 @@ def _instance(schema: object, root: object, depth: int) -> object:
             kind = "object"
         elif any(k in rest for k in ("items", "prefixItems")):
             kind = "array"
+        elif "format" in rest:
+            kind = "string"
     match kind:
         case "object":
             return _object(rest, root, depth)
@@ -674,15 +700,15 @@ def _bounds(schema: dict[str, Any]) -> tuple[float | None, float | None, bool, b
 
 def _integer(schema: dict[str, Any]) -> int:
     low, high, low_ex, high_ex = _bounds(schema)
-    value = 42
-    if low is not None and (value < low or (low_ex and value <= low)):
-        value = math.floor(low) + 1 if low_ex else math.ceil(low)
-    if high is not None and (value > high or (high_ex and value >= high)):
-        value = math.ceil(high) - 1 if high_ex else math.floor(high)
+    least = None if low is None else math.floor(low) + 1 if low_ex else math.ceil(low)
+    most = None if high is None else math.ceil(high) - 1 if high_ex else math.floor(high)
+    value = 42 if least is None else max(42, least)
+    if most is not None:
+        value = min(value, most)
     step = schema.get("multipleOf")
     if isinstance(step, int) and not isinstance(step, bool) and step > 0 and value % step:
-        up = value + step - value % step
-        value = up if high is None or up <= high else value - value % step
+        up = value - value % step + step
+        value = up if most is None or up <= most else value - value % step
     return value
 
 
