@@ -39,6 +39,7 @@ from protocol.errors import MethodNotAllowed, NotFound, RelayError, RequestError
 from protocol.openai import check_file_count, models_body
 from relay.access import accounts_for, check_api_key
 from relay.chat import Outcome, complete, with_account
+from relay.dialects.anthropic import ANTHROPIC_MESSAGES
 from relay.dialects.openai_chat import OPENAI_CHAT
 from relay.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 
@@ -222,6 +223,12 @@ async def _chat(
             app.metrics.first_event.labels(name).observe(outcome.first_event_s)
 
 
+async def count_tokens(app: Relay, ex: Exchange, body: bytes) -> None:
+    """``POST /v1/messages/count_tokens``: Anthropic's ``{"input_tokens": N}``, estimated."""
+    check_api_key(app.settings, ex)
+    await ex.respond(200, ANTHROPIC_MESSAGES.count_tokens(body))
+
+
 def chat_route(dialect: Dialect, provider: str | None = None) -> Route:
     """A chat endpoint (``POST``) that speaks ``dialect``: one routing line per dialect.
 
@@ -288,6 +295,8 @@ ROUTES: dict[str, Route] = {
     MODEL_ROUTE: Route({"GET": model}),
     "/token/check": Route({"POST": token_check}),
     "/v1/chat/completions": chat_route(OPENAI_CHAT),
+    "/v1/messages": chat_route(ANTHROPIC_MESSAGES),
+    "/v1/messages/count_tokens": Route({"POST": count_tokens}, ANTHROPIC_MESSAGES),
     "/v1/images/generations": Route({"POST": images}),
     "/v1/videos/generations": Route({"POST": videos}),
 }
