@@ -10,6 +10,7 @@ with its ``MessageStream`` and raises its own exceptions for our errors.
 
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING, Any
 
 import anthropic
@@ -17,10 +18,15 @@ import httpcore
 import orjson
 import pytest
 import trio
+import trio.testing
 
-from protocol.anthropic import parse_messages_request
+from protocol.anthropic import KEEPALIVE, parse_messages_request
+from protocol.deltas import Finish, TextDelta
 from protocol.openai import prompt_tokens
+from relay import chat
+from relay.dialects.anthropic import ANTHROPIC_MESSAGES
 from tests.relay.conftest import GLM_TOKEN, STEP_CREDENTIAL, RelayFactory, Running, post
+from tests.relay.test_chat import _exchange, _Upstream, _Wire
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -238,6 +244,30 @@ async def test_count_tokens_and_api_keys(relay_factory: RelayFactory, step: Step
     assert await _run(relay, refused, key="wrong") == [401, 401]
     message = await _run(relay, _create("step"), key="k1")
     assert message.content[0].text == "Hello world!"
+
+
+async def test_a_silent_upstream_gets_pings(autojump_clock: trio.testing.MockClock) -> None:
+    """The chat service's SSE writer with this dialect's encoder (test_chat's harness, on the
+    autojump clock): a silent upstream gets the head with message_start at commit_timeout,
+    then a ping after every sse_keepalive of silence, then the events of the answer."""
+    wire = _Wire()
+    ex, settings = _exchange(wire)  # commit after 5 s, keep alive every 15 s
+    request = ANTHROPIC_MESSAGES.parse(orjson.dumps({"model": "step", "max_tokens": 9,
+                                                     "messages": HI, "stream": True}))
+    encoder = ANTHROPIC_MESSAGES.stream(request, model="step", conversation_id="c1",
+                                        reasoning="field", citation_line="{title} {url}\n")
+    upstream = _Upstream([(40.0, [[TextDelta("a")]]), (0.0, [[Finish()]])])
+    await chat._serve_stream(ex, upstream, encoder, settings, chat.Outcome(), 0.0)
+    head = wire.writes[0][1]
+    assert head.startswith(b"HTTP/1.1 200 ")
+    assert b"content-type: text/event-stream; charset=utf-8\r\n" in head.lower()
+    written = b"".join(data for _, data in wire.writes)
+    assert written.count(KEEPALIVE) == 2
+    assert re.findall(rb"event: (\w+)\n", written) == [
+        b"message_start", b"ping", b"ping", b"content_block_start", b"content_block_delta",
+        b"content_block_stop", b"message_delta", b"message_stop",
+    ]
+    assert b'"id":"msg_c1"' in head
 
 
 @NEEDS_SHAPER
