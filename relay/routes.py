@@ -41,6 +41,7 @@ from relay.access import accounts_for, check_api_key
 from relay.chat import Outcome, complete, with_account
 from relay.dialects.anthropic import ANTHROPIC_MESSAGES
 from relay.dialects.openai_chat import OPENAI_CHAT
+from relay.dialects.responses import RESPONSES
 from relay.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 
 if TYPE_CHECKING:
@@ -295,6 +296,7 @@ ROUTES: dict[str, Route] = {
     MODEL_ROUTE: Route({"GET": model}),
     "/token/check": Route({"POST": token_check}),
     "/v1/chat/completions": chat_route(OPENAI_CHAT),
+    "/v1/responses": chat_route(RESPONSES),
     "/v1/messages": chat_route(ANTHROPIC_MESSAGES),
     "/v1/messages/count_tokens": Route({"POST": count_tokens}, ANTHROPIC_MESSAGES),
     "/v1/images/generations": Route({"POST": images}),
