@@ -844,3 +844,43 @@ def test_the_sdk_reads_our_whole_response() -> None:
     assert result.output[1].type == "function_call"
     assert result.usage is not None
     assert result.usage.total_tokens == result.usage.input_tokens + result.usage.output_tokens
+
+
+class City(pydantic.BaseModel):
+    city: str
+
+
+def test_the_sdks_structured_output_request_and_parse() -> None:
+    """``responses.parse(text_format=City)``: its request asks for City's JSON schema (strict),
+    and our whole response's text is parsed into a City."""
+    acc = ResponseAccumulator(item_base="t")
+    acc.add([TextDelta('{"city": "Paris"}'), Finish()])
+    body = acc.body(parse({"input": "x"}), response_id="resp_9", model="m", created_at=1)
+    sdk = SdkClient(body, "application/json")
+    result = sdk.client.responses.parse(model="m", input="Where?", text_format=City)
+    assert result.output_parsed == City(city="Paris")
+    fmt = parse_responses_request(sdk.requests[0]).response_format
+    assert fmt is not None
+    assert (fmt.type, fmt.name, fmt.strict) == ("json_schema", "City", True)
+    assert fmt.schema["properties"] == {"city": {"title": "City", "type": "string"}}
+
+
+def test_our_output_items_sent_back_as_input_parse() -> None:
+    """The SDK's tool loop sends our output items back (reasoning, message, function_call) with
+    a function_call_output: that request parses into the conversation the upstream needs."""
+    acc = ResponseAccumulator(item_base="t")
+    acc.add([ReasoningDelta("Need the weather."), TextDelta("Checking."),
+             ToolCallDelta(0, "call_a", "weather", '{"city":"Paris"}'), Finish("tool_calls")])
+    body = acc.body(parse({"input": "x"}), response_id="resp_9", model="m", created_at=1)
+    sdk = SdkClient(body, "application/json")
+    first = sdk.client.responses.create(model="m", input="Weather in Paris?")
+    sdk.client.responses.create(model="m", input=[
+        {"role": "user", "content": "Weather in Paris?"}, *first.output,  # type: ignore[list-item]
+        {"type": "function_call_output", "call_id": "call_a", "output": "sunny"},
+    ])
+    assert parse_responses_request(sdk.requests[1]).messages == (
+        Message("user", (text("Weather in Paris?"),), False),
+        Message("assistant", (text("Checking."),), True,
+                tool_calls=(ToolCall("call_a", "weather", '{"city":"Paris"}'),)),
+        Message("tool", (text("sunny"),), False, tool_call_id="call_a", name="weather"),
+    )

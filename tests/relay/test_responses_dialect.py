@@ -368,3 +368,17 @@ async def test_max_output_tokens_cuts_the_answer(relay: Running, step: StepEmula
     assert result.status == "incomplete"
     assert result.incomplete_details.reason == "max_output_tokens"
     assert len(result.output_text) < len(ANSWER)
+
+
+class City(pydantic.BaseModel):
+    city: str
+
+
+@NEEDS_SHAPER
+@pytest.mark.parametrize(("model", "key"), [("step", STEP_CREDENTIAL), ("glm-4", GLM_TOKEN)])
+async def test_structured_output(relay: Running, model: str, key: str) -> None:
+    """``responses.parse(text_format=City)``: the answer is the JSON document alone, parsed."""
+    result = await _run(relay, lambda client: client.responses.parse(
+        model=model, input="Which city is the capital of France?", text_format=City), key)
+    assert isinstance(result.output_parsed, City)
+    assert orjson.loads(result.output_text) == result.output_parsed.model_dump()
