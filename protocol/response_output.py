@@ -55,7 +55,7 @@ from __future__ import annotations
 import enum
 import uuid
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, assert_never
+from typing import TYPE_CHECKING, Any, Literal, assert_never
 
 import orjson
 
@@ -191,6 +191,10 @@ def response_id(conversation_id: str) -> str:
     return RESPONSE_ID_PREFIX + conversation_id
 
 
+#: An output item's ``status``.
+ItemStatus = Literal["in_progress", "completed", "incomplete"]
+
+
 class _Kind(enum.Enum):
     """An output item's type; the value is its id prefix."""
 
@@ -210,7 +214,7 @@ class _Item:
     call_id: str = ""
     name: str = ""
     pieces: list[str] = field(default_factory=list)
-    status: str = "in_progress"
+    status: ItemStatus = "in_progress"
 
     @property
     def text(self) -> str:
@@ -368,7 +372,7 @@ class _Output:
             item.pieces.append(delta.arguments_part)
             self._added(item, delta.arguments_part)
 
-    def _close(self, status: str) -> None:
+    def _close(self, status: ItemStatus) -> None:
         item = self._open
         if item is not None:
             self._open = None
