@@ -16,6 +16,18 @@ conversation, shielded and bounded, whatever happened. An auth failure (401)
 or a busy account (429) moves to the next account, but only while nothing has
 been sent to the client.
 
+What web chats cannot do is done here, the same for every provider and
+dialect. Tools, tool-call history and a JSON format are rendered into the
+prompt (:func:`protocol.toolcalls.render_agent_prompt`; the provider sees
+plain messages), and the answer passes through an
+:class:`~protocol.shaping.AnswerShaper` (:class:`ShapedAnswer`): the client's
+stop sequences and token limit, tool calls parsed out of the text, the JSON
+document cut out of prose and fences. A stop or the limit ends the answer
+early: the upstream is not read further and the conversation is deleted as
+always. A whole (non-streamed) structured answer that is not the JSON asked
+for is a 502 ``invalid_json_output`` showing the text. The dialect is given
+the client's request as it was sent (its usage counts what the client asked).
+
 The whole of it runs inside :meth:`Exchange.watch_disconnect`: if the client
 goes away, the scope is cancelled, the upstream read stops at once, and the
 cleanup still runs.
@@ -69,6 +81,8 @@ from typing import TYPE_CHECKING, TypeVar
 import trio
 
 from protocol.deltas import Delta, Finish, UpstreamError
+from protocol.shaping import AnswerShaper, json_output_error
+from protocol.toolcalls import needs_rendering, render_agent_prompt
 from protocol.errors import (
     AuthError,
     NoAccountFree,
@@ -82,9 +96,9 @@ from relay.server import ClientGone
 from relay.timers import SLACK_S, coarse_timers
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+    from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 
-    from protocol.openai import ChatRequest
+    from protocol.openai import ChatRequest, ResponseFormat
     from providers.contract import ChatStream, SessionT
     from relay.accounts import Account
     from relay.config import Settings
@@ -373,6 +387,7 @@ async def _serve_whole(
     acc: WholeAnswer,
     outcome: Outcome,
     started_at: float,
+    response_format: ResponseFormat | None,
 ) -> None:
     async with aclosing(answer.__aiter__()) as batches:
         async for batch in batches:
@@ -389,7 +404,55 @@ async def _serve_whole(
                 break
         else:
             raise UpstreamFailed("upstream stream ended without an answer", code="truncated")
+    if response_format is not None:
+        problem = json_output_error(acc.text, response_format)
+        if problem is not None:
+            raise UpstreamFailed(
+                f"the model's answer is not the JSON asked for ({problem}); its text was: "
+                f"{_clip(acc.text, JSON_TEXT_SHOWN)}",
+                code="invalid_json_output",
+            )
     await ex.respond(200, acc.answer(answer.conversation_id))
+
+
+#: how much of a non-JSON answer a 502 invalid_json_output shows
+JSON_TEXT_SHOWN = 1000
+
+
+def _clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+class ShapedAnswer:
+    """An upstream answer seen through an :class:`~protocol.shaping.AnswerShaper`.
+
+    The shaper applies what web chats cannot: the client's stop sequences,
+    its token limit, tool calls parsed out of the text, the JSON document
+    cut out of a structured answer. Once the shaper has ended the answer
+    (a stop sequence, the limit), the upstream is not read any further:
+    leaving the iteration closes it, and the provider's chat context then
+    deletes the conversation as always.
+    """
+
+    def __init__(self, answer: ChatStream, shaper: AnswerShaper) -> None:
+        self._answer = answer
+        self._shaper = shaper
+
+    @property
+    def conversation_id(self) -> str:
+        """The upstream conversation (the answer's)."""
+        return self._answer.conversation_id
+
+    async def __aiter__(self) -> AsyncGenerator[list[Delta], None]:
+        """The shaped batches; a batch the shaper holds back entirely is skipped."""
+        shaper = self._shaper
+        async with aclosing(self._answer.__aiter__()) as batches:
+            async for batch in batches:
+                shaped = shaper.feed(batch)
+                if shaped:
+                    yield shaped
+                if shaper.done:
+                    return
 
 
 async def complete(
@@ -431,7 +494,12 @@ async def _attempt(
     outcome: Outcome,
     started_at: float,
 ) -> None:
-    async with runtime.provider.chat(session, request) as answer:
+    # tools, their history and a JSON format go into the prompt (web chats have no such fields)
+    upstream_request = render_agent_prompt(request) if needs_rendering(request) else request
+    async with runtime.provider.chat(session, upstream_request) as upstream:
+        answer: ChatStream = upstream
+        if AnswerShaper.needed(request):
+            answer = ShapedAnswer(upstream, AnswerShaper(request))
         outcome.conversation = answer.conversation_id
         if request.stream:
             encoder = dialect.stream(
@@ -444,7 +512,7 @@ async def _attempt(
             await _serve_stream(ex, answer, encoder, settings, outcome, started_at)
         else:
             whole = dialect.whole(request, model=model, reasoning=settings.reasoning)
-            await _serve_whole(ex, answer, whole, outcome, started_at)
+            await _serve_whole(ex, answer, whole, outcome, started_at, request.response_format)
         outcome.conversation = answer.conversation_id
 
 

@@ -48,9 +48,6 @@ WEATHER: Any = [{
 CALL: Any = [{"role": "user", "content": 'call get_weather with {"city": "Paris"}'}]
 #: the chat service renders tools into the prompt and parses the answer's calls (the lead's
 #: AnswerShaper integration in relay/chat.py); until it lands the upstream sees no tools
-NEEDS_SHAPER = pytest.mark.xfail(
-    reason="relay/chat.py does not render tools or shape answers yet", strict=True
-)
 
 
 def _client(relay: Running, key: str = STEP_CREDENTIAL) -> anthropic.Anthropic:
@@ -270,11 +267,13 @@ async def test_a_silent_upstream_gets_pings(autojump_clock: trio.testing.MockClo
     assert b'"id":"msg_c1"' in head
 
 
-@NEEDS_SHAPER
 @pytest.mark.parametrize(("model", "key"), [("step", STEP_CREDENTIAL), ("glm-4", GLM_TOKEN)])
-async def test_tool_use_loop(relay: Running, model: str, key: str) -> None:
+async def test_tool_use_loop(
+    relay: Running, step: StepEmulator, glm: GlmEmulator, model: str, key: str
+) -> None:
     """The SDK's tool loop: a tool_use block (create and stream), then the tool_result sent
     back gets a text answer that uses it."""
+    step.behavior.answer = glm.behavior.answer = None  # the emulators' scripted agent answers
     message = await _run(relay, _create(model, CALL, tools=WEATHER), key)
     streamed = await _run(relay, _stream(model, CALL, tools=WEATHER), key)
     for final in (message, streamed.final):
@@ -292,7 +291,6 @@ async def test_tool_use_loop(relay: Running, model: str, key: str) -> None:
     assert "sunny, 21 C" in answer.content[0].text
 
 
-@NEEDS_SHAPER
 async def test_stop_sequences_and_max_tokens(relay: Running, step: StepEmulator) -> None:
     """A stop sequence cuts the text before it (stop_sequence named); max_tokens cuts at the
     limit (stop_reason max_tokens)."""
