@@ -81,8 +81,6 @@ from typing import TYPE_CHECKING, TypeVar
 import trio
 
 from protocol.deltas import Delta, Finish, UpstreamError
-from protocol.shaping import AnswerShaper, json_output_error
-from protocol.toolcalls import needs_rendering, render_agent_prompt
 from protocol.errors import (
     AuthError,
     NoAccountFree,
@@ -91,6 +89,8 @@ from protocol.errors import (
     UpstreamFailed,
     UpstreamTimeout,
 )
+from protocol.shaping import AnswerShaper, json_output_error
+from protocol.toolcalls import needs_rendering, render_agent_prompt
 from relay.netio import before_read
 from relay.server import ClientGone
 from relay.timers import SLACK_S, coarse_timers
