@@ -4,7 +4,9 @@ The SDK runs in a worker thread (``trio.to_thread.run_sync``), as in
 ``test_chat.py``, against a relay on loopback whose upstreams are the
 StepChat and ChatGLM emulators: ``client.responses.create`` (whole and
 streamed) and ``client.responses.stream`` (the SDK's accumulator). Raw
-HTTP tests hold every byte to the SDK's pydantic types. The chat service's
+HTTP tests hold every byte to the SDK's pydantic types. Function calls and
+structured output run through the chat service's answer shaping, answered by
+the emulators' scripted agent (``providers/emulator_agent.py``). The chat service's
 SSE writer is also run with this dialect's encoder on the autojump clock
 (test_chat's harness) for the keep-alives and a stopped stream's last words.
 """
@@ -45,11 +47,6 @@ WEATHER: Any = [{
                    "required": ["city"]},
 }]
 CALL = 'call get_weather with {"city": "Paris"}'
-#: the chat service renders tools into the prompt and parses the answer's calls (the lead's
-#: AnswerShaper integration in relay/chat.py); until it lands the upstream sees no tools
-NEEDS_SHAPER = pytest.mark.xfail(
-    reason="relay/chat.py does not render tools or shape answers yet", strict=True
-)
 
 
 async def _run(relay: Running, call: Callable[[openai.OpenAI], Any],
@@ -330,11 +327,13 @@ async def test_last_words_fail_the_response(autojump_clock: trio.testing.MockClo
     assert not writer.committed
 
 
-@NEEDS_SHAPER
 @pytest.mark.parametrize(("model", "key"), [("step", STEP_CREDENTIAL), ("glm-4", GLM_TOKEN)])
-async def test_function_call_loop(relay: Running, model: str, key: str) -> None:
+async def test_function_call_loop(
+    relay: Running, step: StepEmulator, glm: GlmEmulator, model: str, key: str
+) -> None:
     """The SDK's function-calling loop: a function_call item (create and stream), then the
     function_call_output sent back gets a text answer that uses it."""
+    step.behavior.answer = glm.behavior.answer = None  # the emulators' scripted agent answers
 
     def run(client: openai.OpenAI) -> tuple[Any, Any, Any]:
         first = client.responses.create(model=model, input=CALL, tools=WEATHER)
@@ -359,7 +358,6 @@ async def test_function_call_loop(relay: Running, model: str, key: str) -> None:
     assert "sunny, 21 C" in answer.output_text
 
 
-@NEEDS_SHAPER
 async def test_max_output_tokens_cuts_the_answer(relay: Running, step: StepEmulator) -> None:
     """max_output_tokens: the answer is cut, the response incomplete (max_output_tokens)."""
     step.behavior.answer = ANSWER
@@ -374,11 +372,39 @@ class City(pydantic.BaseModel):
     city: str
 
 
-@NEEDS_SHAPER
 @pytest.mark.parametrize(("model", "key"), [("step", STEP_CREDENTIAL), ("glm-4", GLM_TOKEN)])
-async def test_structured_output(relay: Running, model: str, key: str) -> None:
-    """``responses.parse(text_format=City)``: the answer is the JSON document alone, parsed."""
+async def test_structured_output(
+    relay: Running, step: StepEmulator, glm: GlmEmulator, model: str, key: str
+) -> None:
+    """``responses.parse(text_format=City)``: the answer is the JSON document alone, parsed
+    (the emulators wrap it in prose and a code fence; the chat service strips them)."""
+    step.behavior.answer = glm.behavior.answer = None  # the emulators' scripted agent answers
     result = await _run(relay, lambda client: client.responses.parse(
         model=model, input="Which city is the capital of France?", text_format=City), key)
     assert isinstance(result.output_parsed, City)
     assert orjson.loads(result.output_text) == result.output_parsed.model_dump()
+
+
+async def test_raw_streamed_function_call_events(
+    relay: Running, step: StepEmulator
+) -> None:
+    """A call streamed as raw bytes: a function_call item, its argument deltas adding up to
+    the arguments, ``.done``, the item done, then response.completed; every event valid."""
+    step.behavior.answer = None  # the emulator's scripted agent answers
+    with trio.fail_after(5):
+        response = await post(relay.base_url, PATH, _body(CALL, stream=True, tools=WEATHER))
+    events = _events(response.content)
+    kinds = [event["type"] for event in events]
+    added = kinds.index("response.output_item.added")
+    assert events[added]["item"]["type"] == "function_call"
+    assert events[added]["item"]["name"] == "get_weather"
+    assert kinds[added + 1:] == [
+        *["response.function_call_arguments.delta"] * (len(kinds) - added - 4),
+        "response.function_call_arguments.done", "response.output_item.done",
+        "response.completed",
+    ]
+    arguments = "".join(event["delta"] for event in events
+                        if event["type"] == "response.function_call_arguments.delta")
+    assert orjson.loads(arguments) == {"city": "Paris"}
+    final = Response.model_validate(events[-1]["response"])
+    assert [item.type for item in final.output] == ["function_call"]
