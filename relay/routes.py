@@ -86,12 +86,14 @@ WELCOME = b"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>trio-llm-relay</title></head>
 <body style="font-family: sans-serif; max-width: 40em; margin: 3em auto">
 <h1>trio-llm-relay is running</h1>
-<p>An OpenAI-compatible relay for StepChat and ChatGLM.
+<p>An OpenAI- and Anthropic-compatible relay for StepChat and ChatGLM.
 Point LobeChat, ChatGPT-Next-Web, Dify or the <code>openai</code> SDK at
-<code>/v1</code> of this address.</p>
+<code>/v1</code> of this address, the <code>anthropic</code> SDK at the address itself.</p>
 <ul>
 <li><code>POST /v1/chat/completions</code></li>
-<li><code>GET /v1/models</code></li>
+<li><code>POST /v1/responses</code></li>
+<li><code>POST /v1/messages</code>, <code>POST /v1/messages/count_tokens</code></li>
+<li><code>GET /v1/models</code>, <code>GET /v1/models/{id}</code></li>
 <li><code>POST /token/check</code></li>
 <li><code>POST /v1/images/generations</code>, <code>POST /v1/videos/generations</code></li>
 <li><code>GET /ping</code>, <code>GET /metrics</code></li>
@@ -311,7 +313,8 @@ CORS_PREFLIGHT = [
 
 
 def route_table(providers: Iterable[str]) -> dict[str, Route]:
-    """:data:`ROUTES` plus each provider's ``/<name>/v1/chat/completions``.
+    """:data:`ROUTES` plus each provider's ``/<name>/v1/chat/completions``, ``.../responses``
+    and ``.../messages`` (the provider forced, whatever the model is called).
 
     The table is the application's own (:attr:`relay.app.App.routes`): a
     route added to it is served from the next request on.
@@ -319,6 +322,8 @@ def route_table(providers: Iterable[str]) -> dict[str, Route]:
     table = dict(ROUTES)
     for name in providers:
         table[f"/{name}/v1/chat/completions"] = chat_route(OPENAI_CHAT, name)
+        table[f"/{name}/v1/responses"] = chat_route(RESPONSES, name)
+        table[f"/{name}/v1/messages"] = chat_route(ANTHROPIC_MESSAGES, name)
     return table
 
 

@@ -295,3 +295,22 @@ async def test_strict_schema_violation_is_a_502(relay: Running, step: StepEmulat
         response = await post(relay.base_url, "/v1/chat/completions", body)
     assert response.status == 502
     assert orjson.loads(response.content)["error"]["code"] == "invalid_json_output"
+
+
+async def test_provider_prefixes_force_the_provider_on_every_dialect(
+    relay: Running, step: StepEmulator, glm: GlmEmulator
+) -> None:
+    """/glm/v1/messages and /step/v1/responses pick their provider whatever the model
+    (Anthropic's and OpenAI's clients send their own model names)."""
+    messages = orjson.dumps({"model": "claude-sonnet-4", "max_tokens": 64,
+                             "messages": [{"role": "user", "content": "hi"}]})
+    responses = orjson.dumps({"model": "gpt-4o", "input": "hi"})
+    with trio.fail_after(10):
+        anthropic_glm = await post(relay.base_url, "/glm/v1/messages", messages,
+                                   headers=[(b"x-api-key", GLM_TOKEN.encode())])
+        openai_step = await post(relay.base_url, "/step/v1/responses", responses)
+    assert anthropic_glm.status == 200, anthropic_glm.content
+    assert orjson.loads(anthropic_glm.content)["content"][0]["text"] == "你好，世界！"
+    assert openai_step.status == 200, openai_step.content
+    output = orjson.loads(openai_step.content)["output"]
+    assert output[-1]["content"][0]["text"] == "Hello world!"
