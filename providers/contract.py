@@ -15,6 +15,13 @@ passes in objects that satisfy the protocols here:
   conversation) after the answer, off the request's path, so a keep-alive
   client's next request does not wait one upstream round trip for it.
 
+Two optional protocols a provider may satisfy besides :class:`Provider`:
+:class:`SessionCodec` turns its sessions into JSON and back, which shared
+account state (Redis, ``RELAY_REDIS_URL``) needs to cache them for every
+instance; :class:`ConversationKeeper` says which answers leave their upstream
+conversation for the client to continue, so that the relay can send the
+follow-up to the account that owns it.
+
 A provider in turn satisfies :class:`Provider`: it says which model names
 are its own (:meth:`Provider.owns_model`), what its credentials look like,
 and which models ``/v1/models`` lists. The relay logs an account in through
@@ -34,7 +41,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol, TypeVar
+from typing import TYPE_CHECKING, Protocol, TypeVar, runtime_checkable
 
 if TYPE_CHECKING:
     from contextlib import AbstractAsyncContextManager
@@ -303,4 +310,45 @@ class Provider(Protocol[SessionT]):
             RequestError: a file could not be fetched.
             UpstreamFailed, UpstreamTimeout, NoAccountFree: upstream trouble.
         """
+        ...
+
+
+@runtime_checkable
+class SessionCodec(Protocol[SessionT]):
+    """Sessions as JSON text: what shared account state stores (``RELAY_REDIS_URL``).
+
+    A session holds secrets (an access token, and what the provider needs to
+    log in again), so the text does too: it goes to a private Redis, never
+    to a log.
+    """
+
+    def dump_session(self, session: SessionT) -> str:
+        """The session as JSON text; equal sessions give equal text."""
+        ...
+
+    def load_session(self, data: str) -> SessionT:
+        """The session :meth:`dump_session` wrote.
+
+        Raises:
+            ValueError: ``data`` is not such a session (the caller logs in again).
+        """
+        ...
+
+
+@runtime_checkable
+class ConversationKeeper(Protocol):
+    """A provider that may leave an upstream conversation for the client to continue.
+
+    Such a conversation belongs to the account that created it: a follow-up
+    sent with another account's session is refused. The relay remembers the
+    owner of every kept conversation and leases that account for the
+    follow-up (``relay/accounts.py``).
+    """
+
+    def keeps_conversation(self, request: ChatRequest) -> bool:
+        """Whether the answer to ``request`` leaves its conversation upstream."""
+        ...
+
+    def continued_conversation(self, request: ChatRequest) -> str | None:
+        """The upstream conversation ``request`` continues, if it names a valid one."""
         ...

@@ -61,6 +61,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import logging
 import math
 import secrets
@@ -385,6 +386,37 @@ class GlmProvider:
         """ChatGLM draws and makes videos (3.12): :meth:`images`, :meth:`videos`."""
         return self
 
+    # --- sessions and kept conversations (shared account state) ---------------------------
+
+    def dump_session(self, session: GlmSession) -> str:
+        """The session as JSON text (providers.contract.SessionCodec)."""
+        return json.dumps({"access_token": session.access_token, "device_id": session.device_id,
+                           "refresh_token": session.refresh_token}, sort_keys=True)
+
+    def load_session(self, data: str) -> GlmSession:
+        """The session :meth:`dump_session` wrote.
+
+        Raises:
+            ValueError: ``data`` is not one.
+        """
+        fields = json.loads(data)
+        if not isinstance(fields, dict):
+            raise ValueError("a ChatGLM session is a JSON object")
+        values = [fields.get(name) for name in ("access_token", "device_id", "refresh_token")]
+        access, device, refresh = (value if isinstance(value, str) else "" for value in values)
+        if not (access and device and refresh):
+            raise ValueError("a ChatGLM session needs an access token, device id and refresh token")
+        return GlmSession(access, device, refresh)
+
+    def keeps_conversation(self, request: ChatRequest) -> bool:
+        """A client that sent ``conversation_id`` (even null or "") keeps its conversations
+        (weakness 18; providers.contract.ConversationKeeper)."""
+        return request.conversation_id is not None
+
+    def continued_conversation(self, request: ChatRequest) -> str | None:
+        """The conversation ``request`` continues: its ``conversation_id``, if valid (3.10)."""
+        return prompt.valid_conversation_id(request.conversation_id)
+
     def validate_credential(self, credential: str) -> None:
         """A refresh token: non-empty ASCII, no whitespace, comma or control character.
 
@@ -653,7 +685,7 @@ class GlmProvider:
                 is not raised: the answer then begins with a 429 error.
         """
         choice = prompt.resolve_model(request.model or DEFAULT_MODEL, self._default_assistant)
-        reuse = prompt.valid_conversation_id(request.conversation_id)
+        reuse = self.continued_conversation(request)
         parts = file_parts(request.messages)
         files, images = prompt.attachment_items(await self._attachments(session, parts))
         body = prompt.stream_body(
@@ -669,7 +701,7 @@ class GlmProvider:
         # A client that sent `conversation_id` (even null or "") manages its
         # conversations: keep them so it can continue (weakness 18). Others
         # leave nothing behind, even when they leave before the id is known.
-        keep = request.conversation_id is not None
+        keep = self.keeps_conversation(request)
         answer: GlmAnswer | None = None
         try:
             async with AsyncExitStack() as stack:

@@ -20,6 +20,7 @@ Where we differ from the reference, on purpose:
 from __future__ import annotations
 
 import functools
+import json
 import logging
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass, field
@@ -158,6 +159,30 @@ class StepProvider:
 
     def validate_credential(self, credential: str) -> None:
         prompt.parse_credential(credential)
+
+    def dump_session(self, session: StepSession) -> str:
+        """The session as JSON text (providers.contract.SessionCodec).
+
+        The cookie is bytes of a header value: latin-1 keeps every byte as it is.
+        """
+        return json.dumps({"cookie": session.cookie.decode("latin-1"),
+                           "device_id": session.device_id, "token": session.token},
+                          sort_keys=True)
+
+    def load_session(self, data: str) -> StepSession:
+        """The session :meth:`dump_session` wrote.
+
+        Raises:
+            ValueError: ``data`` is not one.
+        """
+        fields = json.loads(data)
+        if not isinstance(fields, dict):
+            raise ValueError("a StepChat session is a JSON object")
+        device_id, cookie, token = (fields.get(name) for name in ("device_id", "cookie", "token"))
+        if not (isinstance(device_id, str) and isinstance(cookie, str) and isinstance(token, str)
+                and device_id and cookie):
+            raise ValueError("a StepChat session needs its device id, cookie and token")
+        return StepSession(device_id, cookie.encode("latin-1"), token)
 
     # --- calls ---------------------------------------------------------------------------
 
