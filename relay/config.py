@@ -81,6 +81,16 @@ class Settings:
     token_refresh_margin: float = _opt(
         60.0, "refresh access tokens this many seconds before they expire"
     )
+    redis_url: str | None = _opt(
+        None, "Redis (redis://, rediss:// or unix://) holding account state for every worker "
+        "and instance; unset: in-process"
+    )
+    redis_lease_expiry: float = _opt(
+        30.0, "with Redis: seconds an account lease outlives an instance that died holding it"
+    )
+    redis_lease_renew: float = _opt(
+        10.0, "with Redis: seconds between renewals of the leases of running streams"
+    )
 
     # --- limits ------------------------------------------------------------
     max_body_bytes: int = _opt(64 * MIB, "largest request body accepted (413 above)")
@@ -213,6 +223,7 @@ def build(
 
 
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 
 
 def _validate(s: Settings, origin: Mapping[str, str]) -> None:
@@ -247,6 +258,11 @@ def _validate(s: Settings, origin: Mapping[str, str]) -> None:
             fail(name, "must be at least 1")
     if s.step_max_streams < 0:
         fail("step_max_streams", "must be at least 0")
+    if s.redis_url is not None and not s.redis_url.startswith(REDIS_SCHEMES):
+        # not echoed: the URL may carry a password
+        fail("redis_url", f"must begin with {', '.join(REDIS_SCHEMES)}")
+    if not 0 < s.redis_lease_renew < s.redis_lease_expiry:
+        fail("redis_lease_renew", "must be above 0 and below redis_lease_expiry")
     if s.log_level.lower() not in LOG_LEVELS:
         fail("log_level", f"must be one of {', '.join(LOG_LEVELS)}")
 

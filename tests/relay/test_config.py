@@ -45,6 +45,7 @@ def sample(name: str) -> tuple[str, object]:
         "glm_base_url": ("http://glm.test:8080", "http://glm.test:8080"),
         "log_level": ("DEBUG", "DEBUG"),
         "upstream_proxy": ("http://proxy.test:3128", "http://proxy.test:3128"),
+        "redis_url": ("redis://redis.test:6379/1", "redis://redis.test:6379/1"),
     }
     if name in special:
         return special[name]
