@@ -583,11 +583,11 @@ async def with_account(
                     raise
                 last_error = exc
                 if exc.status == 401:
-                    runtime.pool.evict(account, session)
+                    await runtime.pool.evict(account, session)
                     if account not in relogged:
                         relogged.add(account)  # same account, fresh login
                         continue
-                    runtime.pool.rest(account, exc.message)
+                    await runtime.pool.rest(account, exc.message)
                 else:
                     log.info("%s account %s is busy: %s", runtime.provider.name,
                              account.id, exc.message)

@@ -195,7 +195,7 @@ async def test_resting_ends_after_the_cooldown(autojump_clock: trio.testing.Mock
     seconds and no longer afterwards."""
     pool = make_pool()
     (acc,) = pool.server_accounts(["cred-a"])
-    pool.rest(acc, "test")
+    await pool.rest(acc, "test")
     assert pool.statistics().resting == 1
     await trio.sleep(COOLDOWN_S - 1)
     assert pool.statistics().resting == 1
@@ -304,18 +304,18 @@ async def test_evict_only_removes_the_named_session(
     fake.login_s = 0.0
     (acc,) = pool.server_accounts(["cred-a"])
     current = await pool.session(acc)
-    pool.evict(acc, "an older session")
+    await pool.evict(acc, "an older session")
     assert acc.session is current
     assert await pool.session(acc) is current
     assert len(fake.calls) == 1
 
-    pool.evict(acc, current)
+    await pool.evict(acc, current)
     assert acc.session is None
     refreshed = await pool.session(acc)
     assert refreshed != current
     assert len(fake.calls) == 2
 
-    pool.evict(acc)
+    await pool.evict(acc)
     assert acc.session is None
 
 
@@ -599,14 +599,14 @@ async def test_resting_account_is_used_only_when_no_healthy_one_is_free(
     only when every healthy account is at its limit."""
     pool = make_pool(max_streams=0)
     rested, healthy = pool.server_accounts(["rested", "healthy"])
-    pool.rest(rested, "test")
+    await pool.rest(rested, "test")
     async with pool.lease([rested, healthy]) as one, pool.lease([rested, healthy]) as two:
         assert one is healthy
         assert two is healthy
 
     limited = make_pool(max_streams=1)
     rested, healthy = limited.server_accounts(["rested", "healthy"])
-    limited.rest(rested, "test")
+    await limited.rest(rested, "test")
     async with limited.lease([rested, healthy]) as first:
         assert first is healthy
         async with limited.lease([rested, healthy]) as second:
@@ -619,7 +619,7 @@ async def test_rested_account_is_healthy_again_after_the_cooldown(
     """After account_cooldown a rested account competes normally again."""
     pool = make_pool()
     rested, other = pool.server_accounts(["rested", "other"])
-    pool.rest(rested, "test")
+    await pool.rest(rested, "test")
     other.served = 5  # would lose on "served" to a healthy rested account
     async with pool.lease([rested, other]) as acc:
         assert acc is other
