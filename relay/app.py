@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from relay import registry, routes
+from relay import accounts, registry, routes
 from relay.fetcher import UrlFetcher
 from relay.janitor import Janitor
 from relay.metrics import Metrics
@@ -125,8 +125,10 @@ class App:
         """
         listeners = await open_listeners(self.settings, reuse_port=reuse_port)
         self.addresses = bound_addresses(listeners)
+        pools = [runtime.pool for runtime in self.providers.values()]
         try:
-            async with trio.open_nursery() as outer:
+            # account state (Redis, when configured) is connected around everything served
+            async with accounts.connected(pools), trio.open_nursery() as outer:
                 await outer.start(self.janitor.run)
                 try:
                     async with trio.open_nursery() as nursery:

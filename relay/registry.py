@@ -165,7 +165,12 @@ class Providers(Mapping[str, "ProviderRuntime[Any]"]):
 
 def _runtime(provider: Provider[SessionT], entry: Entry, settings: Settings
              ) -> ProviderRuntime[SessionT]:
-    pool = AccountPool(provider, settings, entry.max_streams(settings))
+    state = None
+    if settings.redis_url:
+        from relay.shared import RedisState  # imports coredis: only when it is used
+
+        state = RedisState(provider, settings)
+    pool = AccountPool(provider, settings, entry.max_streams(settings), state)
     return ProviderRuntime(provider, pool, tuple(entry.credentials(settings)))
 
 
