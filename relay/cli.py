@@ -255,6 +255,10 @@ def run_workers(settings: Settings) -> int:
     except OSError as exc:
         print(f"relay: {exc}", file=sys.stderr)
         return 1
+    if not settings.redis_url:
+        log.warning("%d workers without RELAY_REDIS_URL: account limits are per worker "
+                    "(each may open its own stream on a ChatGLM account), and so are "
+                    "cool-downs, cached tokens and conversation owners", settings.workers)
     ctx = multiprocessing.get_context("spawn")
     procs = [ctx.Process(target=_worker, args=(settings,), daemon=False)
              for _ in range(settings.workers)]
