@@ -17,6 +17,7 @@ h11 parses and frames; these are the rules around it that ``relay.server``
 
 from __future__ import annotations
 
+import re
 from http import HTTPStatus
 from typing import TYPE_CHECKING
 
@@ -103,3 +104,20 @@ def bearer_token(header: bytes | None) -> str | None:
         return None
     token = token.strip()
     return token or None
+
+
+#: what a client's ``X-Request-Id`` may hold to be used as ours: printable ASCII
+#: that cannot break a header or a log line, and not too long
+_REQUEST_ID = re.compile(rb"[A-Za-z0-9._:/+=@-]{1,128}")
+
+
+def sane_request_id(value: bytes | None) -> str | None:
+    """A client's ``X-Request-Id`` if it is safe to echo and log, else None.
+
+    Accepted: 1 to 128 characters of letters, digits and ``._:/+=@-`` (UUIDs,
+    ULIDs, nginx's ``$request_id``, trace ids). Anything else (spaces,
+    quotes, control characters, non-ASCII) is replaced by an id of our own.
+    """
+    if value is not None and _REQUEST_ID.fullmatch(value):
+        return value.decode("ascii")
+    return None

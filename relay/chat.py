@@ -75,11 +75,12 @@ from __future__ import annotations
 
 import logging
 from contextlib import AsyncExitStack, aclosing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, TypeVar
 
 import trio
 
+from protocol.chunks import estimate_tokens
 from protocol.deltas import Delta, Finish, UpstreamError
 from protocol.errors import (
     AuthError,
@@ -89,6 +90,7 @@ from protocol.errors import (
     UpstreamFailed,
     UpstreamTimeout,
 )
+from protocol.openai import prompt_tokens
 from protocol.shaping import AnswerShaper, json_output_error
 from protocol.toolcalls import needs_rendering, render_agent_prompt
 from relay.netio import before_read
@@ -148,6 +150,38 @@ class Outcome:
     conversation: str = ""
     chunks: int = 0
     first_event_s: float | None = None
+    provider: str = ""
+    model: str = ""
+    stream: bool = False
+    #: estimated, as the answer's ``usage`` (0: not known)
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    #: how the answer ended: ``done``, ``stop`` (a stop sequence), ``length``,
+    #: ``upstream_error``, ``timeout`` ("": not known here; the access log decides)
+    end: str = ""
+    #: told the seconds between two writes of a stream (the inter-chunk gap metric)
+    gap_observer: Callable[[float], None] | None = field(default=None, repr=False)
+
+
+def _ending(batch: Sequence[Delta]) -> str:
+    """The end reason a batch that finished an answer gives (:attr:`Outcome.end`)."""
+    for delta in reversed(batch):
+        if isinstance(delta, UpstreamError):
+            return "timeout" if delta.status == 504 else "upstream_error"
+        if isinstance(delta, Finish):
+            if delta.reason == "length":
+                return "length"
+            return "stop" if delta.stop_sequence else "done"
+    return "done"
+
+
+def _failure_end(exc: RelayError) -> str:
+    return "timeout" if exc.status == 504 else "upstream_error"
+
+
+def _with_request_id(delta: UpstreamError, request_id: str) -> UpstreamError:
+    """``delta`` naming the request, so that an in-band error can be found in the logs."""
+    return UpstreamError(delta.code, f"{delta.message} (request id {request_id})", delta.status)
 
 
 class _Retry(Exception):
@@ -168,8 +202,15 @@ class SSEWriter:
     is due.
     """
 
-    def __init__(self, ex: Exchange, encoder: StreamEncoder, settings: Settings) -> None:
+    def __init__(
+        self,
+        ex: Exchange,
+        encoder: StreamEncoder,
+        settings: Settings,
+        gap_observer: Callable[[float], None] | None = None,
+    ) -> None:
         self._ex = ex
+        self._observe_gap = gap_observer
         self._encoder = encoder
         self._settings = settings
         self._kept: list[bytes] = []
@@ -178,6 +219,7 @@ class SSEWriter:
         self._reader = trio.lowlevel.current_task()
         self._last_write = trio.current_time()
         self._nursery: trio.Nursery | None = None  # where the clock's writes run
+        self.request_id = ex.request.request_id
         ex.last_words = self.last_words
 
     @property
@@ -194,7 +236,8 @@ class SSEWriter:
         """
         data = b"".join(self._kept)
         self._kept.clear()
-        error = ServerShuttingDown("the server is shutting down; the answer is incomplete",
+        error = ServerShuttingDown("the server is shutting down; the answer is incomplete "
+                                   f"(request id {self.request_id})",
                                    code="server_shutting_down")
         return data + self._encoder.last_words(error)
 
@@ -238,7 +281,8 @@ class SSEWriter:
                 kept.clear()
                 self._kept_size = 0
             ex = self._ex
-            if not ex.started:
+            opened = ex.started  # a write after the first: its gap is measured
+            if not opened:
                 encoder = self._encoder
                 first = encoder.start() + data
                 await ex.start_stream(200, encoder.content_type, SSE_HEADERS, first=first,
@@ -249,7 +293,10 @@ class SSEWriter:
                 await ex.send_data(data)
         finally:
             lock.release()
-        self._last_write = trio.current_time()
+        now = trio.current_time()
+        if opened and self._observe_gap is not None:
+            self._observe_gap(now - self._last_write)
+        self._last_write = now
 
     def start_clock(self, nursery: trio.Nursery) -> None:
         """Keep the stream's silence short from now on, writing from ``nursery``'s tasks.
@@ -313,7 +360,7 @@ async def _serve_stream(
     outcome: Outcome,
     started_at: float,
 ) -> None:
-    writer = SSEWriter(ex, encoder, settings)
+    writer = SSEWriter(ex, encoder, settings, outcome.gap_observer)
     failure: BaseException | None = None
     async with trio.open_nursery() as nursery:
         writer.start_clock(nursery)
@@ -339,9 +386,12 @@ async def _pump(
 ) -> None:
     """Upstream batches -> SSE bytes -> client, one write per upstream read."""
     data = b""
+    request_id = writer.request_id
     try:
         async with aclosing(answer.__aiter__()) as batches:
             async for batch in batches:
+                if batch and type(batch[-1]) is UpstreamError:
+                    batch = [*batch[:-1], _with_request_id(batch[-1], request_id)]
                 if outcome.first_event_s is None:
                     outcome.first_event_s = trio.current_time() - started_at
                 if not writer.committed:
@@ -357,18 +407,30 @@ async def _pump(
                 data = encoder.encode(batch)
                 outcome.chunks += 1
                 if encoder.finished:
+                    outcome.end = _ending(batch)
                     break
                 await writer.send(data)
             else:
-                data = encoder.encode(
-                    [UpstreamError("truncated", "upstream stream ended without an answer")]
-                )
+                outcome.end = "upstream_error"
+                data = encoder.encode([UpstreamError(
+                    "truncated",
+                    f"upstream stream ended without an answer (request id {request_id})")])
     except RelayError as exc:
         if not writer.committed:
             raise
         log.warning("upstream failed mid-stream: %s", exc)
-        data = encoder.encode([delta_from_error(exc)])
+        outcome.end = _failure_end(exc)
+        data = encoder.encode([_with_request_id(delta_from_error(exc), request_id)])
+    outcome.completion_tokens = _completion_tokens(encoder)
     await writer.end(data)
+
+
+def _completion_tokens(encoder: StreamEncoder) -> int:
+    """The encoder's estimate of the answer's tokens, if it keeps one (0 if not)."""
+    count = getattr(encoder, "completion_tokens", None)
+    if count is None:
+        count = getattr(encoder, "output_tokens", 0)
+    return count if isinstance(count, int) else 0
 
 
 def _leading_error(batch: Sequence[Delta]) -> UpstreamError | None:
@@ -396,14 +458,18 @@ async def _serve_whole(
             outcome.chunks += 1
             acc.add(batch)
             if acc.error is not None:
+                outcome.end = _ending([acc.error])
                 error = error_from_delta(acc.error)
                 if acc.error.status in RETRY_STATUSES and not acc.text:
                     raise _Retry(error)
                 raise error
             if acc.finished:
+                outcome.end = _ending(batch)
                 break
         else:
+            outcome.end = "upstream_error"
             raise UpstreamFailed("upstream stream ended without an answer", code="truncated")
+    outcome.completion_tokens = estimate_tokens(acc.text)
     if response_format is not None:
         problem = json_output_error(acc.text, response_format)
         if problem is not None:
@@ -471,6 +537,10 @@ async def complete(
     """
     model = request.model or runtime.provider.default_model
     started_at = trio.current_time()
+    outcome.provider = runtime.provider.name
+    outcome.model = model
+    outcome.stream = request.stream
+    outcome.prompt_tokens = prompt_tokens(request)
 
     async def attempt(session: SessionT) -> None:
         try:

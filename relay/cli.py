@@ -48,6 +48,10 @@ class _JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
+        access = getattr(record, "access", None)
+        if isinstance(access, dict):  # an access line: its fields, not just its text
+            entry["msg"] = "access"
+            entry.update(access)
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
         return json.dumps(entry, ensure_ascii=False)

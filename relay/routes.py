@@ -215,15 +215,26 @@ async def _chat(
     if runtime is None:
         runtime = app.providers.for_model(request.model)
     accounts = accounts_for(app.settings, ex, runtime)
-    outcome = Outcome()
+    name = runtime.provider.name
+    outcome = Outcome(gap_observer=app.metrics.chunk_gap.labels(name).observe)
     ex.note = outcome
+    streams = app.metrics.active_streams.labels(name)
+    if request.stream:
+        streams.inc()
     try:
         await complete(ex, dialect, runtime, accounts, request, app.settings, outcome)
+    except RelayError as exc:
+        if exc.status >= 500 or exc.status == 429:
+            app.metrics.upstream_errors.labels(name, exc.code or exc.kind).inc()
+        raise
     finally:
-        name = runtime.provider.name
+        if request.stream:
+            streams.dec()
         app.metrics.chunks.labels(name).inc(outcome.chunks)
         if outcome.first_event_s is not None:
-            app.metrics.first_event.labels(name).observe(outcome.first_event_s)
+            app.metrics.first_token.labels(name).observe(outcome.first_event_s)
+        if outcome.end in ("upstream_error", "timeout") and ex.started:
+            app.metrics.upstream_errors.labels(name, outcome.end).inc()
 
 
 async def count_tokens(app: Relay, ex: Exchange, body: bytes) -> None:
@@ -367,19 +378,71 @@ async def dispatch(app: Relay, ex: Exchange) -> None:
 
 
 def _log(app: Relay, ex: Exchange, path: str, elapsed: float) -> None:
+    """Count the request and write its access line (fields in JSON mode: ``access``)."""
     status = ex.status if ex.started else (499 if ex.conn.gone else 0)
     route = path if path in app.routes else "other"
-    app.metrics.requests.labels(route, str(status)).inc()
-    note = ex.note
-    # why the response was cut short: the relay stopping ("shutdown"), a client that
-    # stopped reading ("send-timeout"), or one that left ("client-gone")
-    cut = f" {ex.cut}" if ex.cut else (" client-gone" if ex.conn.gone and not ex.finished else "")
+    note = ex.note if isinstance(ex.note, Outcome) else None
+    provider = note.provider if note is not None else ""
+    model = _model_label(app, note)
+    app.metrics.requests.labels(route, provider, model, str(status)).inc()
+    app.metrics.duration.labels(route, provider).observe(elapsed)
+    request = ex.request
+    fields: dict[str, object] = {
+        "request_id": request.request_id,
+        "method": request.method,
+        "path": request.path,
+        "status": status or None,
+        "client": request.client,
+        "duration_ms": round(elapsed * 1000, 1),
+        "bytes_out": ex.sent_bytes,
+        "end": _end_reason(ex, status, note),
+        # the server cut the response short: "shutdown", or "send-timeout" (a client
+        # that stopped reading)
+        "cut": ex.cut,
+    }
     if note is not None:
-        log.info(
-            "%s %s %s %.1fms account=%s attempts=%d conversation=%s batches=%d%s",
-            ex.request.method, ex.request.path, status or "-", elapsed * 1000,
-            note.account or "-", note.attempts, note.conversation or "-", note.chunks, cut,
+        fields.update(
+            provider=note.provider or None,
+            model=note.model or None,
+            stream=note.stream,
+            account=note.account or None,  # a short hash of the credential, never the token
+            attempts=note.attempts,
+            conversation=note.conversation or None,
+            batches=note.chunks,
+            ttft_ms=None if note.first_event_s is None else round(note.first_event_s * 1000, 1),
+            prompt_tokens=note.prompt_tokens or None,
+            completion_tokens=note.completion_tokens or None,
         )
-    else:
-        log.info("%s %s %s %.1fms%s", ex.request.method, ex.request.path, status or "-",
-                 elapsed * 1000, cut)
+    text = " ".join(f"{key}={value}" for key, value in fields.items()
+                    if value is not None and key not in ("method", "path", "status"))
+    log.info("%s %s %s %s", request.method, request.path, status or "-", text,
+             extra={"access": fields})
+
+
+def _end_reason(ex: Exchange, status: int, note: Outcome | None) -> str:
+    """Why the request ended (the access line's ``end``)."""
+    if ex.cut == "shutdown":
+        return "shutdown"
+    if ex.cut == "send-timeout":
+        return "timeout"
+    if ex.conn.gone and not ex.finished:
+        return "client_gone"
+    if note is not None and note.end:
+        return note.end
+    if status in (408, 504):
+        return "timeout"
+    if status >= 500:
+        return "upstream_error" if note is not None else "error"
+    if status >= 400:
+        return "rejected"
+    return "done"
+
+
+def _model_label(app: Relay, note: Outcome | None) -> str:
+    """The metrics' model label: a model a provider lists, else ``other`` (bounded)."""
+    if note is None or not note.model:
+        return ""
+    runtime = app.providers.get(note.provider)
+    if runtime is None:
+        return "other"
+    return note.model if note.model in runtime.provider.models() else "other"

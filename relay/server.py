@@ -86,7 +86,7 @@ from protocol.errors import (
     RequestTimeout,
     ServerShuttingDown,
 )
-from protocol.http1 import REASONS, EmptyLines, has_both_lengths, head_size
+from protocol.http1 import REASONS, EmptyLines, has_both_lengths, head_size, sane_request_id
 from relay.dialects.openai_chat import OPENAI_CHAT
 from relay.netio import SocketListener, SocketStream
 
@@ -125,6 +125,8 @@ class Request:
     headers: list[tuple[bytes, bytes]]
     http_version: bytes
     client: str
+    #: the client's sane ``X-Request-Id``, else one of ours; on every response
+    request_id: str = ""
 
     def header(self, name: bytes) -> bytes | None:
         """The first header called ``name`` (lower case)."""
@@ -262,6 +264,18 @@ class ClientConnection:
                 await self.stream.aclose()
 
 
+def new_request_id() -> str:
+    """A request id of ours: 32 random hex digits."""
+    return os.urandom(16).hex()
+
+
+def _first(headers: Sequence[tuple[bytes, bytes]], name: bytes) -> bytes | None:
+    for key, value in headers:
+        if key == name:
+            return value
+    return None
+
+
 def _cors_headers() -> list[tuple[bytes, bytes]]:
     return [
         (b"access-control-allow-origin", b"*"),
@@ -354,7 +368,7 @@ class Exchange:
     def _head(
         self, status: int, content_type: bytes | None, extra: Sequence[tuple[bytes, bytes]]
     ) -> list[tuple[bytes, bytes]]:
-        headers = [(b"server", SERVER_HEADER)]
+        headers = [(b"server", SERVER_HEADER), (b"x-request-id", self.request.request_id.encode())]
         if content_type:
             headers.append((b"content-type", content_type))
         headers.extend(_cors_headers())
@@ -755,6 +769,8 @@ class Server:
                 headers=[(k, v) for k, v in event.headers],
                 http_version=event.http_version,
                 client=conn.client,
+                request_id=sane_request_id(_first(event.headers, b"x-request-id"))
+                or new_request_id(),
             )
         return None  # ConnectionClosed, or EOF with nothing
 
@@ -766,6 +782,7 @@ class Server:
         body = reply.body
         headers = [
             (b"server", SERVER_HEADER),
+            (b"x-request-id", new_request_id().encode()),
             (b"content-type", reply.content_type),
             *reply.headers,
             (b"content-length", str(len(body)).encode()),

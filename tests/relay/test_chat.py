@@ -598,7 +598,7 @@ async def test_a_client_that_stops_reading_is_cut_at_send_timeout(
     await relay.settled()
     assert glm.record.conversations_deleted == glm.record.conversations_created
     access = [r.getMessage() for r in caplog.records if r.name == "relay.access"]
-    assert any(line.endswith(" send-timeout") for line in access), access
+    assert any(" end=timeout " in line and " cut=send-timeout" in line for line in access), access
 
 
 # --- the SSE writer, on its own --------------------------------------------------------

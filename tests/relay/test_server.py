@@ -602,7 +602,9 @@ async def test_index_ping_and_metrics(relay: Running) -> None:
     assert (ping.status, ping.body) == (200, b"pong")
     assert metrics.status == 200
     assert (metrics.header(b"content-type") or b"").startswith(b"text/plain")
-    assert b'relay_requests_total{route="/ping",status="200"} 1.0' in metrics.body
+    assert (b'relay_requests_total{model="",provider="",route="/ping",status="200"} 1.0'
+            in metrics.body)
+    assert b"_created" not in metrics.body
     assert b"relay_open_connections" in metrics.body
     assert b"relay_upstream_connections_idle 0.0" in metrics.body
     assert b"relay_cleanup_pending 0.0" in metrics.body
@@ -1171,7 +1173,8 @@ async def test_a_stream_cut_by_shutdown_ends_with_an_error_event_and_done(
     assert step.record.chats_created
     assert step.record.chats_deleted == step.record.chats_created
     access = [r.getMessage() for r in caplog.records if r.name == "relay.access"]
-    assert any(" 200 " in line and line.endswith(" shutdown") for line in access), access
+    assert any(" 200 " in line and " end=shutdown " in line and " cut=shutdown" in line
+               for line in access), access
 
 
 async def test_a_non_stream_request_cut_by_shutdown_gets_503(
