@@ -550,6 +550,8 @@ async def complete(
             raise retry.error from None
 
     async with ex.watch_disconnect():
+        # a kept conversation's follow-up goes to the account that owns it (any instance's)
+        accounts = await runtime.pool.for_conversation(accounts, request)
         await with_account(runtime, accounts, attempt, outcome, retryable=lambda: not ex.started)
 
 
@@ -571,19 +573,41 @@ async def _attempt(
         if AnswerShaper.needed(request):
             answer = ShapedAnswer(upstream, AnswerShaper(request))
         outcome.conversation = answer.conversation_id
-        if request.stream:
-            encoder = dialect.stream(
-                request,
-                model=model,
-                conversation_id=answer.conversation_id,
-                reasoning=settings.reasoning,
-                citation_line=runtime.provider.citation_line,
-            )
-            await _serve_stream(ex, answer, encoder, settings, outcome, started_at)
-        else:
-            whole = dialect.whole(request, model=model, reasoning=settings.reasoning)
-            await _serve_whole(ex, answer, whole, outcome, started_at, request.response_format)
-        outcome.conversation = answer.conversation_id
+        try:
+            await _answer(ex, dialect, runtime, request, model, answer, settings, outcome,
+                          started_at)
+        finally:
+            # a conversation the client keeps: note its owner, even if the client left
+            with trio.CancelScope(shield=True):
+                await runtime.pool.remember_conversation(
+                    upstream_request, answer.conversation_id, outcome.account)
+
+
+async def _answer(
+    ex: Exchange,
+    dialect: Dialect,
+    runtime: ProviderRuntime[SessionT],
+    request: ChatRequest,
+    model: str,
+    answer: ChatStream,
+    settings: Settings,
+    outcome: Outcome,
+    started_at: float,
+) -> None:
+    """Serve ``answer`` in ``dialect``, streamed or whole."""
+    if request.stream:
+        encoder = dialect.stream(
+            request,
+            model=model,
+            conversation_id=answer.conversation_id,
+            reasoning=settings.reasoning,
+            citation_line=runtime.provider.citation_line,
+        )
+        await _serve_stream(ex, answer, encoder, settings, outcome, started_at)
+    else:
+        whole = dialect.whole(request, model=model, reasoning=settings.reasoning)
+        await _serve_whole(ex, answer, whole, outcome, started_at, request.response_format)
+    outcome.conversation = answer.conversation_id
 
 
 async def iterate(answer: ChatStream) -> AsyncIterator[list[Delta]]:

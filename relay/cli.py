@@ -4,6 +4,8 @@
 ``relay demo``    the same as ``relay serve --demo``
 ``relay check-token TOKEN``   is an upstream credential alive?
 ``relay settings``  every setting with its environment variable and default
+``relay healthcheck``   GET /ping on this relay's own address (a container's HEALTHCHECK)
+``relay --version``   the installed version
 
 Every setting has a ``--flag`` on ``serve``, a ``RELAY_*`` environment
 variable and a key in the optional TOML file (``--config``); the precedence
@@ -17,11 +19,15 @@ import contextlib
 import dataclasses
 import functools
 import gc
+import http.client
+import importlib.metadata
 import json
 import logging
 import multiprocessing
 import os
 import signal
+import socket
+import ssl
 import sys
 import time
 import typing
@@ -98,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="A fast OpenAI-compatible streaming relay for StepChat and ChatGLM, on trio.",
         epilog="Run 'relay serve --help' for every setting, or 'relay settings' for a table.",
     )
+    parser.add_argument("--version", action="version", version=f"relay {package_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, helptext in (
         ("serve", "run the relay"),
@@ -112,7 +119,34 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--provider", choices=["step", "glm"], default=None)
     check.add_argument("--config", metavar="FILE")
     sub.add_parser("settings", help="list every setting, its environment variable and default")
+    health = sub.add_parser(
+        "healthcheck",
+        help="GET /ping on this relay's own address; exit 0 if it answers 200, else 1",
+        description="Read the settings as 'relay serve' does (file and RELAY_* environment), "
+        "then GET a path on the address the relay listens on: 127.0.0.1 (::1) when it "
+        "listens on every address, its Unix socket with RELAY_UDS, HTTPS (certificate not "
+        "verified) with RELAY_CERTFILE. Exit 0 on a 200, 1 otherwise: a container's "
+        "HEALTHCHECK.",
+    )
+    health.add_argument("--config", metavar="FILE", help="TOML settings file (or RELAY_CONFIG)")
+    health.add_argument("--path", default="/ping", help="the path to GET (default /ping)")
+    health.add_argument("--timeout", type=float, default=HEALTHCHECK_TIMEOUT_S, metavar="SECONDS",
+                        help=f"give up after this long (default {HEALTHCHECK_TIMEOUT_S:g})")
     return parser
+
+
+def package_version() -> str:
+    """The installed distribution's version (``setup.cfg``'s when running from a checkout
+    that was never installed)."""
+    try:
+        return importlib.metadata.version("trio-llm-relay")
+    except importlib.metadata.PackageNotFoundError:
+        import configparser
+        from pathlib import Path
+
+        cfg = configparser.ConfigParser()
+        cfg.read(Path(__file__).resolve().parent.parent / "setup.cfg", encoding="utf-8")
+        return cfg.get("metadata", "version", fallback="unknown")
 
 
 def load_settings(args: argparse.Namespace) -> Settings:
@@ -318,6 +352,80 @@ def _check_token(args: argparse.Namespace) -> int:
     return CHECK_LIVE if live else CHECK_DEAD
 
 
+#: ``relay healthcheck``'s default timeout: under the image's HEALTHCHECK --timeout
+HEALTHCHECK_TIMEOUT_S = 3.0
+
+#: a wildcard listening address, and the loopback address that reaches it
+_LOOPBACK = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}  # noqa: S104 (a lookup, not a bind)
+
+
+class _HealthConnection(http.client.HTTPConnection):
+    """HTTP or HTTPS over TCP or a Unix socket (http.client has no Unix sockets)."""
+
+    def __init__(self, host: str, port: int, *, uds: str | None,
+                 context: ssl.SSLContext | None, timeout: float) -> None:
+        super().__init__(host, port, timeout=timeout)
+        self._uds = uds
+        self._context = context
+
+    def connect(self) -> None:
+        sock: socket.socket
+        if self._uds:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(self.timeout)
+            try:
+                sock.connect(self._uds)
+            except OSError:
+                sock.close()
+                raise
+        else:
+            sock = socket.create_connection((self.host, self.port), self.timeout)
+        if self._context is not None:
+            sock = self._context.wrap_socket(sock, server_hostname=self.host)
+        self.sock = sock
+
+
+def _healthcheck(args: argparse.Namespace) -> int:
+    """GET ``args.path`` from the relay these settings describe: 0 on a 200, else 1.
+
+    Docker reads 0 as healthy and 1 as unhealthy (2 is reserved), so every failure,
+    a bad setting included, is 1; the one line printed ends up in ``docker inspect``.
+    """
+    try:
+        settings = config.load(config_file=args.config)
+    except ConfigError as exc:
+        print(f"relay healthcheck: {exc}", file=sys.stderr)
+        return 1
+    context: ssl.SSLContext | None = None
+    if settings.certfile:
+        # our own certificate, reached by a loopback address it does not name
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    scheme = "https" if context else "http"
+    if settings.uds:
+        host, port, where = "localhost", 0, f"{scheme}+unix://{settings.uds}"
+    else:
+        host, port = _LOOPBACK.get(settings.host, settings.host), settings.port
+        where = f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
+    url = where + args.path
+    conn = _HealthConnection(host, port, uds=settings.uds, context=context,
+                             timeout=args.timeout)
+    try:
+        conn.request("GET", args.path, headers={"User-Agent": "relay-healthcheck"})
+        status = conn.getresponse().status
+    except (OSError, http.client.HTTPException) as exc:
+        print(f"relay healthcheck: GET {url}: {exc or type(exc).__name__}", file=sys.stderr)
+        return 1
+    finally:
+        conn.close()
+    if status != 200:
+        print(f"relay healthcheck: GET {url}: status {status}", file=sys.stderr)
+        return 1
+    print(f"GET {url}: {status}")
+    return 0
+
+
 def _print_settings() -> int:
     for f in dataclasses.fields(Settings):
         default = f.default
@@ -357,7 +465,28 @@ def raise_open_files_limit() -> tuple[int, int]:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Entry point of the ``relay`` console script."""
+    """Entry point of the ``relay`` console script.
+
+    Output piped into a reader that stops early (``relay settings | head -1``)
+    ends quietly with status 1, as Python's documentation recommends, rather
+    than in a BrokenPipeError traceback.
+    """
+    try:
+        try:
+            _main(argv)
+        finally:
+            # what is still buffered is written here, where its failure is caught,
+            # not at the interpreter's exit
+            sys.stdout.flush()
+    except BrokenPipeError:
+        # stdout's reader is gone: point the descriptor at /dev/null so that
+        # the interpreter's own flush at exit has nowhere to fail
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        sys.exit(1)
+
+
+def _main(argv: Sequence[str] | None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
@@ -365,6 +494,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         sys.exit(2)
     if args.command == "settings":
         sys.exit(_print_settings())
+    if args.command == "healthcheck":
+        sys.exit(_healthcheck(args))
     try:
         if args.command == "check-token":
             sys.exit(_check_token(args))

@@ -8,6 +8,8 @@ expect a clean exit (status 0) within a few seconds.
 
 from __future__ import annotations
 
+import configparser
+import importlib.metadata
 import os
 import re
 import resource
@@ -17,20 +19,24 @@ import subprocess
 import sys
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import httpcore
 import orjson
 import pytest
 import trio
+import trustme
 
-from relay import cli
+from relay import cli, config
+from relay.app import App
 from relay.config import FIELDS
 from tests.relay.conftest import sse_events, sse_text
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
-    from pathlib import Path
+
+    from tests.relay.conftest import RelayFactory
 
 LISTENING = re.compile(rb"listening on (https?)://([0-9.]+):(\d+)\n")
 ENV_NAMES = sorted("RELAY_" + name.upper() for name in FIELDS)
@@ -457,3 +463,171 @@ async def test_workers_share_the_port() -> None:
     assert ping.content == b"pong"
     assert status == 0, child.stderr.decode(errors="replace")
     assert b"Traceback" not in child.stderr
+
+
+# --- --version, a closed pipe, healthcheck ------------------------------------------------------
+
+
+def test_version_prints_the_installed_version(capsys: pytest.CaptureFixture[str]) -> None:
+    """``relay --version`` prints ``relay <version>`` (the installed distribution's) and
+    exits 0."""
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["--version"])
+    assert exited.value.code == 0
+    assert capsys.readouterr().out == f"relay {importlib.metadata.version('trio-llm-relay')}\n"
+
+
+def test_version_of_a_checkout_that_was_never_installed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without installed metadata the version is setup.cfg's."""
+
+    def not_installed(name: str) -> str:
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", not_installed)
+    cfg = configparser.ConfigParser()
+    cfg.read(Path(cli.__file__).resolve().parent.parent / "setup.cfg")
+    assert cli.package_version() == cfg["metadata"]["version"]
+
+
+@pytest.mark.parametrize("buffered", [True, False], ids=["buffered", "unbuffered"])
+@pytest.mark.parametrize("argv", [["settings"], ["--version"], ["serve", "--help"]])
+def test_output_into_a_closed_pipe_ends_quietly(argv: list[str], buffered: bool) -> None:
+    """``relay settings | head -1`` with the reader gone before the output is written:
+    nothing on stderr (no BrokenPipeError traceback, no "Exception ignored" at the
+    interpreter's exit), whether stdout is buffered or not (PYTHONUNBUFFERED). The status
+    is 1 where the output was cut; argparse's own output (--version, --help) ignores a
+    failed write and may exit 0."""
+    env = child_env()
+    env.pop("PYTHONUNBUFFERED", None)
+    if not buffered:
+        env["PYTHONUNBUFFERED"] = "1"
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # closed before the child writes: every write fails with EPIPE
+    try:
+        done = subprocess.run(  # noqa: S603 (our own interpreter and module)
+            [sys.executable, "-m", "relay", *argv], stdin=subprocess.DEVNULL,
+            stdout=write_end, stderr=subprocess.PIPE, timeout=PROCESS_TIMEOUT_S,
+            env=env, check=False,
+        )
+    finally:
+        os.close(write_end)
+    assert done.stderr == b""
+    assert done.returncode == 1 if argv == ["settings"] else done.returncode in (0, 1)
+
+
+def test_a_reader_that_stops_after_one_line() -> None:
+    """``relay settings`` into a reader that takes one line and closes: no traceback,
+    whether the rest was written before the close (status 0) or not (status 1)."""
+    with subprocess.Popen(
+        [sys.executable, "-m", "relay", "settings"], stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=child_env(),
+    ) as process:
+        assert process.stdout is not None
+        assert process.stderr is not None
+        first = process.stdout.readline()
+        process.stdout.close()
+        errors = process.stderr.read()
+        status = process.wait(timeout=PROCESS_TIMEOUT_S)
+    assert first.startswith(b"RELAY_")
+    assert errors == b""
+    assert status in (0, 1)
+
+
+async def run_healthcheck(
+    monkeypatch: pytest.MonkeyPatch, *args: str, **env: str
+) -> int:
+    """``relay healthcheck ARGS`` in a thread (it blocks) with these RELAY_* variables and
+    no other; its exit status."""
+    for key in list(os.environ):
+        if key.startswith("RELAY_"):
+            monkeypatch.delenv(key)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+
+    def run() -> int:
+        try:
+            cli.main(["healthcheck", *args])
+        except SystemExit as exc:
+            return int(exc.code or 0)
+        return 0
+
+    with trio.fail_after(PROCESS_TIMEOUT_S):
+        return await trio.to_thread.run_sync(run)
+
+
+async def test_healthcheck_gets_ping_on_the_port_of_the_settings(
+    relay_factory: RelayFactory, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """With RELAY_HOST=0.0.0.0 (the image's) and RELAY_PORT, the health check asks
+    127.0.0.1 on that port for /ping: status 0 and one line."""
+    relay = await relay_factory()
+    status = await run_healthcheck(monkeypatch, RELAY_HOST="0.0.0.0",  # noqa: S104
+                                   RELAY_PORT=str(relay.port))
+    out, err = capsys.readouterr()
+    assert status == 0, err
+    assert out == f"GET http://127.0.0.1:{relay.port}/ping: 200\n"
+
+
+async def test_healthcheck_speaks_https_when_the_relay_does(
+    relay_factory: RelayFactory, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str], tmp_path: Path,
+) -> None:
+    """With RELAY_CERTFILE the health check uses HTTPS (the certificate, the relay's own,
+    is not verified: it is reached by an address it may not name)."""
+    cert = trustme.CA().issue_cert("relay.example")
+    certfile, keyfile = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert.private_key_and_cert_chain_pem.write_to_path(str(certfile))
+    cert.private_key_pem.write_to_path(str(keyfile))
+    relay = await relay_factory(certfile=str(certfile), keyfile=str(keyfile))
+    status = await run_healthcheck(monkeypatch, RELAY_PORT=str(relay.port),
+                                   RELAY_CERTFILE=str(certfile), RELAY_KEYFILE=str(keyfile))
+    out, err = capsys.readouterr()
+    assert status == 0, err
+    assert out == f"GET https://127.0.0.1:{relay.port}/ping: 200\n"
+
+
+async def test_healthcheck_over_the_unix_socket(
+    nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str], tmp_path: Path,
+) -> None:
+    """With RELAY_UDS the health check goes through the socket."""
+    path = str(tmp_path / "relay.sock")
+    app = App(config.load({"uds": path, "grace_period": 1.0}, environ={}))
+    await nursery.start(app.serve)
+    try:
+        status = await run_healthcheck(monkeypatch, RELAY_UDS=path)
+    finally:
+        app.shutdown()
+        with trio.move_on_after(5):
+            await app.stopped.wait()
+        await app.aclose()
+    out, err = capsys.readouterr()
+    assert status == 0, err
+    assert out == f"GET http+unix://{path}/ping: 200\n"
+
+
+async def test_healthcheck_fails_with_status_1_and_one_line(
+    relay_factory: RelayFactory, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Nothing listening, an answer other than 200, a malformed setting: status 1 (Docker's
+    "unhealthy"; 2 is reserved) and one line on stderr, never a traceback."""
+    with _held_port() as spare:
+        free = spare.getsockname()[1]
+    refused = await run_healthcheck(monkeypatch, RELAY_PORT=str(free))
+    refused_err = capsys.readouterr().err
+    relay = await relay_factory()
+    missing = await run_healthcheck(monkeypatch, "--path", "/nowhere",
+                                    RELAY_PORT=str(relay.port))
+    missing_err = capsys.readouterr().err
+    malformed = await run_healthcheck(monkeypatch, RELAY_PORT="eighty")
+    malformed_err = capsys.readouterr().err
+    assert (refused, missing, malformed) == (1, 1, 1)
+    assert refused_err.startswith(f"relay healthcheck: GET http://127.0.0.1:{free}/ping: ")
+    assert missing_err == (f"relay healthcheck: GET http://127.0.0.1:{relay.port}/nowhere: "
+                           "status 404\n")
+    assert malformed_err.startswith("relay healthcheck: ")
+    assert "RELAY_PORT" in malformed_err or "port" in malformed_err
+    for err in (refused_err, missing_err, malformed_err):
+        assert err.count("\n") == 1, err

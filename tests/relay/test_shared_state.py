@@ -670,10 +670,6 @@ async def test_a_killed_relay_frees_its_account_within_the_expiry(
     assert glm.record.concurrent_rejections == 0
 
 
-@pytest.mark.xfail(
-    reason="needs relay.chat.complete to call AccountPool.for_conversation before leasing "
-    "and remember_conversation after each attempt (the lead's call site); remove this "
-    "mark with that change", strict=True)
 async def test_a_conversation_kept_on_one_relay_continues_on_the_other(
     shared_redis: str, glm: GlmEmulator
 ) -> None:
