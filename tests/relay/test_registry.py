@@ -201,9 +201,19 @@ def _imports(path: pathlib.Path) -> set[str]:
             if node.level:
                 parts = package.split(".")[: len(package.split(".")) - node.level + 1]
                 base = ".".join([*parts, base] if base else parts)
-            found.add(base)
-            found.update(f"{base}.{alias.name}" for alias in node.names)
+            named = [f"{base}.{alias.name}" for alias in node.names]
+            found.update(named)
+            if not all(_is_module(name) for name in named):
+                # a name the package itself defines: `from relay import config` is an
+                # arrow to relay.config, `from relay import serve` one to relay
+                found.add(base)
     return found
+
+
+def _is_module(name: str) -> bool:
+    """Whether ``name`` is a module or package of this repository."""
+    path = ROOT.joinpath(*name.split("."))
+    return path.with_suffix(".py").is_file() or (path / "__init__.py").is_file()
 
 
 def _modules() -> dict[str, pathlib.Path]:
