@@ -41,7 +41,6 @@ from relay.config import ConfigError, Settings
 if typing.TYPE_CHECKING:
     from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
-    from protocol.urls import Origin
     from relay.app import App
 
 log = logging.getLogger("relay")
@@ -163,7 +162,7 @@ def load_settings(args: argparse.Namespace) -> Settings:
 async def serve(settings: Settings, *, reuse_port: bool = False) -> None:
     """Run the relay until SIGINT/SIGTERM, then shut down gracefully."""
     from relay import registry
-    from relay.app import App
+    from relay.embed import start_app
 
     # The signals are caught from the start: a supervisor may send SIGTERM as soon as
     # it reads "listening on", and that must be a graceful stop, not the default kill.
@@ -171,17 +170,12 @@ async def serve(settings: Settings, *, reuse_port: bool = False) -> None:
     # alone, not in the nurseries' exception groups, so that main() can print one line.
     with _one_error(), trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
-            trusted: frozenset[Origin] = frozenset()
-            if settings.demo:
-                settings, trusted = await registry.start_emulators(
-                    settings, nursery, registry.ENTRIES
-                )
+            app = await start_app(settings, nursery)  # demo: the emulators first
             if not settings.api_keys and not settings.demo \
                     and registry.has_server_credentials(settings, registry.ENTRIES):
                 log.warning("server-side accounts are configured without RELAY_API_KEYS: "
                             "anyone who reaches this port can use them")
-            async with App(settings, trusted_file_origins=trusted) as app, \
-                    trio.open_nursery() as serving:
+            async with app, trio.open_nursery() as serving:
                 addresses = await serving.start(
                     functools.partial(app.serve, reuse_port=reuse_port)
                 )
