@@ -367,7 +367,10 @@ class RedisState:
         pttls: object = await self._do(self._pttls(keys=keys, args=[])) if keys else []
         if not isinstance(pttls, list):
             return [0.0] * len(accounts)
-        return [max(ms, 0) / MS if isinstance(ms, int) else 0.0 for ms in pttls]
+        # PTTL is -2 once the key is gone; 0 means it still exists for under a millisecond,
+        # and the take script (EXISTS) still sees it resting: say so, not 0
+        return [(max(ms, 1) / MS if ms >= 0 else 0.0) if isinstance(ms, int) else 0.0
+                for ms in pttls]
 
     # --- sessions ----------------------------------------------------------------------
 
