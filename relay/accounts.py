@@ -166,6 +166,14 @@ class AccountState(Protocol):
         """
         ...
 
+    async def ping(self) -> None:
+        """Check that the state can be reached now (``/ready``); nothing to do in-process.
+
+        Raises:
+            RelayError: (503) it cannot.
+        """
+        ...
+
     async def take(self, candidates: Sequence[Account], limit: int) -> Lease | None:
         """Lease the best account of ``candidates`` that is under ``limit`` streams.
 
@@ -238,6 +246,9 @@ class LocalState:
     async def connected(self) -> AsyncIterator[None]:
         yield
 
+    async def ping(self) -> None:
+        return
+
     async def take(self, candidates: Sequence[Account], limit: int) -> Lease | None:
         now = trio.current_time()
         best: Account | None = None
@@ -307,6 +318,8 @@ class PoolStatistics:
     resting: int
     waiting: int
     logins: int
+    #: logins of accounts that had logged in before (expired or refused tokens renewed)
+    refreshes: int = 0
 
 
 class AccountPool(Generic[SessionT]):
@@ -343,6 +356,7 @@ class AccountPool(Generic[SessionT]):
         self._serving = False  # a task is handing out leases to the queue
         self._again = False  # ... and must look once more when done
         self._logins = 0
+        self._refreshes = 0
 
     def connected(self) -> AbstractAsyncContextManager[None]:
         """The pool's state connected for the block (Redis; nothing in-process)."""
@@ -576,6 +590,8 @@ class AccountPool(Generic[SessionT]):
                 if exc.status == 401:
                     await self.rest(acc, "login refused")
                 raise
+            if acc.logins:
+                self._refreshes += 1
             acc.logins += 1
             self._logins += 1
             log.info("%s account %s logged in", self.provider.name, acc.id)
@@ -615,7 +631,24 @@ class AccountPool(Generic[SessionT]):
             resting=sum(1 for a in accounts if a.resting_until > now),
             waiting=len(self._queue),
             logins=self._logins,
+            refreshes=self._refreshes,
         )
+
+    async def all_resting(self, credentials: Sequence[str]) -> str | None:
+        """Why the server-side pool of ``credentials`` cannot serve now, or None.
+
+        It cannot when every one of its accounts rests after auth failures.
+
+        Raises:
+            RelayError: (503) the shared state is unreachable.
+        """
+        if not credentials:
+            return None
+        resting = await self.state.resting(self.server_accounts(credentials))
+        if all(seconds > 0 for seconds in resting):
+            return (f"every {self.provider.name} account is resting after auth failures "
+                    f"(the first is back in {min(resting):.0f} s)")
+        return None
 
 
 @asynccontextmanager

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from protocol.errors import RelayError
 from relay import accounts, registry, routes
 from relay.fetcher import UrlFetcher
 from relay.janitor import Janitor
@@ -142,6 +143,32 @@ class App:
     def shutdown(self) -> None:
         """Stop accepting and let requests in flight finish (grace period)."""
         self.server.shutdown()
+
+    async def readiness(self) -> str | None:
+        """Why the relay cannot serve now (``GET /ready``'s 503), or None when it can.
+
+        Not ready: shutting down; API keys set (pooled mode) but no provider
+        has server-side accounts; every server-side account of every provider
+        resting; the shared account state (Redis) unreachable.
+        """
+        if self.server.stopping:
+            return "shutting down"
+        runtimes = list(self.providers.values())
+        if self.settings.api_keys and not any(rt.server_credentials for rt in runtimes):
+            return "no upstream accounts are configured (RELAY_<PROVIDER>_TOKENS)"
+        resting = []
+        try:
+            for rt in runtimes:
+                await rt.pool.state.ping()
+                reason = await rt.pool.all_resting(rt.server_credentials)
+                if reason is not None:
+                    resting.append(reason)
+        except RelayError as exc:
+            return f"the shared account state is unreachable: {exc.message}"
+        pooled = [rt for rt in runtimes if rt.server_credentials]
+        if pooled and len(resting) == len(pooled):
+            return "; ".join(resting)
+        return None
 
     async def handle(self, ex: Exchange) -> None:
         """Entry point for every request."""

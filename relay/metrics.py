@@ -78,7 +78,7 @@ class _Snapshots(Collector):
             healthy.add_metric([stats.provider], stats.accounts - stats.resting)
             waiting.add_metric([stats.provider], stats.waiting)
             logins.add_metric([stats.provider], stats.logins)
-            refreshes.add_metric([stats.provider], getattr(stats, "refreshes", 0))
+            refreshes.add_metric([stats.provider], stats.refreshes)
         yield from (active, accounts, resting, healthy, waiting, logins, refreshes)
         server = self._server()
         yield GaugeMetricFamily(

@@ -71,6 +71,10 @@ class Relay(Protocol):
         """Path -> route (:func:`route_table`)."""
         ...
 
+    async def readiness(self) -> str | None:
+        """Why the relay cannot serve now, or None (:meth:`relay.app.App.readiness`)."""
+        ...
+
 
 RouteHandler = Callable[[Relay, "Exchange", bytes], Awaitable[None]]
 
@@ -96,7 +100,7 @@ Point LobeChat, ChatGPT-Next-Web, Dify or the <code>openai</code> SDK at
 <li><code>GET /v1/models</code>, <code>GET /v1/models/{id}</code></li>
 <li><code>POST /token/check</code></li>
 <li><code>POST /v1/images/generations</code>, <code>POST /v1/videos/generations</code></li>
-<li><code>GET /ping</code>, <code>GET /metrics</code></li>
+<li><code>GET /ping</code>, <code>GET /ready</code>, <code>GET /metrics</code></li>
 </ul>
 </body></html>
 """
@@ -105,6 +109,20 @@ Point LobeChat, ChatGPT-Next-Web, Dify or the <code>openai</code> SDK at
 async def ping(app: Relay, ex: Exchange, body: bytes) -> None:
     """``GET /ping``: liveness."""
     await ex.respond(200, b"pong", b"text/plain; charset=utf-8")
+
+
+async def ready(app: Relay, ex: Exchange, body: bytes) -> None:
+    """``GET /ready``: 200 when the relay can serve, else 503 with the reason.
+
+    Not ready while shutting down, without usable server-side accounts in
+    pooled mode, or with the shared account state unreachable. ``/ping``
+    stays the liveness check (the process answers at all).
+    """
+    reason = await app.readiness()
+    if reason is None:
+        await ex.respond(200, b'{"ready":true}')
+    else:
+        await ex.respond(503, orjson.dumps({"ready": False, "reason": reason}))
 
 
 async def index(app: Relay, ex: Exchange, body: bytes) -> None:
@@ -304,6 +322,7 @@ async def videos(app: Relay, ex: Exchange, body: bytes) -> None:
 ROUTES: dict[str, Route] = {
     "/": Route({"GET": index}),
     "/ping": Route({"GET": ping}),
+    "/ready": Route({"GET": ready}),
     "/metrics": Route({"GET": metrics}),
     "/v1/models": Route({"GET": models}),
     MODEL_ROUTE: Route({"GET": model}),

@@ -620,6 +620,11 @@ class Server:
                     await self._drained.wait()
             connections.cancel_scope.cancel()
 
+    @property
+    def stopping(self) -> bool:
+        """True once :meth:`shutdown` was called."""
+        return self._stopping
+
     def shutdown(self) -> None:
         """Stop accepting; idle connections close now, busy ones after their response."""
         self._stopping = True

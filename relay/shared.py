@@ -307,6 +307,9 @@ class RedisState:
         if failure is not None:
             raise ConfigError(f"redis_url: cannot reach Redis at {self._where}: {failure.message}")
 
+    async def ping(self) -> None:
+        await self._do(self._client.ping())
+
     async def _renew_forever(self) -> None:
         while True:
             await trio.sleep(self._renew_s)

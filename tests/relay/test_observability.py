@@ -13,6 +13,7 @@ import logging
 import re
 from typing import TYPE_CHECKING
 
+import httpcore
 import orjson
 import pytest
 import trio
@@ -29,9 +30,9 @@ from tests.relay.conftest import (
 )
 
 if TYPE_CHECKING:
-    import httpcore
-
+    from providers.glm.emulator import GlmEmulator
     from providers.step.emulator import StepEmulator
+    from tests.relay.conftest import RelayFactory
 
 PATH = "/v1/chat/completions"
 OUR_ID = re.compile(r"[0-9a-f]{32}")
@@ -177,3 +178,54 @@ async def test_metrics_have_latency_histograms_and_no_created_series(
                      text)
     assert 'relay_active_streams{provider="step"} 0.0' in text
     assert "# TYPE relay_account_logins_total counter" in text
+
+
+# --- readiness ------------------------------------------------------------------------------
+
+
+async def _get(base_url: str, path: str) -> httpcore.Response:
+    async with httpcore.AsyncConnectionPool() as pool:
+        return await pool.request("GET", base_url + path)
+
+
+async def test_ready_in_open_mode_and_while_shutting_down(relay: Running) -> None:
+    """Clients bring their credentials: ready. Once shutting down: not ready (503), while
+    /ping still answers on the connections being drained."""
+    with trio.fail_after(10):
+        ready = await _get(relay.base_url, "/ready")
+    assert (ready.status, orjson.loads(ready.content)) == (200, {"ready": True})
+    relay.app.shutdown()
+    assert await relay.app.readiness() == "shutting down"
+
+
+async def test_not_ready_without_accounts_in_pooled_mode(relay_factory: RelayFactory) -> None:
+    """API keys set but no server-side accounts: nothing can be served."""
+    relay = await relay_factory(api_keys="k")
+    with trio.fail_after(10):
+        response = await _get(relay.base_url, "/ready")
+    assert response.status == 503
+    assert "no upstream accounts" in orjson.loads(response.content)["reason"]
+
+
+async def test_not_ready_while_every_account_rests(
+    relay_factory: RelayFactory, glm: GlmEmulator
+) -> None:
+    """Pooled accounts whose tokens are refused rest; when all of them do, /ready says so;
+    when some provider still has a healthy account, the relay is ready."""
+    relay = await relay_factory(api_keys="k", glm_tokens="revoked-token",
+                                step_tokens=STEP_CREDENTIAL, account_cooldown=600.0)
+    key = [(b"authorization", b"Bearer k")]
+    with trio.fail_after(10):
+        refused = await post(relay.base_url, PATH, orjson.dumps(
+            {"model": "glm-4", "messages": [{"role": "user", "content": "hi"}]}), headers=key)
+        still = await _get(relay.base_url, "/ready")
+    assert refused.status == 401
+    assert still.status == 200  # StepChat's account is fine
+    only_glm = await relay_factory(api_keys="k", glm_tokens="revoked-token",
+                                   account_cooldown=600.0)
+    with trio.fail_after(10):
+        await post(only_glm.base_url, PATH, orjson.dumps(
+            {"model": "glm-4", "messages": [{"role": "user", "content": "hi"}]}), headers=key)
+        response = await _get(only_glm.base_url, "/ready")
+    assert response.status == 503
+    assert "every glm account is resting" in orjson.loads(response.content)["reason"]

@@ -39,12 +39,14 @@ from relay import accounts
 from relay.accounts import AccountPool, LocalState, token_id
 from relay.config import ConfigError, Settings
 from tests.redis_server import MISSING, REDIS_SERVER, RedisServer, free_port, redis_server
+from tests.relay.conftest import STEP_CREDENTIAL
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
     from pathlib import Path
 
     from providers.contract import Provider
+    from tests.relay.conftest import RelayFactory
 
 WAIT_LIMIT_S = 10.0  # generous bounds on what takes milliseconds
 PROCESS_TIMEOUT_S = 20  # a child Python process: its imports take most of it
@@ -689,3 +691,24 @@ async def test_a_conversation_kept_on_one_relay_continues_on_the_other(
                 assert follow_up.status == 200, follow_up.content
     assert [s["conversation_id"] for s in glm.record.streams] == ["", *[conversation] * 3]
     assert glm.record.conversations_deleted == []
+
+
+@COREDIS_FAILED_CONNECT
+async def test_ready_says_when_redis_is_unreachable(
+    tmp_path: Path, collect_garbage: None, relay_factory: RelayFactory
+) -> None:
+    """GET /ready is 200 with Redis up, and 503 naming the shared state once it is gone."""
+    if REDIS_SERVER is None:
+        pytest.skip(MISSING)
+    with redis_server(tmp_path) as server:
+        relay = await relay_factory(redis_url=server.url, api_keys="k",
+                                    step_tokens=STEP_CREDENTIAL)
+        async with httpcore.AsyncConnectionPool() as pool:
+            with trio.fail_after(WAIT_LIMIT_S):
+                up = await pool.request("GET", relay.base_url + "/ready")
+                server.process.kill()
+                server.process.wait()
+                down = await pool.request("GET", relay.base_url + "/ready")
+    assert up.status == 200
+    assert down.status == 503
+    assert "shared account state is unreachable" in orjson.loads(down.content)["reason"]
