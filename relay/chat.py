@@ -74,7 +74,7 @@ a ``chat.completion``); an upstream error becomes its HTTP status.
 from __future__ import annotations
 
 import logging
-from contextlib import AsyncExitStack, aclosing
+from contextlib import AsyncExitStack, aclosing, asynccontextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, TypeVar
 
@@ -566,7 +566,29 @@ async def _attempt(
     outcome: Outcome,
     started_at: float,
 ) -> None:
-    # tools, their history and a JSON format go into the prompt (web chats have no such fields)
+    async with open_answer(runtime, session, request, outcome) as answer:
+        await _answer(ex, dialect, runtime, request, model, answer, settings, outcome,
+                      started_at)
+
+
+@asynccontextmanager
+async def open_answer(
+    runtime: ProviderRuntime[SessionT],
+    session: SessionT,
+    request: ChatRequest,
+    outcome: Outcome,
+) -> AsyncIterator[ChatStream]:
+    """The provider's answer to ``request`` on ``session``, for the block (no HTTP in it).
+
+    What web chats cannot do is added here: tools, their history and a JSON
+    format go into the prompt, and the answer comes through an
+    :class:`~protocol.shaping.AnswerShaper` when the request needs one.
+    Leaving the block closes the upstream and deletes the conversation (the
+    provider's chat context); a conversation the client keeps has its owner
+    noted first (:meth:`AccountPool.remember_conversation`), even when the
+    block is left by cancellation. :func:`complete` and :class:`relay.Relay`
+    both answer through here, inside :func:`with_account`.
+    """
     upstream_request = render_agent_prompt(request) if needs_rendering(request) else request
     async with runtime.provider.chat(session, upstream_request) as upstream:
         answer: ChatStream = upstream
@@ -574,10 +596,8 @@ async def _attempt(
             answer = ShapedAnswer(upstream, AnswerShaper(request))
         outcome.conversation = answer.conversation_id
         try:
-            await _answer(ex, dialect, runtime, request, model, answer, settings, outcome,
-                          started_at)
+            yield answer
         finally:
-            # a conversation the client keeps: note its owner, even if the client left
             with trio.CancelScope(shield=True):
                 await runtime.pool.remember_conversation(
                     upstream_request, answer.conversation_id, outcome.account)

@@ -58,16 +58,14 @@ import trio
 from protocol.deltas import Finish, UpstreamError
 from protocol.errors import AuthError, RelayError, ServerShuttingDown
 from protocol.openai import ChatRequest, check_file_count, parse_chat_request
-from protocol.shaping import AnswerShaper
-from protocol.toolcalls import needs_rendering, render_agent_prompt
 from relay import accounts, config, registry
 from relay.app import App
 from relay.chat import (
     Outcome,
-    ShapedAnswer,
     _leading_error,
     delta_from_error,
     error_from_delta,
+    open_answer,
     with_account,
 )
 
@@ -80,7 +78,6 @@ if TYPE_CHECKING:
 
     from protocol.deltas import Delta
     from protocol.urls import Origin
-    from providers.contract import ChatStream
     from relay.accounts import Account
     from relay.config import Settings
     from relay.registry import Entry, ProviderRuntime
@@ -407,13 +404,7 @@ async def _produce(
 
     async def attempt(session: Any) -> None:  # noqa: ANN401 - the provider's session
         nonlocal handed
-        # as relay.chat._attempt: the agent's fields into the prompt, the answer shaped
-        upstream_request = render_agent_prompt(request) if needs_rendering(request) else request
-        async with runtime.provider.chat(session, upstream_request) as upstream:
-            answer: ChatStream = upstream
-            if AnswerShaper.needed(request):
-                answer = ShapedAnswer(upstream, AnswerShaper(request))
-            outcome.conversation = answer.conversation_id
+        async with open_answer(runtime, session, request, outcome) as answer:
             last: list[Delta]
             try:
                 async with aclosing(answer.__aiter__()) as batches:
@@ -446,6 +437,8 @@ async def _produce(
         with run.scope:
             async with send:
                 try:
+                    # a kept conversation's follow-up goes to the account that owns it
+                    candidates = await runtime.pool.for_conversation(candidates, request)
                     await with_account(runtime, candidates, attempt, outcome,
                                        retryable=lambda: not handed)
                 except (trio.BrokenResourceError, trio.ClosedResourceError):

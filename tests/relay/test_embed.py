@@ -26,7 +26,7 @@ import trio
 import relay
 from protocol.deltas import Finish, TextDelta, UpstreamError
 from protocol.errors import AuthError, RequestError, UpstreamFailed
-from tests.relay.conftest import GLM_TOKEN, STEP_CREDENTIAL, sse_events, sse_text
+from tests.relay.conftest import GLM_TOKEN, GLM_TOKENS, STEP_CREDENTIAL, sse_events, sse_text
 
 if TYPE_CHECKING:
     from providers.glm.emulator import GlmEmulator
@@ -285,6 +285,24 @@ async def test_early_break_deletes_the_conversation_and_frees_the_account(
     assert glm.record.streams_aborted == 1
     assert glm.record.concurrent_rejections == 0
     assert max(glm.record.max_active_per_account.values()) == 1
+
+
+async def test_a_kept_conversation_continues_on_its_owner(glm: GlmEmulator) -> None:
+    """With two accounts, a conversation kept by one chat ("conversation_id": "") is
+    continued by the next chats on the account that owns it (another account's would
+    be "conversation not found"), as through the server."""
+    keep = {**GLM_HELLO, "conversation_id": ""}
+    async with relay.Relay(relay.settings(glm_base_url=glm.base_url,
+                                          glm_tokens=list(GLM_TOKENS[:2]))) as service:
+        first = service.chat(keep)
+        assert text_of([event async for event in first]) == "你好，世界！"
+        owner = first.account
+        for _ in range(3):
+            follow_up = service.chat({**GLM_HELLO, "conversation_id": first.conversation_id})
+            events = [event async for event in follow_up]
+            assert isinstance(events[-1], Finish), events[-1]
+            assert follow_up.account == owner
+    assert glm.record.conversations_deleted == []  # kept, as asked
 
 
 async def test_leaving_the_chat_block_releases_the_account_at_once(glm: GlmEmulator) -> None:
