@@ -40,7 +40,11 @@ path as the error's ``param``. What maps to what:
   Anthropic's API requires them to be: they answer the previous turn;
 - ``tools`` (client tools: ``name``, ``description``, ``input_schema``)
   become :class:`~protocol.openai.ToolSpec`; a server tool (any other
-  ``type``, e.g. ``web_search_20250305``) is a 400: nothing here can run it;
+  ``type``, e.g. ``web_search_20250305``) is a 400: nothing here can run it.
+  An ``input_schema``, and a ``tool_use`` block's ``input``, nest at most
+  :data:`~protocol.openai.MAX_JSON_DEPTH` levels: the relay writes them
+  back (the prompt, the token count), and orjson writes fewer levels than
+  it reads;
 - ``tool_choice`` ``auto`` / ``any`` / ``tool`` / ``none`` become the neutral
   ``auto`` / ``required`` / ``function`` / ``none``;
 - ``stop_sequences`` become ``stop``; ``max_tokens`` (required, as Anthropic
@@ -125,12 +129,14 @@ from protocol.deltas import (
 )
 from protocol.errors import LocalProtocolError, RequestError
 from protocol.openai import (
+    MAX_JSON_DEPTH,
     ChatRequest,
     ContentPart,
     Message,
     ToolCall,
     ToolChoice,
     ToolSpec,
+    nested_deeper_than,
     prompt_tokens,
 )
 
@@ -309,6 +315,13 @@ def _block_type(block: object, path: str) -> tuple[dict[str, Any], str]:
     return block, _string(block, "type", f"{path}.type")
 
 
+def _shallow(value: dict[str, Any], path: str) -> dict[str, Any]:
+    """``value`` if it nests at most :data:`MAX_JSON_DEPTH` levels; else a 400 naming ``path``."""
+    if nested_deeper_than(value, MAX_JSON_DEPTH):
+        raise _invalid(path, f"nested at most {MAX_JSON_DEPTH} levels deep")
+    return value
+
+
 def _checked_url(url: str, path: str) -> str:
     """``url`` if :func:`check_file_url` passes; else its 400, naming ``path``."""
     try:
@@ -396,7 +409,8 @@ def _tool_use(block: dict[str, Any], path: str, names: dict[str, str]) -> ToolCa
     """An assistant's ``tool_use`` block as a call (its input as compact JSON)."""
     call_id = _string(block, "id", f"{path}.id")
     name = _string(block, "name", f"{path}.name")
-    arguments = orjson.dumps(_object(block, "input", f"{path}.input")).decode()
+    arguments = orjson.dumps(_shallow(_object(block, "input", f"{path}.input"),
+                                      f"{path}.input")).decode()
     names[call_id] = name
     return ToolCall(call_id, name, arguments)
 
@@ -500,7 +514,8 @@ def _tools(value: object) -> tuple[ToolSpec, ...]:
         description = raw.get("description")
         if description is not None and not isinstance(description, str):
             raise _invalid(f"{path}.description", "a valid string")
-        schema = _object(raw, "input_schema", f"{path}.input_schema")
+        schema = _shallow(_object(raw, "input_schema", f"{path}.input_schema"),
+                          f"{path}.input_schema")
         tools.append(ToolSpec(name, description or "", schema))
     return tuple(tools)
 

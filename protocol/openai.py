@@ -55,6 +55,9 @@ What is accepted, and why:
     them on every request;
   - ``response_format``: ``text`` is the default (``None``), ``json_object``
     and ``json_schema`` (its ``name`` is required, the ``schema`` an object);
+  - a function's ``parameters`` and a format's ``schema`` may nest at most
+    :data:`MAX_JSON_DEPTH` levels: the relay writes them back, and orjson
+    writes fewer levels than it reads;
   - ``stop``: a string or up to four; empty strings are dropped (they could
     only match everywhere);
   - ``max_tokens`` and ``max_completion_tokens`` (positive integers): the
@@ -98,6 +101,7 @@ if TYPE_CHECKING:
     from protocol.errors import RelayError
 
 __all__ = [
+    "MAX_JSON_DEPTH",
     "ChatRequest",
     "ChunkEncoder",
     "CompletionAccumulator",
@@ -112,6 +116,7 @@ __all__ = [
     "error_from_exception",
     "estimate_tokens",
     "models_body",
+    "nested_deeper_than",
     "parse_chat_request",
     "prompt_tokens",
 ]
@@ -122,6 +127,11 @@ TOKENS_PER_MESSAGE = 4
 TOKENS_PER_REPLY = 3
 
 _NUMBER_PARAMS = ("temperature", "top_p", "presence_penalty", "frequency_penalty")
+
+#: How deep a client's JSON Schema, or a call's input, may nest objects and arrays. Far more
+#: than any tool needs, and well inside the 254 levels orjson writes (it reads 1024): the
+#: relay writes these values back, into the prompt, the token count and the Responses echo.
+MAX_JSON_DEPTH = 100
 
 
 @dataclass(frozen=True, slots=True)
@@ -274,6 +284,33 @@ def _optional_str(obj: dict[str, Any], key: str, param: str) -> str | None:
     if value is None or isinstance(value, str):
         return value
     raise _invalid_type(param, "a string")
+
+
+def nested_deeper_than(value: object, limit: int) -> bool:
+    """Whether ``value`` (parsed JSON) nests objects and arrays more than ``limit`` levels.
+
+    Level by level, without recursion: ``value`` may be as deep as orjson reads.
+    """
+    frontier = [value]
+    for _ in range(limit):
+        frontier = [
+            child
+            for item in frontier
+            if isinstance(item, dict | list)
+            for child in (item.values() if isinstance(item, dict) else item)
+        ]
+        if not frontier:
+            return False
+    return any(isinstance(item, dict | list) for item in frontier)
+
+
+def _check_depth(value: object, param: str) -> None:
+    """A 400 naming ``param`` if ``value`` nests deeper than :data:`MAX_JSON_DEPTH`."""
+    if nested_deeper_than(value, MAX_JSON_DEPTH):
+        raise RequestError(
+            f"Invalid '{param}': nested more than {MAX_JSON_DEPTH} levels deep.",
+            param=param, code="invalid_value",
+        )
 
 
 def _checked(check: Callable[[str], object], value: str, param: str) -> str:
@@ -483,6 +520,7 @@ def _parse_function(raw: object, param: str) -> ToolSpec:
     parameters = function.get("parameters")
     if parameters is not None and not isinstance(parameters, dict):
         raise _invalid_type(f"{param}.parameters", "a JSON Schema object")
+    _check_depth(parameters, f"{param}.parameters")
     # strict: the shaper cannot hold a model to a schema while it streams, so
     # it is checked and dropped (arguments are passed on as the model wrote them)
     _optional_bool(function, "strict", f"{param}.strict")
@@ -595,6 +633,7 @@ def _parse_response_format(body: dict[str, Any]) -> ResponseFormat | None:
     schema = spec.get("schema")
     if schema is not None and not isinstance(schema, dict):
         raise _invalid_type("response_format.json_schema.schema", "a JSON Schema object")
+    _check_depth(schema, "response_format.json_schema.schema")
     strict = _optional_bool(spec, "strict", "response_format.json_schema.strict") or False
     return ResponseFormat("json_schema", schema=schema, name=name, strict=strict)
 

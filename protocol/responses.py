@@ -31,7 +31,10 @@ index path such as ``input[2].content[0].image_url``):
 - ``instructions`` become a system message placed first;
 - ``tools`` are function tools only (a built-in tool such as ``web_search``
   is a 400: there is nothing to run it with), ``tool_choice``,
-  ``text.format`` and ``max_output_tokens`` map onto the neutral fields;
+  ``text.format`` and ``max_output_tokens`` map onto the neutral fields; a
+  tool's ``parameters`` and the format's ``schema`` nest at most
+  :data:`~protocol.openai.MAX_JSON_DEPTH` levels (the response object echoes
+  them, and orjson writes fewer levels than it reads);
 - nothing is stored: ``previous_response_id``, ``conversation`` and
   ``background`` (which need stored responses) are a 400 saying so, and
   ``store`` is accepted and ignored; ``metadata``, sampling parameters,
@@ -57,6 +60,7 @@ from protocol.openai import (
     ToolCall,
     ToolChoice,
     ToolSpec,
+    _check_depth,
     _checked,
     _invalid_type,
     _missing,
@@ -302,6 +306,7 @@ def _parse_tools(body: dict[str, Any]) -> tuple[tuple[ToolSpec, ...], tuple[bool
         parameters = tool.get("parameters")
         if parameters is not None and not isinstance(parameters, dict):
             raise _invalid_type(f"{param}.parameters", "a JSON Schema object")
+        _check_depth(parameters, f"{param}.parameters")
         specs.append(ToolSpec(name, description, parameters))
         strict.append(_optional_bool(tool, "strict", f"{param}.strict"))
     return tuple(specs), tuple(strict)
@@ -365,6 +370,7 @@ def _parse_text_format(body: dict[str, Any]) -> ResponseFormat | None:
         if schema is None:
             raise _missing("text.format.schema")
         raise _invalid_type("text.format.schema", "a JSON Schema object")
+    _check_depth(schema, "text.format.schema")
     strict = _optional_bool(fmt, "strict", "text.format.strict") or False
     return ResponseFormat("json_schema", schema=schema, name=name, strict=strict)
 

@@ -49,6 +49,7 @@ from protocol.deltas import (
 )
 from protocol.errors import LocalProtocolError, RequestError
 from protocol.openai import (
+    MAX_JSON_DEPTH,
     ChatRequest,
     ContentPart,
     Message,
@@ -306,6 +307,46 @@ def test_count_tokens_needs_no_max_tokens() -> None:
     assert request.max_tokens is None
     assert orjson.loads(count_tokens_body(request)) == {"input_tokens": prompt_tokens(request)}
     assert prompt_tokens(request) > prompt_tokens(parse())
+
+
+def nested(depth: int) -> bytes:
+    """JSON text of objects nested ``depth`` levels: ``{"a":{"a":...{}...}}``."""
+    return b'{"a":' * (depth - 1) + b"{}" + b"}" * (depth - 1)
+
+
+DEEP_FIELDS = [
+    ({"tools": [{"name": "f", "input_schema": "@"}]}, "tools.0.input_schema"),
+    ({"messages": [{"role": "assistant", "content": [
+        {"type": "tool_use", "id": "t", "name": "f", "input": "@"}]}, user("hi")]},
+     "messages.0.content.0.input"),
+]
+
+
+@pytest.mark.parametrize("depth", [MAX_JSON_DEPTH + 1, 300, 1015])
+@pytest.mark.parametrize(("fields", "param"), DEEP_FIELDS)
+def test_a_schema_or_input_nested_too_deep_is_a_400_naming_it(
+    fields: dict[str, Any], param: str, depth: int
+) -> None:
+    """An input_schema or a tool_use input deeper than MAX_JSON_DEPTH is a 400 (for
+    count_tokens too). orjson reads 1024 levels but writes 254: a 300-level input was a 500
+    from the parser itself, a 300-level schema a 500 from the token count."""
+    raw = body(**fields).replace(b'"@"', nested(depth))
+    for require_max_tokens in (True, False):
+        with pytest.raises(RequestError) as caught:
+            parse_messages_request(raw, require_max_tokens=require_max_tokens)
+        assert caught.value.status == 400
+        assert caught.value.param == param
+        expected = f"{param}: Input should be nested at most {MAX_JSON_DEPTH} levels deep"
+        assert caught.value.message == expected
+
+
+@pytest.mark.parametrize(("fields", "param"), DEEP_FIELDS)
+def test_a_schema_or_input_nested_to_the_limit_is_parsed_and_counted(
+    fields: dict[str, Any], param: str
+) -> None:
+    """At MAX_JSON_DEPTH levels the request parses and count_tokens answers."""
+    request = parse_messages_request(body(**fields).replace(b'"@"', nested(MAX_JSON_DEPTH)))
+    assert orjson.loads(count_tokens_body(request))["input_tokens"] > 0
 
 
 @pytest.mark.parametrize("raw", [b"", b"[]", b"{", b'"x"', b"null", b'{"a": NaN}'])

@@ -37,6 +37,7 @@ from protocol.errors import (
     UpstreamTimeout,
 )
 from protocol.openai import (
+    MAX_JSON_DEPTH,
     TOKENS_PER_MESSAGE,
     TOKENS_PER_REPLY,
     ChatRequest,
@@ -533,6 +534,50 @@ def test_prompt_tokens_count_tool_calls_and_offered_tools() -> None:
         orjson.dumps({"messages": messages, "tools": [tool], "tool_choice": "none"})
     )
     assert prompt_tokens(hidden) == base + 2
+
+
+def nested(depth: int) -> bytes:
+    """JSON text of objects nested ``depth`` levels: ``{"a":{"a":...{}...}}``."""
+    return b'{"a":' * (depth - 1) + b"{}" + b"}" * (depth - 1)
+
+
+def body_with(fields: dict[str, Any], document: bytes) -> bytes:
+    """``body_of(**fields)`` with the string ``"@"`` replaced by ``document``."""
+    return body_of(**fields).replace(b'"@"', document)
+
+
+DEEP_SCHEMA_FIELDS = [
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": "@"}}]},
+     "tools[0].function.parameters"),
+    ({"functions": [{"name": "f", "parameters": "@"}]}, "functions[0].parameters"),
+    ({"response_format": {"type": "json_schema",
+                          "json_schema": {"name": "f", "schema": "@", "strict": True}}},
+     "response_format.json_schema.schema"),
+]
+
+
+@pytest.mark.parametrize("depth", [MAX_JSON_DEPTH + 1, 300, 1015])
+@pytest.mark.parametrize(("fields", "param"), DEEP_SCHEMA_FIELDS)
+def test_a_schema_nested_too_deep_is_a_400_naming_it(
+    fields: dict[str, Any], param: str, depth: int
+) -> None:
+    """A schema deeper than MAX_JSON_DEPTH is a 400. orjson reads 1024 levels but writes 254,
+    and the relay writes schemas back (the token count, the prompt): a 300-level schema was a
+    500 from prompt_tokens."""
+    with pytest.raises(RequestError) as info:
+        parse_chat_request(body_with(fields, nested(depth)))
+    assert info.value.status == 400
+    assert info.value.param == param
+    assert f"nested more than {MAX_JSON_DEPTH} levels" in info.value.message
+
+
+@pytest.mark.parametrize(("fields", "param"), DEEP_SCHEMA_FIELDS)
+def test_a_schema_nested_to_the_limit_is_accepted_and_counted(
+    fields: dict[str, Any], param: str
+) -> None:
+    """A schema exactly MAX_JSON_DEPTH levels deep parses, and its tokens can be counted."""
+    request = parse_chat_request(body_with(fields, nested(MAX_JSON_DEPTH)))
+    assert prompt_tokens(request) > 0
 
 
 # ---------------------------------------------------------------------------

@@ -37,6 +37,7 @@ from protocol.deltas import (
 )
 from protocol.errors import LocalProtocolError, RequestError
 from protocol.openai import (
+    MAX_JSON_DEPTH,
     ChatRequest,
     ContentPart,
     Message,
@@ -749,6 +750,43 @@ def test_the_whole_response_holds_the_streams_items() -> None:
          Finish("tool_calls")],
     ]
     assert whole(answer) == stream(answer)[-1][1]["response"]
+
+
+def nested(depth: int) -> bytes:
+    """JSON text of objects nested ``depth`` levels: ``{"a":{"a":...{}...}}``."""
+    return b'{"a":' * (depth - 1) + b"{}" + b"}" * (depth - 1)
+
+
+DEEP_SCHEMA_FIELDS = [
+    ({"tools": [{"type": "function", "name": "f", "parameters": "@"}]}, "tools[0].parameters"),
+    ({"text": {"format": {"type": "json_schema", "name": "f", "schema": "@", "strict": True}}},
+     "text.format.schema"),
+]
+
+
+def deep_body(fields: dict[str, Any], depth: int) -> bytes:
+    return orjson.dumps({"model": "m", "input": "hi", **fields}).replace(b'"@"', nested(depth))
+
+
+@pytest.mark.parametrize("depth", [MAX_JSON_DEPTH + 1, 300, 1015])
+@pytest.mark.parametrize(("fields", "param"), DEEP_SCHEMA_FIELDS)
+def test_a_schema_nested_too_deep_is_a_400_naming_it(
+    fields: dict[str, Any], param: str, depth: int
+) -> None:
+    """A schema deeper than MAX_JSON_DEPTH is a 400. orjson reads 1024 levels but writes 254,
+    and the response object echoes the tools and the format: a 300-level schema was a 500."""
+    error = refused(deep_body(fields, depth))
+    assert error.param == param
+    assert f"nested more than {MAX_JSON_DEPTH} levels" in error.message
+
+
+@pytest.mark.parametrize(("fields", "param"), DEEP_SCHEMA_FIELDS)
+def test_a_schema_nested_to_the_limit_is_echoed(fields: dict[str, Any], param: str) -> None:
+    """At MAX_JSON_DEPTH levels the request parses, and the stream and the whole response
+    (which echo the schema) can be written."""
+    request = parse_responses_request(deep_body(fields, MAX_JSON_DEPTH))
+    answer: list[list[Delta]] = [[TextDelta("{}"), Finish()]]
+    assert whole(answer, request) == stream(answer, request)[-1][1]["response"]
 
 
 def test_the_whole_response_lists_citations_after_the_text() -> None:
