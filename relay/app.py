@@ -25,7 +25,7 @@ from protocol.errors import RelayError
 from relay import accounts, registry, routes
 from relay.fetcher import UrlFetcher
 from relay.janitor import Janitor
-from relay.metrics import Metrics
+from relay.metrics import REFRESH_S, Metrics
 from relay.pool import UpstreamPool
 from relay.server import Exchange, Server, bound_addresses, open_listeners
 from relay.upstream import make_pool
@@ -131,14 +131,27 @@ class App:
             # account state (Redis, when configured) is connected around everything served
             async with accounts.connected(pools), trio.open_nursery() as outer:
                 await outer.start(self.janitor.run)
+                refreshing = trio.CancelScope()
+                if self.metrics.directory is not None:  # --workers: see relay.metrics
+                    outer.start_soon(self._refresh_metrics, refreshing)
                 try:
                     async with trio.open_nursery() as nursery:
                         await nursery.start(functools.partial(self.server.run, listeners))
                         task_status.started(self.addresses)
                 finally:
                     self.janitor.close()
+                    refreshing.cancel()
         finally:
             self.stopped.set()
+
+    async def _refresh_metrics(self, scope: trio.CancelScope) -> None:
+        """Copy this worker's snapshots into its metric files until ``scope`` is cancelled,
+        then once more (the counts of its last requests)."""
+        with scope:
+            while True:
+                self.metrics.refresh()
+                await trio.sleep(REFRESH_S)
+        self.metrics.refresh()
 
     def shutdown(self) -> None:
         """Stop accepting and let requests in flight finish (grace period)."""
