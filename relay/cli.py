@@ -25,10 +25,12 @@ import json
 import logging
 import multiprocessing
 import os
+import shutil
 import signal
 import socket
 import ssl
 import sys
+import tempfile
 import time
 import typing
 from typing import Any
@@ -281,6 +283,13 @@ def run_workers(settings: Settings) -> int:
 
     The parent binds the port once first, so that a port in use is one line
     on stderr and exit status 1, not one traceback per worker.
+
+    The workers' metrics are prometheus-client's multi-process mode: their
+    files live in a private temporary directory (``PROMETHEUS_MULTIPROC_DIR``,
+    set before they start, so before they import prometheus-client), which
+    any worker merges when scraped. A worker that exits is marked dead there
+    (its live gauges drop out; its counts stay); the directory is removed
+    once every worker has exited.
     """
     try:
         trio.run(_probe_listeners, settings)
@@ -291,23 +300,45 @@ def run_workers(settings: Settings) -> int:
         log.warning("%d workers without RELAY_REDIS_URL: account limits are per worker "
                     "(each may open its own stream on a ChatGLM account), and so are "
                     "cool-downs, cached tokens and conversation owners", settings.workers)
+    from multiprocessing.connection import wait
+
+    from prometheus_client.multiprocess import mark_process_dead
+
+    from relay.metrics import MULTIPROC_DIR
+
+    directory = tempfile.mkdtemp(prefix="relay-metrics-")
     ctx = multiprocessing.get_context("spawn")
     procs = [ctx.Process(target=_worker, args=(settings,), daemon=False)
              for _ in range(settings.workers)]
-    for proc in procs:
-        proc.start()
 
     def forward(signum: int, frame: object) -> None:
         for proc in procs:
             if proc.is_alive() and proc.pid:
                 proc.terminate() if signum == signal.SIGTERM else _interrupt(proc.pid)
 
-    signal.signal(signal.SIGINT, forward)
-    signal.signal(signal.SIGTERM, forward)
     code = 0
-    for proc in procs:
-        proc.join()
-        code = code or (proc.exitcode or 0)
+    try:
+        before = os.environ.get(MULTIPROC_DIR)
+        os.environ[MULTIPROC_DIR] = directory  # a spawned worker starts with this environment
+        try:
+            for proc in procs:
+                proc.start()
+        finally:
+            if before is None:
+                del os.environ[MULTIPROC_DIR]
+            else:
+                os.environ[MULTIPROC_DIR] = before
+        signal.signal(signal.SIGINT, forward)
+        signal.signal(signal.SIGTERM, forward)
+        running = {proc.sentinel: proc for proc in procs}
+        while running:
+            for sentinel in wait(list(running)):
+                proc = running.pop(typing.cast("int", sentinel))
+                proc.join()
+                code = code or (proc.exitcode or 0)
+                mark_process_dead(proc.pid, directory)  # type: ignore[no-untyped-call]
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
     return code
 
 
