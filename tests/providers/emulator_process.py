@@ -30,7 +30,7 @@ import trio
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
 
-LISTENING = re.compile(rb"listening on (http://127\.0\.0\.1:\d+)\n")
+LISTENING = re.compile(rb"listening on (http://127\.0\.0\.1:\d+(?:/v1)?)\n")
 #: A child Python process: its imports take most of it, more on a loaded machine.
 PROCESS_TIMEOUT_S = 20
 
@@ -55,7 +55,8 @@ async def emulator_process(
     """Run ``python -m module --port 0 *args`` until it prints where it listens.
 
     Args:
-        module: ``providers.step.emulator`` or ``providers.glm.emulator``.
+        module: ``providers.step.emulator``, ``providers.glm.emulator`` or
+            ``providers.openai.emulator`` (whose base URL ends in ``/v1``).
         args: more command-line arguments.
         sigint: the SIGINT disposition the child starts with.
 

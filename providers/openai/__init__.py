@@ -1,0 +1,1 @@
+"""An OpenAI-compatible upstream: the passthrough provider (issue 16)."""
