@@ -25,10 +25,14 @@ from protocol.errors import RelayError
 
 _EPILOG_OVERHEAD = """\
 scenarios: latency, throughput (throughput-1, throughput-16),
-concurrency (concurrency-500, concurrency-200), idle; and, only when named,
-long (1 stream, ~20,000 characters, cost per chunk by quarter of the stream).
---relay-cmd placeholders: {python} {host} {port} {upstream} {token}; the default
-relay command per provider:
+concurrency (concurrency-500, concurrency-200), idle, sustained (the most
+concurrent streams of 64 deltas 20 ms apart with every frame and no gap over
+40 ms, doubling from 1); and, only when named, burst and long (1 stream,
+~20,000 characters, cost per chunk by quarter of the stream).
+--relay-cmd placeholders: {python} {host} {port} {upstream} {token} {workers}
+(sustained runs a command holding {workers} with 1 and with 2 workers, every
+other scenario with 1); LiteLLM's proxy: python -m bench.litellm --help.
+The default relay command per provider:
 %s
 """
 

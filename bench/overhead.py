@@ -37,6 +37,14 @@ scale them down):
   RSS growth per open stream (direct mode shows the emulator's, for scale).
   The relay is restarted for every repeat, since freed memory stays in the
   process and would flatter later repeats;
+- ``sustained``: the highest number of concurrent streams (64 deltas 20 ms
+  apart) at which every frame arrives with no gap over 40 ms, doubling from
+  1 (:mod:`bench.sustained`). Each level gets a fresh emulator (its first
+  delay grows with the level) and a fresh relay; the modes of a level run
+  one after the other against that emulator, and a mode stops at its first
+  failed level. A relay command holding ``{workers}`` (the default ones do)
+  is searched once per count of :data:`bench.upstreams.SUSTAINED_WORKERS`;
+  every other scenario runs it with one worker;
 - ``long`` (only when named): 1 stream of 1,000 frames at full speed, an
   answer of about 20,000 characters. Besides the overall figures it reports
   chunks/s and CPU per chunk (relay, emulator, client) for the first and the
@@ -73,8 +81,10 @@ from bench.measure import Figures, combine_runs, floor_warnings, judge, merge_er
 from bench.progress import NoProgress, Progress
 from bench.readers import StreamRecord
 from bench.runners import chat_body, request_headers, run_openai_stream
-from bench.scenarios import Scenario, scenarios, select
-from bench.upstreams import BENCH_PROMPT, PROVIDERS, DirectClient, Provider
+from bench.scenarios import SUSTAINED_MAX_GAP_MS, Scenario, scenarios, select
+from bench.stats import median_or_none
+from bench.sustained import LevelSearch, judge_level
+from bench.upstreams import BENCH_PROMPT, PROVIDERS, SUSTAINED_WORKERS, DirectClient, Provider
 from bench.wire import Endpoint
 from protocol.errors import RelayError, RequestError, UpstreamFailed
 from relay.cli import raise_open_files_limit
@@ -129,6 +139,28 @@ class ScenarioResult:
     verdicts: list[dict[str, Any]] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     failure: str | None = None
+    sustained: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class RelayVariant:
+    """One relay the ``sustained`` scenario searches: its report key, label and workers."""
+
+    key: str
+    label: str
+    workers: int
+
+
+def relay_variants(template: str) -> list[RelayVariant]:
+    """The relays of the ``sustained`` scenario for a relay command ``template``.
+
+    With ``{workers}`` in the template, one per count of
+    :data:`~bench.upstreams.SUSTAINED_WORKERS` (``relay_w1``, ``relay_w2``);
+    otherwise the command as it is (``relay``).
+    """
+    if "{workers}" not in template:
+        return [RelayVariant("relay", "relay", 1)]
+    return [RelayVariant(f"relay_w{n}", f"relay --workers {n}", n) for n in SUSTAINED_WORKERS]
 
 
 def relay_argv(template: str, **values: object) -> list[str]:
@@ -136,7 +168,7 @@ def relay_argv(template: str, **values: object) -> list[str]:
 
     Args:
         template: e.g. ``"{python} -m relay serve --port {port} ..."``.
-        values: ``python``, ``host``, ``port``, ``upstream``, ``token``.
+        values: ``python``, ``host``, ``port``, ``upstream``, ``token``, ``workers``.
 
     Raises:
         RequestError: an unknown placeholder (write ``{{`` for a literal brace).
@@ -185,10 +217,8 @@ class _Harness:
                 + self.emulator.log_tail()
             )
 
-    async def start_relay(self, scenario: Scenario) -> None:
-        if self.relay is not None:
-            await procs.stop_child(self.relay)
-            self.relay = None
+    async def start_relay(self, scenario: Scenario, workers: int = 1) -> None:
+        await self.stop_relay()
         port = procs.free_port()
         template = self.options.relay_cmd or self.provider.relay_cmd
         argv = relay_argv(
@@ -198,6 +228,7 @@ class _Harness:
             port=port,
             upstream=self.upstream,
             token=self.provider.credential,
+            workers=workers,
         )
         self._starts += 1
         log = os.path.join(self.log_dir, f"{scenario.key}-relay-{self._starts}.log")
@@ -215,6 +246,11 @@ class _Harness:
                 f"warm-up stream through the relay failed: {record.error}: {record.detail}\n"
                 + self.relay.log_tail()
             )
+
+    async def stop_relay(self) -> None:
+        if self.relay is not None:
+            await procs.stop_child(self.relay)
+            self.relay = None
 
     async def stop(self) -> None:
         for child in (self.relay, self.emulator):
@@ -353,9 +389,13 @@ def quarter_figures(records: list[StreamRecord], marks: list[_CpuMark]) -> Figur
 
 
 async def _run_mode(
-    harness: _Harness, scenario: Scenario, mode: str, progress: Progress
+    harness: _Harness,
+    scenario: Scenario,
+    mode: str,
+    progress: Progress,
+    keep: list[StreamRecord] | None = None,
 ) -> tuple[Figures, dict[str, int], list[str]]:
-    """One run of ``scenario`` in ``mode`` (``direct`` or ``relay``)."""
+    """One run of ``scenario`` in ``mode`` (``direct`` or ``relay``); ``keep`` gets its records."""
     stream = harness.direct_stream if mode == "direct" else harness.relay_stream
     pids = harness.pids()
     if mode == "direct":
@@ -431,13 +471,152 @@ async def _run_mode(
         figures["rss_kib_open"] = float(rss_open)
         figures["rss_kib_per_stream"] = (rss_open - rss_base) / scenario.streams
     samples = [f"{mode}: {r.error}: {r.detail}" for r in records if r.error is not None][:3]
+    if keep is not None:
+        keep.extend(records)
     return figures, errors, samples
+
+
+async def _search_levels(
+    harness: _Harness,
+    scenario: Scenario,
+    variants: list[RelayVariant],
+    searches: dict[str, LevelSearch],
+    progress: Progress,
+    note: Callable[[str], None],
+) -> None:
+    """One search of every mode, level by level; a mode stops at its first failed level.
+
+    Raises:
+        RelayError: the emulator of a level did not start (a relay that does
+            not start only stops its own search, with the reason).
+    """
+    options = harness.options
+    by_key = {variant.key: variant for variant in variants}
+    while True:
+        due = [key for key, search in searches.items() if search.next_level is not None]
+        if not due:
+            return
+        level = min(level for key in due if (level := searches[key].next_level) is not None)
+        at_level = scenario.at_level(level, options.first_delay_s)
+        await harness.start_emulator(at_level)
+        for key in due:
+            search = searches[key]
+            if search.next_level != level:
+                continue
+            variant = by_key.get(key)
+            label = variant.label if variant else key
+            try:
+                if variant is not None:
+                    await harness.start_relay(at_level, variant.workers)
+                progress.begin(f"sustained {label}: {level} streams", level)
+                records: list[StreamRecord] = []
+                try:
+                    mode = "direct" if variant is None else "relay"
+                    figures, _, _ = await _run_mode(
+                        harness, at_level, mode, progress, keep=records
+                    )
+                finally:
+                    progress.end()
+            except RelayError as exc:
+                search.abort(f"{label} at {level} streams: {exc.message}")
+                note(f"{label} at {level} streams: {exc.message}")
+                continue
+            finally:
+                await harness.stop_relay()
+            busy = figures.get("relay_cpu_pct" if variant else "emulator_cpu_pct")
+            search.record(
+                judge_level(
+                    records,
+                    frames_per_stream=at_level.frames_per_stream,
+                    max_gap_ms=SUSTAINED_MAX_GAP_MS,
+                    cpu_pct=busy,
+                )
+            )
+            await trio.sleep(options.settle_s)
+
+
+async def run_sustained(
+    options: OverheadOptions, provider: Provider, scenario: Scenario, progress: Progress
+) -> ScenarioResult:
+    """The ``sustained`` scenario: one level search per mode and repeat (see the module doc)."""
+    result = ScenarioResult(scenario.key, scenario.label, asdict(scenario.params), scenario.streams)
+    log_dir = options.log_dir or tempfile.mkdtemp(prefix="bench-overhead-")
+    os.makedirs(log_dir, exist_ok=True)
+    harness = _Harness(options, provider, log_dir)
+    variants = relay_variants(options.relay_cmd or provider.relay_cmd)
+    labels = {"direct": "direct", **{v.key: v.label for v in variants}}
+    runs: dict[str, list[dict[str, Any]]] = {key: [] for key in labels}
+    aborted: list[str] = []
+    try:
+        for repeat in range(options.repeats):
+            searches = {key: LevelSearch(scenario.levels) for key in labels}
+            try:
+                await _search_levels(
+                    harness, scenario, variants, searches, progress, aborted.append
+                )
+            finally:
+                for key, search in searches.items():
+                    runs[key].append(search.as_dict())
+            result.repeats = repeat + 1
+    except RelayError as exc:
+        result.failure = exc.message
+    finally:
+        await harness.stop()
+    if aborted and result.failure is None:
+        result.failure = "; ".join(aborted)
+    levels = {key: median_or_none([run["sustained"] for run in got]) for key, got in runs.items()}
+    result.sustained = {
+        "frames": scenario.params.frames,
+        "frame_delay_ms": scenario.params.frame_delay_s * 1000,
+        "max_gap_ms": SUSTAINED_MAX_GAP_MS,
+        "levels": list(scenario.levels),
+        "modes": {
+            key: {"label": labels[key], "sustained": levels[key], "runs": runs[key]}
+            for key in labels
+        },
+    }
+    result.direct_runs = [{"sustained_streams": run["sustained"]} for run in runs["direct"]]
+    result.direct = {"sustained_streams": levels["direct"]}
+    relay_keys = [v.key for v in variants]
+    for index in range(len(runs["direct"])):
+        result.relay_runs.append(
+            {
+                _sustained_figure(key, relay_keys): runs[key][index]["sustained"]
+                for key in relay_keys
+                if index < len(runs[key])
+            }
+        )
+    result.relay = {_sustained_figure(key, relay_keys): levels[key] for key in relay_keys}
+    direct_level = levels["direct"]
+    for variant in variants:
+        value = levels[variant.key]
+        if direct_level is None or value is None:
+            continue
+        limit = direct_level / 2
+        result.verdicts.append(
+            {
+                "target": f"{variant.label} sustains at least half of direct's level",
+                "figure": _sustained_figure(variant.key, relay_keys),
+                "basis": "relay",
+                "limit": limit,
+                "value": value,
+                "result": "PASS" if value >= limit else "MISS",
+            }
+        )
+    return result
+
+
+def _sustained_figure(key: str, relay_keys: list[str]) -> str:
+    """The figure name of a relay's sustained level: the first relay's is plain."""
+    return "sustained_streams" if key == relay_keys[0] else f"sustained_streams_{key[6:]}"
 
 
 async def run_scenario(
     options: OverheadOptions, provider: Provider, scenario: Scenario, progress: Progress
 ) -> ScenarioResult:
     """Start the processes, run every repeat in both modes, stop the processes."""
+    if scenario.levels:
+        return await run_sustained(options, provider, scenario, progress)
     result = ScenarioResult(scenario.key, scenario.label, asdict(scenario.params), scenario.streams)
     log_dir = options.log_dir or tempfile.mkdtemp(prefix="bench-overhead-")
     os.makedirs(log_dir, exist_ok=True)
@@ -531,7 +710,9 @@ async def run_overhead(
     if options.repeats < 1:
         raise RequestError("--repeats must be at least 1", param="repeats")
     if options.relay_cmd:
-        relay_argv(options.relay_cmd, python="", host="", port=0, upstream="", token="")
+        relay_argv(
+            options.relay_cmd, python="", host="", port=0, upstream="", token="", workers=1
+        )
     chosen = select(
         scenarios(
             quick=options.quick,

@@ -212,6 +212,72 @@ def _verdict_for(scenario: dict[str, Any], figure: str) -> tuple[str, str]:
     return "", ""
 
 
+def _last_line(text: str, limit: int = 90) -> str:
+    """The last non-empty line of ``text``, cut to ``limit`` characters (a traceback's error)."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    last = lines[-1] if lines else ""
+    return last if len(last) <= limit else last[: limit - 3] + "..."
+
+
+def _print_sustained(scenario: dict[str, Any], out: Console) -> int:
+    """The ``sustained`` table: each mode's highest sustained level, and why the next failed.
+
+    Returns:
+        The number of targets missed.
+    """
+    sustained = scenario["sustained"]
+    title = (
+        f"{scenario['key']}: streams of {sustained['frames']} deltas"
+        f" {sustained['frame_delay_ms']:g} ms apart, concurrency doubled until a level loses a"
+        f" frame or shows a gap over {sustained['max_gap_ms']:g} ms;"
+        f" median of {scenario['repeats']}"
+    )
+    table = _table(title)
+    for name in ("mode", "sustained", "each repeat", "first failed level", "target", "verdict"):
+        table.add_column(name, justify="right" if name in ("sustained", "verdict") else "left")
+    verdicts = {v["figure"]: v for v in scenario["verdicts"]}
+    relay_keys = [key for key in sustained["modes"] if key != "direct"]
+    misses = 0
+    for key, mode in sustained["modes"].items():
+        runs = mode["runs"]
+        each = ", ".join(
+            "-" if run["sustained"] is None else f"{run['sustained']}{'+' * run['capped']}"
+            for run in runs
+        )
+        failed = [
+            f"{run['failed_level']}: {_last_line(run['reason'])}"
+            if run["failed_level"]
+            else _last_line(run["reason"])
+            for run in runs
+        ]
+        figure = None
+        if key in relay_keys:
+            figure = "sustained_streams" if key == relay_keys[0] else f"sustained_streams_{key[6:]}"
+        verdict = verdicts.get(figure or "")
+        target = shown = ""
+        if verdict is not None:
+            colour = "green" if verdict["result"] == "PASS" else "red"
+            target = f">= {verdict['limit']:g} (half of direct)"
+            shown = f"[{colour}]{verdict['result']}[/{colour}]"
+            misses += verdict["result"] == "MISS"
+        table.add_row(
+            _escape(mode["label"]),
+            _fmt(mode["sustained"], "{:.0f}"),
+            each or "-",
+            _escape("; ".join(f for f in failed if f) or "-"),
+            target,
+            shown,
+        )
+    table.caption = (
+        "+: every level up to the cap was sustained (the figure is a floor);"
+        " -: the search was cut short by the harness (a process that did not start)"
+    )
+    out.print(table)
+    if scenario["failure"]:
+        out.print(f"[red]scenario failed:[/red] {_escape(scenario['failure'])}")
+    return misses
+
+
 def print_overhead_report(report: dict[str, Any], out: Console) -> None:
     """One table per scenario: direct, relay, added, ratio, target and verdict."""
     machine = report["machine"]
@@ -230,6 +296,9 @@ def print_overhead_report(report: dict[str, Any], out: Console) -> None:
     misses = 0
     for scenario in report["scenarios"]:
         group = scenario["key"].split("-")[0]
+        if scenario.get("sustained"):
+            misses += _print_sustained(scenario, out)
+            continue
         title = f"{scenario['key']}: {scenario['label']}, median of {scenario['repeats']}"
         table = _table(title)
         for name in ("figure", "direct", "relay", "added", "ratio", "target", "verdict"):

@@ -21,23 +21,44 @@ reported per
 quarter of the stream (:attr:`Scenario.quarters`): with ChatGLM every
 snapshot repeats the whole answer so far, so the cost of a chunk grows with
 the length of the answer, and the first and last quarters show by how much.
+
+``sustained`` is the public gateway benchmarks' "sustained streams" figure:
+streams of :data:`SUSTAINED_FRAMES` content deltas
+:data:`SUSTAINED_FRAME_DELAY_S` apart, run at 1, 2, 4, ... concurrent
+streams (:attr:`Scenario.levels`, up to :data:`SUSTAINED_CAP`) until a level
+fails. A level is sustained when every frame of every stream arrives and no
+gap between two frames of one stream exceeds :data:`SUSTAINED_MAX_GAP_MS`
+(:func:`bench.sustained.judge_level`). Each level is a scenario of its own
+(:meth:`Scenario.at_level`): its emulator holds the first frame until every
+stream is set up, as in ``concurrency``, so a level measures steady
+streaming, not the connection storm. ``--quick`` caps it at
+:data:`SUSTAINED_QUICK_CAP`, ``--streams`` at that count, ``--frames``
+changes the frames per stream.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from bench.upstreams import EmulatorParams
 from protocol.errors import RequestError
 
 #: Scenario groups, in the order they run.
-GROUPS = ("latency", "throughput", "concurrency", "idle", "burst", "long")
+GROUPS = ("latency", "throughput", "concurrency", "idle", "sustained", "burst", "long")
 #: Groups that run only when ``--scenario`` names them.
 OPTIONAL_GROUPS = ("burst", "long")
 #: The answer length of the ``long`` scenario (``--quick``: half of it).
 LONG_ANSWER_CHARS = 20_000
+
+#: Sustained streams: content deltas per stream, their spacing, the largest
+#: gap a sustained level may show, the last level tried (full and ``--quick``).
+SUSTAINED_FRAMES = 64
+SUSTAINED_FRAME_DELAY_S = 0.020
+SUSTAINED_MAX_GAP_MS = 40.0
+SUSTAINED_CAP = 2_048
+SUSTAINED_QUICK_CAP = 64
 
 #: Base bound of one run, on top of its streaming time.
 RUN_SLACK_S = 30.0
@@ -54,12 +75,18 @@ class Scenario:
     idle: bool = False
     optional: bool = False
     quarters: bool = False
+    levels: tuple[int, ...] = ()
 
     @property
     def label(self) -> str:
         """A short human description of the actual parameters."""
         p = self.params
         noun = "stream" if self.streams == 1 else "streams"
+        if self.levels:
+            return (
+                f"{'/'.join(map(str, self.levels))} streams x {p.frames} frames,"
+                f" {p.frame_delay_s * 1000:g} ms apart, until a level fails"
+            )
         if self.idle:
             return f"{self.streams} open {noun}, upstream holds after frame 1"
         if p.pack_all:
@@ -87,6 +114,24 @@ class Scenario:
     def frames_per_stream(self) -> int:
         """Stamped frames each stream must deliver in this scenario."""
         return 1 if self.idle else self.params.frames
+
+    def at_level(self, streams: int, first_delay_s: float | None = None) -> Scenario:
+        """One level of a ``levels`` scenario: a plain paced scenario of ``streams`` streams.
+
+        Args:
+            streams: the concurrency of this level.
+            first_delay_s: the emulator's delay before frame 1 (default: 0.5 s
+                plus 4 ms per stream, so that every stream is set up first).
+        """
+        if first_delay_s is None:
+            first_delay_s = _first_delay(streams)
+        return replace(
+            self,
+            key=f"{self.key}-{streams}",
+            streams=streams,
+            params=replace(self.params, first_delay_s=first_delay_s),
+            levels=(),
+        )
 
     @property
     def bound_s(self) -> float:
@@ -130,11 +175,18 @@ def scenarios(
         return streams if streams is not None else (min(default, many) if many else default)
 
     def first(n: int) -> float:
-        if first_delay_s is not None:
-            return first_delay_s
-        return round(0.5 + 0.004 * n, 3)  # every stream set up before paced frames start
+        return first_delay_s if first_delay_s is not None else _first_delay(n)
 
     n500, n200 = st(500), st(200)
+    cap = streams if streams is not None else (SUSTAINED_QUICK_CAP if quick else SUSTAINED_CAP)
+    levels = tuple(2**i for i in range(max(1, cap).bit_length()))
+    sustained = Scenario(
+        "sustained",
+        "sustained",
+        levels[-1],
+        EmulatorParams(fr(SUSTAINED_FRAMES), SUSTAINED_FRAME_DELAY_S, first(levels[-1])),
+        levels=levels,
+    )
     extra = [
         Scenario(
             "long",
@@ -166,6 +218,7 @@ def scenarios(
             EmulatorParams(frames=2, stall_after=1),
             idle=True,
         ),
+        sustained,
         *(burst + extra if optional else []),
     ]
 
@@ -189,6 +242,11 @@ def select(all_scenarios: list[Scenario], names: str | None) -> list[Scenario]:
             param="scenario",
         )
     return [s for s in all_scenarios if s.key in wanted or s.group in wanted]
+
+
+def _first_delay(streams: int) -> float:
+    """The emulator's delay before frame 1 that lets ``streams`` streams be set up first."""
+    return round(0.5 + 0.004 * streams, 3)
 
 
 def _frames_for(chars: int) -> int:

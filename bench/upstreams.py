@@ -34,12 +34,29 @@ conversation after the stream (untimed). The emulator is started with
 any scenario's streams: the site (and both defaults) allow one stream per
 account, and a scenario runs all its streams on one account.
 
-Both emulators are started with ``--no-record``, so that their memory does
+OpenAI-compatible (:data:`OPENAI`, ``--provider openai``): the gateway
+benchmark. ``providers.openai.emulator`` streams ``chat.completion.chunk``
+SSE, one content delta per stamped frame; its printed base URL ends in
+``/v1``. The direct client (:class:`OpenAIDirect`) POSTs the same request a
+gateway forwards and reads the answer with the relay half's own reader
+(:class:`~bench.readers.OpenAIStreamReader`), so both columns parse the
+same bytes the same way. The relay is pointed at the emulator through
+``RELAY_OPENAI_UPSTREAMS`` (``env`` in the command, the JSON's braces doubled
+for the placeholders); any other gateway (LiteLLM's proxy:
+:mod:`bench.litellm`) through ``--relay-cmd``.
+
+The emulators are started with ``--no-record``, so that their memory does
 not grow with the number of requests of a long run.
+
+Relay commands may hold ``{workers}``: ``bench overhead`` runs the
+``sustained`` scenario once per worker count (:data:`SUSTAINED_WORKERS`), and
+every other scenario with one worker.
 """
 
 from __future__ import annotations
 
+import json
+import shlex
 import time
 from dataclasses import dataclass
 from typing import Protocol
@@ -48,6 +65,7 @@ import trio
 
 from bench.glm_direct import GlmDirect
 from bench.readers import ConnectStreamReader, StreamRecord
+from bench.runners import chat_body, request_headers, run_openai_stream
 from bench.wire import Endpoint, HttpConnection, header
 from protocol.errors import RelayError, RemoteProtocolError
 from protocol.openai import ContentPart, Message
@@ -61,6 +79,8 @@ DELETE_TIMEOUT_S = 2.0
 _CONNECT_TYPE = step.CONNECT_CONTENT_TYPE
 #: ``--glm-max-streams`` of the relay: more than any scenario opens (the relay refuses 0).
 GLM_RELAY_MAX_STREAMS = 100_000
+#: The worker counts the ``sustained`` scenario runs a relay command holding ``{workers}`` with.
+SUSTAINED_WORKERS = (1, 2)
 
 
 @dataclass(frozen=True, slots=True)
@@ -276,7 +296,7 @@ class StepProvider:
     credential: str = "benchdevice@bench-oasis-token"
     relay_cmd: str = (
         "{python} -m relay serve --host {host} --port {port} --step-base-url {upstream}"
-        " --step-tokens {token} --log-level warning"
+        " --step-tokens {token} --workers {workers} --log-level warning"
     )
 
     def emulator_command(self, python: str, params: EmulatorParams) -> list[str]:
@@ -306,7 +326,7 @@ class GlmProvider:
     relay_cmd: str = (
         "{python} -m relay serve --host {host} --port {port} --glm-base-url {upstream}"
         f" --glm-tokens {{token}} --glm-max-streams {GLM_RELAY_MAX_STREAMS}"
-        " --log-level warning"
+        " --workers {workers} --log-level warning"
     )
 
     def emulator_command(self, python: str, params: EmulatorParams) -> list[str]:
@@ -322,5 +342,77 @@ class GlmProvider:
 
 GLM = GlmProvider()
 
+
+# --- OpenAI-compatible ----------------------------------------------------
+
+#: The model the openai scenarios ask for (one the emulator lists by default).
+OPENAI_MODEL = "emu-chat"
+#: The upstream key of the openai scenarios; the emulator accepts only it (``--key``).
+OPENAI_KEY = "sk-bench-upstream-key"
+
+
+class OpenAIDirect:
+    """A direct client of an OpenAI-compatible emulator: one streamed POST per stream.
+
+    Args:
+        endpoint: the emulator's base (``http://host:port/v1``).
+        api_key: sent as ``Authorization: Bearer``.
+        model: the ``model`` of every request.
+    """
+
+    def __init__(self, endpoint: Endpoint, api_key: str, model: str) -> None:
+        self._endpoint = endpoint
+        self._body = chat_body(model, BENCH_PROMPT)
+        self._headers = request_headers(api_key)
+
+    async def run_stream(self, record: StreamRecord, *, timeout_s: float) -> None:
+        """POST ``/chat/completions`` with ``"stream": true`` and read it, stamps included."""
+        await run_openai_stream(
+            self._endpoint, self._body, self._headers, record, timeout_s=timeout_s, stamps=True
+        )
+
+
+def openai_upstreams_json(upstream: str, key: str, model: str) -> str:
+    """``RELAY_OPENAI_UPSTREAMS`` naming one upstream at ``upstream`` that serves ``model``."""
+    return json.dumps(
+        [{"name": "bench", "base_url": upstream, "api_keys": [key], "models": [model]}],
+        separators=(",", ":"),
+    )
+
+
+def _template_literal(text: str) -> str:
+    """``text`` inside a relay command template: braces doubled, quoted for the shell."""
+    return shlex.quote(text.replace("{", "{{").replace("}", "}}"))
+
+
+@dataclass(frozen=True, slots=True)
+class OpenAIProvider:
+    """Any OpenAI-compatible platform: ``providers.openai.emulator`` read directly."""
+
+    name: str = "openai"
+    model: str = OPENAI_MODEL
+    credential: str = OPENAI_KEY
+    relay_cmd: str = (
+        "env RELAY_OPENAI_UPSTREAMS="
+        + _template_literal(openai_upstreams_json("<upstream>", "<token>", OPENAI_MODEL))
+        .replace("<upstream>", "{upstream}")
+        .replace("<token>", "{token}")
+        + " {python} -m relay serve --host {host} --port {port} --workers {workers}"
+        " --log-level warning"
+    )
+
+    def emulator_command(self, python: str, params: EmulatorParams) -> list[str]:
+        """argv of ``python -m providers.openai.emulator`` in stamp mode, one key accepted."""
+        return emulator_argv(
+            python, "providers.openai.emulator", params, "--key", self.credential
+        )
+
+    async def open_direct(self, base_url: str) -> DirectClient:
+        """No session to set up: a client that POSTs each stream with the key."""
+        return OpenAIDirect(Endpoint.parse(base_url), self.credential, self.model)
+
+
+OPENAI = OpenAIProvider()
+
 #: Providers by ``--provider`` name.
-PROVIDERS: dict[str, Provider] = {"step": STEP, "glm": GLM}
+PROVIDERS: dict[str, Provider] = {"step": STEP, "glm": GLM, "openai": OPENAI}

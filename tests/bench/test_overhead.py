@@ -31,6 +31,7 @@ SCENARIO_KEYS = [
     "concurrency-500",
     "concurrency-200",
     "idle",
+    "sustained",
 ]
 FIGURES = {"frames_expected", "frames_received", "frames_lost", "streams_ok", "wall_s"}
 
@@ -61,8 +62,33 @@ def test_tiny_run_covers_every_scenario(tiny_report: dict[str, Any]) -> None:
         assert result["repeats"] == 1
         assert len(result["direct_runs"]) == len(result["relay_runs"]) == 1
         assert result["direct_errors"] == result["relay_errors"] == {}
+        if result["key"] == "sustained":
+            continue  # its figures are levels (test_sustained_scenario_searches_every_mode)
         assert set(result["direct"]) >= FIGURES
         assert set(result["relay"]) >= FIGURES
+
+
+def test_sustained_scenario_searches_every_mode(tiny_report: dict[str, Any]) -> None:
+    """Sustained: direct and the relay with 1 and 2 workers each searched from level 1.
+
+    The figures are levels (at most the cap, 2 here), each relay is judged
+    against half of direct's level, and every level tried delivered its
+    frames' accounting. Whether a level held is timing, so it is not asserted.
+    """
+    result = scenario(tiny_report, "sustained")
+    modes = result["sustained"]["modes"]
+    assert list(modes) == ["direct", "relay_w1", "relay_w2"]
+    for mode in modes.values():
+        (run,) = mode["runs"]
+        tried = [level["streams"] for level in run["levels"]]
+        assert tried in ([1], [1, 2]), run
+        assert run["sustained"] == mode["sustained"] in (0, 1, 2)
+        assert run["aborted"] is False
+    assert set(result["direct"]) == {"sustained_streams"}
+    assert set(result["relay"]) == {"sustained_streams", "sustained_streams_w2"}
+    assert [v["figure"] for v in result["verdicts"]] == [
+        "sustained_streams", "sustained_streams_w2"
+    ]
 
 
 @pytest.mark.parametrize(
@@ -193,6 +219,9 @@ def test_full_scenarios_match_the_issue() -> None:
     assert by_key["idle"].streams == 1000
     assert by_key["idle"].params.stall_after == 1
     assert by_key["idle"].frames_per_stream == 1
+    sustained = by_key["sustained"]
+    assert (sustained.levels[0], sustained.levels[-1]) == (1, 2048)
+    assert (sustained.params.frames, sustained.params.frame_delay_s) == (64, 0.020)
 
 
 def test_quick_and_overrides_scale_down() -> None:
