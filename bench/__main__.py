@@ -1,5 +1,6 @@
 """``python -m bench``: ``stream`` measures any OpenAI-compatible endpoint,
-``overhead`` measures what a relay adds over the emulated upstream's wire.
+``overhead`` measures what a relay adds over the emulated upstream's wire,
+``compare`` puts the headline figures of several ``overhead`` reports side by side.
 
 Exit status: 0 when every stream succeeded (``overhead``: and no scenario
 failed), 1 when some did not, 2 for bad options, 130 on Ctrl-C (child
@@ -21,7 +22,7 @@ from bench.progress import NoProgress, Progress
 from bench.scenarios import GROUPS, OPTIONAL_GROUPS
 from bench.stream import DEFAULT_PROMPT, StreamOptions, report_of, run_streams
 from bench.upstreams import PROVIDERS
-from protocol.errors import RelayError
+from protocol.errors import RelayError, RequestError
 
 _EPILOG_OVERHEAD = """\
 scenarios: latency, throughput (throughput-1, throughput-16),
@@ -103,7 +104,41 @@ def build_parser() -> argparse.ArgumentParser:
     overhead.add_argument("--log-dir", help="keep the child processes' logs here")
     overhead.add_argument("--json", metavar="FILE", help="write the full report as JSON")
     overhead.add_argument("--no-progress", action="store_true", help="no progress bar")
+    compare = sub.add_parser(
+        "compare",
+        help="headline figures of several overhead reports side by side",
+        description="Reads bench overhead --json reports (the relay's, another gateway's) and"
+        " prints added TTFT, added inter-chunk p50/p99, CPU per chunk, memory per idle stream,"
+        " frames lost and the sustained levels of each; --plot draws them.",
+    )
+    compare.add_argument("reports", nargs="+", metavar="REPORT.json")
+    compare.add_argument(
+        "--label", action="append", help="a name per report, in order (default: from its command)"
+    )
+    compare.add_argument("--plot", metavar="FILE.png", help="bar charts (matplotlib)")
     return parser
+
+
+def _run_compare(args: argparse.Namespace) -> int:
+    from bench import report as out
+    from bench.compare import gateway_label
+
+    reports = [orjson.loads(Path(path).read_bytes()) for path in args.reports]
+    labels = list(args.label or [])
+    if len(labels) > len(reports):
+        raise RequestError("more --label than reports", param="label")
+    labels += [gateway_label(report) for report in reports[len(labels) :]]
+    pairs = list(zip(labels, reports, strict=True))
+    if args.plot:
+        from bench.plot import load_pyplot
+
+        load_pyplot()  # fail now, not after the table
+    out.print_comparison(pairs, out.console())
+    if args.plot:
+        from bench.plot import plot_comparison
+
+        plot_comparison(pairs, args.plot, title="bench overhead: " + " vs ".join(labels))
+    return 0
 
 
 def _write_json(path: str, report: dict[str, Any]) -> None:
@@ -194,6 +229,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "stream":
             return _run_stream(args)
+        if args.command == "compare":
+            return _run_compare(args)
         return _run_overhead(args)
     except RelayError as exc:
         print(f"bench: {exc.message}", file=sys.stderr)

@@ -10,6 +10,10 @@ Left panel: the empirical CDF of time to first token and of inter-chunk
 latency (successful streams only), on a log time axis. Right panel: one
 horizontal line per stream from its start to its end, a dot at its first
 chunk, failed streams in red.
+
+``bench compare --plot FILE.png`` (:func:`plot_comparison`): one bar chart
+per headline figure of several ``bench overhead`` reports (the relay and the
+gateways it is compared with), and their sustained levels.
 """
 
 from __future__ import annotations
@@ -86,6 +90,68 @@ def plot_stream_run(run: StreamRun, path: str, title: str = "bench stream") -> N
     timeline.set_xlabel("s since start")
     timeline.set_ylabel("stream")
     timeline.set_title("per-stream timeline (dot: first chunk; red: error)")
+    figure.suptitle(title)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def plot_comparison(
+    reports: Sequence[tuple[str, dict[str, Any]]], path: str, title: str = "bench compare"
+) -> None:
+    """Write a bar chart per headline figure of several ``bench overhead`` reports to ``path``.
+
+    One panel per :data:`bench.compare.HEADLINES` figure (one bar per
+    gateway) and a last panel with the sustained levels of every mode of
+    every report (each report's own direct floor included).
+
+    Args:
+        reports: ``(gateway label, report)`` pairs, in the order to draw.
+        path: the PNG to write.
+        title: the figure's title.
+
+    Raises:
+        RequestError: matplotlib is missing.
+        OSError: ``path`` cannot be written.
+    """
+    from bench.compare import HEADLINES, headlines, mode_label, sustained_levels
+
+    plt = load_pyplot()
+    panels = len(HEADLINES) + 1
+    columns = 3
+    rows = -(-panels // columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(4.4 * columns, 3.2 * rows))
+    flat = list(axes.flat)
+    colours = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple"]
+    values = [(label, headlines(report)) for label, report in reports]
+    for axis, headline in zip(flat, HEADLINES, strict=False):
+        names = [label for label, _ in values]
+        heights = [figures.get(headline.key) for _, figures in values]
+        shown = [0.0 if h is None else h for h in heights]
+        bars = axis.bar(names, shown, color=colours[: len(names)])
+        for bar, height in zip(bars, heights, strict=True):
+            text = "n/a" if height is None else headline.spec.format(height)
+            axis.annotate(text, (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                          ha="center", va="bottom", fontsize=8)  # fmt: skip
+        axis.set_title(headline.label, fontsize=9)
+        axis.tick_params(labelsize=8)
+        axis.grid(True, axis="y", alpha=0.3)
+    axis = flat[len(HEADLINES)]
+    names, levels = [], []
+    for label, report in reports:
+        for mode, level in sustained_levels(report).items():
+            name = f"direct ({label} run)" if mode == "direct" else mode_label(label, mode)
+            names.append(name)
+            levels.append(0.0 if level is None else level)
+    bars = axis.bar(range(len(names)), levels, color="tab:gray")
+    for bar, level in zip(bars, levels, strict=True):
+        axis.annotate(f"{level:.0f}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                      ha="center", va="bottom", fontsize=8)  # fmt: skip
+    axis.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=7)
+    axis.set_title("sustained streams (higher is better)", fontsize=9)
+    axis.grid(True, axis="y", alpha=0.3)
+    for axis in flat[panels:]:
+        axis.set_visible(False)
     figure.suptitle(title)
     figure.tight_layout()
     figure.savefig(path, dpi=110)

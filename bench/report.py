@@ -355,3 +355,36 @@ def print_overhead_report(report: dict[str, Any], out: Console) -> None:
         out.print(summary)
     passed = sum(1 for _, v in verdicts if v["result"] == "PASS")
     out.print(f"targets: {passed} PASS, {misses} MISS of {len(verdicts)}")
+
+
+# --- bench compare -------------------------------------------------------------
+
+
+def print_comparison(reports: list[tuple[str, dict[str, Any]]], out: Console) -> None:
+    """The ``bench compare`` table: each headline figure per gateway, then sustained levels."""
+    from bench.compare import HEADLINES, headlines, mode_label, sustained_levels
+
+    for label, report in reports:
+        machine = report["machine"]
+        out.print(
+            f"[bold]{_escape(label)}[/bold]: {machine['cpus']} CPUs, load {machine['loadavg']},"
+            f" {machine['when']}; relay command: {_escape(report['relay_cmd'])}"
+        )
+    table = _table("lower is better; added = gateway - direct of the same run")
+    table.add_column("figure")
+    for label, _ in reports:
+        table.add_column(label, justify="right")
+    values = [headlines(report) for _, report in reports]
+    for headline in HEADLINES:
+        table.add_row(
+            headline.label, *(_fmt(figures.get(headline.key), headline.spec) for figures in values)
+        )
+    out.print(table)
+    levels = _table("sustained streams (higher is better)")
+    levels.add_column("mode")
+    levels.add_column("sustained", justify="right")
+    for label, report in reports:
+        for mode, level in sustained_levels(report).items():
+            name = f"direct ({label} run)" if mode == "direct" else mode_label(label, mode)
+            levels.add_row(_escape(name), _fmt(level, "{:.0f}"))
+    out.print(levels)
