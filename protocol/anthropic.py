@@ -75,8 +75,8 @@ kind stops the open block and starts the next one. Consequences:
   ``reasoning`` setting (``<think>`` tags are an OpenAI-client convention).
   Its ``signature`` is ``""``: clients send thinking blocks back only for
   Anthropic's own verification, and this relay drops them on the way in;
-- citations, images and videos are rendered into text as the OpenAI encoder
-  renders them (:mod:`protocol.chunks`): a citation is one
+- citations, images and videos are rendered into text by the rules every
+  dialect shares (:mod:`protocol.answer_text`): a citation is one
   ``citation_line``, the consecutive citations of one batch are followed by
   one blank line; an image or a video is a Markdown line of its own;
 - :class:`~protocol.deltas.Finish` stops the open block (after its ``text``,
@@ -110,12 +110,16 @@ from typing import TYPE_CHECKING, Any, Final, Literal, assert_never
 
 import orjson
 
-from protocol.chunks import (
-    CITATIONS_HEADING,
+from protocol.answer_text import (
+    CITATIONS_END,
     DEFAULT_CITATION_LINE,
-    image_markdown,
-    video_markdown,
+    AnswerCollector,
+    citation_list,
+    citation_text,
+    finish_text,
+    media_text,
 )
+from protocol.chunks import char_counts, counts_to_tokens
 from protocol.datauri import check_file_url
 from protocol.deltas import (
     Citation,
@@ -263,17 +267,9 @@ def stop_reason(finish: Finish) -> tuple[StopReason, str | None]:
             assert_never(finish.reason)
 
 
-def _char_counts(text: str) -> tuple[int, int]:
-    """(ASCII characters, other characters) of ``text`` (the estimator's two counts)."""
-    if text.isascii():
-        return len(text), 0
-    ascii_chars = len(text.encode("ascii", "ignore"))
-    return ascii_chars, len(text) - ascii_chars
-
-
 def _tokens(ascii_chars: int, other_chars: int) -> int:
     """:func:`protocol.chunks.estimate_tokens`'s rule over running counts, at least 1."""
-    return max(1, other_chars + (ascii_chars + 3) // 4)
+    return max(1, counts_to_tokens(ascii_chars, other_chars))
 
 
 # ---------------------------------------------------------------------------
@@ -831,7 +827,7 @@ class MessageEncoder:
         citing = False  # the previous delta was a citation: its block of lines is open
         for delta in deltas:
             if citing and type(delta) is not Citation:
-                self._text(out, "\n")  # one blank line ends a run of citations
+                self._text(out, CITATIONS_END)  # one blank line ends a run of citations
                 citing = False
             match delta:
                 case TextDelta(text=text):
@@ -840,14 +836,12 @@ class MessageEncoder:
                 case ReasoningDelta(text=text):
                     if text:
                         self._put(out, _Block.THINKING, text)
-                case Citation(title=title, url=url):
+                case Citation():
                     self.citations.append(delta)
-                    self._text(out, self._citation_line.format(title=title, url=url))
+                    self._text(out, citation_text(delta, self._citation_line))
                     citing = True
-                case ImageResult(url=url):
-                    self._text(out, "\n" * self._line_open + image_markdown(url))
-                case VideoResult(video_url=url):
-                    self._text(out, "\n" * self._line_open + video_markdown(url))
+                case ImageResult() | VideoResult():
+                    self._text(out, media_text(delta, self._line_open))
                 case ToolCallDelta(index=index, id=call_id, name=name, arguments_part=part):
                     if call_id or name:
                         self._open(out, _Block.TOOL_USE, {
@@ -863,7 +857,7 @@ class MessageEncoder:
                         self._pending.append(part)
                 case Finish(text=text):
                     if text:
-                        self._text(out, "\n\n" + text if self._text_sent else text)
+                        self._text(out, finish_text(text, self._text_sent))
                     self._close(out)
                     reason, sequence = stop_reason(delta)
                     out.append(_event(b"message_delta", orjson.dumps({
@@ -882,7 +876,7 @@ class MessageEncoder:
                 case _:
                     assert_never(delta)
         if citing:
-            self._text(out, "\n")
+            self._text(out, CITATIONS_END)
         self._flush(out)
         return b"".join(out)
 
@@ -929,7 +923,7 @@ class MessageEncoder:
             return
         text = pending[0] if len(pending) == 1 else "".join(pending)
         pending.clear()
-        ascii_chars, other_chars = _char_counts(text)
+        ascii_chars, other_chars = char_counts(text)
         self._ascii_chars += ascii_chars
         self._other_chars += other_chars
         out.append(self._delta_prefix + orjson.dumps(text) + _DELTA_END)
@@ -964,80 +958,27 @@ def _tool_input(arguments: str) -> dict[str, Any]:
     return value if isinstance(value, dict) else {"arguments": arguments}
 
 
-class MessageAccumulator:
+class MessageAccumulator(AnswerCollector):
     """Non-stream: add all events, then build one ``message`` object.
 
-    Attributes:
-        finished: a ``Finish`` was added.
-        error: the ``UpstreamError`` that was added, if one was.
-        citations: every citation added, in order (duplicates kept).
+    What it collects, and how, is :class:`~protocol.answer_text.AnswerCollector`'s
+    (its attributes too: ``finished``, ``error``, ``citations``, ...); a
+    tool call's first piece (an id or a name) starts the call of its index
+    afresh, later pieces add to its arguments.
     """
 
-    __slots__ = ("_calls", "_finish", "_text", "_thinking", "citations", "error", "finished")
+    __slots__ = ("_calls",)
 
     def __init__(self) -> None:
-        self._text: list[str] = []
-        self._thinking: list[str] = []
+        super().__init__()
         self._calls: dict[int, _Call] = {}  # by neutral index, in the order calls began
-        self._finish: Finish | None = None
-        self.finished = False
-        self.error: UpstreamError | None = None
-        self.citations: list[Citation] = []
 
-    @property
-    def text(self) -> str:
-        """The answer text so far: text, images, videos and the finish text."""
-        text = self._text
-        if len(text) > 1:  # join once and keep the result: no quadratic rejoining
-            text[:] = ["".join(text)]
-        return text[0] if text else ""
-
-    def add(self, deltas: Iterable[Delta]) -> None:
-        """Collect ``deltas`` (neutral events).
-
-        After a ``Finish`` or an ``UpstreamError`` the accumulator is closed:
-        the rest of ``deltas`` and everything added later is ignored.
-        """
-        if self.finished or self.error is not None:
-            return
-        text = self._text
-        for delta in deltas:
-            match delta:
-                case TextDelta(text=piece):
-                    if piece:
-                        text.append(piece)
-                case ReasoningDelta(text=piece):
-                    if piece:
-                        self._thinking.append(piece)
-                case Citation():
-                    self.citations.append(delta)
-                case ImageResult(url=url):
-                    text.append(self._own_line(image_markdown(url)))
-                case VideoResult(video_url=url):
-                    text.append(self._own_line(video_markdown(url)))
-                case ToolCallDelta(index=index, id=call_id, name=name, arguments_part=part):
-                    call = self._calls.get(index)
-                    if call is None or call_id or name:
-                        call = self._calls[index] = _Call(call_id, name, [])
-                    if part:
-                        call.arguments.append(part)
-                case Finish(text=piece):
-                    if piece:
-                        text.append("\n\n" + piece if any(text) else piece)
-                    self._finish = delta
-                    self.finished = True
-                    return
-                case UpstreamError():
-                    self.error = delta
-                    return
-                case _:
-                    assert_never(delta)
-
-    def _own_line(self, markdown: str) -> str:
-        text = self._text
-        if text and text[-1] and not text[-1].endswith("\n"):
-            return "\n" + markdown
-        return markdown
+    def _tool_call(self, delta: ToolCallDelta) -> None:
+        call = self._calls.get(delta.index)
+        if call is None or delta.id or delta.name:
+            call = self._calls[delta.index] = _Call(delta.id, delta.name, [])
+        if delta.arguments_part:
+            call.arguments.append(delta.arguments_part)
 
     def body(self, *, message_id: str, model: str, input_tokens: int) -> bytes:
         """The whole ``message`` object.
@@ -1054,17 +995,9 @@ class MessageAccumulator:
                 ``UpstreamError`` was (check :attr:`error` and
                 :attr:`finished` first).
         """
-        finish = self._finish
-        if self.error is not None or finish is None:
-            state = "an upstream error" if self.error is not None else "no Finish"
-            raise LocalProtocolError(f"message body requested after {state}")
-        text = self.text
-        if self.citations:
-            seen: dict[str, str] = {}
-            for citation in self.citations:
-                seen.setdefault(citation.url, citation.title)
-            text += CITATIONS_HEADING + "\n".join(f"{t} - {u}" for u, t in seen.items())
-        thinking = "".join(self._thinking)
+        finish = self._final_finish("message")
+        text = self.text + citation_list(self.citations)
+        thinking = self.reasoning
         content: list[dict[str, Any]] = []
         counted = [thinking, text]
         if thinking:
@@ -1080,7 +1013,7 @@ class MessageAccumulator:
             content.append({"type": "text", "text": ""})
         ascii_chars = other_chars = 0
         for piece in counted:
-            a, o = _char_counts(piece)
+            a, o = char_counts(piece)
             ascii_chars += a
             other_chars += o
         reason, sequence = stop_reason(finish)

@@ -32,12 +32,13 @@ Rendering rules:
   for clients that expect the older DeepSeek-R1 convention); the closing tag
   goes out before the first content after reasoning, or before the final
   chunk;
-- citations become ``检索 {title} - {url} ...`` lines ("searching ..."), the
-  references' stream rendering (PROTOCOLS.md 2.7), and the consecutive
-  citations of one call are followed by one blank line; they are also kept,
-  structured, in :attr:`ChunkEncoder.citations`;
-- images become ``![图像](url)`` ("图像" = image, as the GLM reference writes
-  it, 3.11), videos ``[video](url)``, each on its own line;
+- citations, images, videos and the finish text become content by the
+  rules every dialect shares (:mod:`protocol.answer_text`): a citation is a
+  ``检索 {title} - {url} ...`` line ("searching ...", the references' stream
+  rendering, PROTOCOLS.md 2.7), the consecutive citations of one call are
+  followed by one blank line, and citations are also kept, structured, in
+  :attr:`ChunkEncoder.citations`; an image is ``![图像](url)``, a video
+  ``[video](url)``, each on its own line;
 - tool calls (:class:`~protocol.deltas.ToolCallDelta`) become
   ``delta.tool_calls`` chunks of one call each, in OpenAI's shape: a call's
   first delta (it carries the id and name) gives
@@ -60,9 +61,10 @@ Anything after the end is ignored: a translator that keeps talking after its
 own ``Finish`` cannot make us write after ``[DONE]``.
 
 Theory of operation, non-stream (:class:`CompletionAccumulator`): deltas are
-collected as they come and one ``chat.completion`` object is built at the
-end. There, citations are not inline; they form the references' trailing
-list ``搜索结果来自：`` ("search results from:"), duplicates dropped. In
+collected as they come (:class:`~protocol.answer_text.AnswerCollector`) and
+one ``chat.completion`` object is built at the end. There, citations are not
+inline; they form the references' trailing list ``搜索结果来自：`` ("search
+results from:"), duplicates dropped (:func:`~protocol.answer_text.citation_list`). In
 "tags" mode all the reasoning goes in one ``<think>`` block before the answer.
 Tool calls are gathered by index into ``message.tool_calls``, and
 ``content`` is ``null`` when they came without any text, as OpenAI sends it.
@@ -81,6 +83,15 @@ from typing import TYPE_CHECKING, Literal, assert_never
 
 import orjson
 
+from protocol.answer_text import (
+    CITATIONS_END,
+    DEFAULT_CITATION_LINE,
+    AnswerCollector,
+    citation_list,
+    citation_text,
+    finish_text,
+    media_text,
+)
 from protocol.deltas import (
     Citation,
     Finish,
@@ -94,16 +105,12 @@ from protocol.deltas import (
 from protocol.errors import LocalProtocolError
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable, Sequence
+    from collections.abc import Sequence
 
     from protocol.deltas import Delta, FinishReason
 
 ReasoningMode = Literal["field", "tags"]
 
-#: The references' stream rendering of one search hit (PROTOCOLS.md 2.7).
-DEFAULT_CITATION_LINE = "检索 {title} - {url} ...\n"
-#: The references' non-stream heading of the hit list ("search results from:").
-CITATIONS_HEADING = "\n\n搜索结果来自：\n"
 THINK_OPEN = "<think>\n"
 THINK_CLOSE = "\n</think>\n\n"
 #: The OpenAI error ``type`` of an error reported by the upstream mid-stream.
@@ -111,23 +118,6 @@ UPSTREAM_ERROR_KIND = "upstream_error"
 
 DONE = b"data: [DONE]\n\n"
 KEEPALIVE = b": keep-alive\n\n"  # an SSE comment: clients ignore it, proxies see traffic
-
-
-def _own_line(content: list[str], markdown: str) -> str:
-    """``markdown`` starting on its own line after the content so far."""
-    if content and content[-1] and not content[-1].endswith("\n"):
-        return "\n" + markdown
-    return markdown
-
-
-def image_markdown(url: str) -> str:
-    """The content text that shows a generated image."""
-    return "![图像](" + url + ")\n"
-
-
-def video_markdown(url: str) -> str:
-    """The content text that links a generated video."""
-    return "[video](" + url + ")\n"
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,12 +144,13 @@ class ToolCall:
 # token estimates
 
 
-def _tokens(ascii_chars: int, other_chars: int) -> int:
-    """Tokens for a text of ``ascii_chars`` ASCII and ``other_chars`` other characters."""
+def counts_to_tokens(ascii_chars: int, other_chars: int) -> int:
+    """:func:`estimate_tokens` of a text of ``ascii_chars`` ASCII and ``other_chars`` other
+    characters: with :func:`char_counts`, a running count without keeping the text."""
     return other_chars + (ascii_chars + 3) // 4
 
 
-def _split_count(text: str) -> tuple[int, int]:
+def char_counts(text: str) -> tuple[int, int]:
     """(ASCII characters, other characters) of ``text``, in one C-level pass."""
     if text.isascii():  # O(1) in CPython: a flag of the string object
         return len(text), 0
@@ -184,8 +175,8 @@ def estimate_tokens(text: str) -> int:
     Returns:
         0 for ``""``, otherwise at least 1.
     """
-    ascii_chars, other_chars = _split_count(text)
-    return _tokens(ascii_chars, other_chars)
+    ascii_chars, other_chars = char_counts(text)
+    return counts_to_tokens(ascii_chars, other_chars)
 
 
 def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
@@ -353,7 +344,7 @@ class ChunkEncoder:
     @property
     def completion_tokens(self) -> int:
         """The estimate over all content, reasoning and tool calls encoded so far."""
-        return _tokens(self._ascii_chars, self._other_chars)
+        return counts_to_tokens(self._ascii_chars, self._other_chars)
 
     def start(self) -> bytes:
         """The first chunk: ``delta {"role": "assistant", "content": ""}``.
@@ -398,7 +389,7 @@ class ChunkEncoder:
         citing = False  # the previous delta was a citation: its block is open
         for delta in deltas:
             if citing and type(delta) is not Citation:
-                self._content(out, "\n")  # one blank line ends a citation block
+                self._content(out, CITATIONS_END)  # one blank line ends a citation block
                 citing = False
             match delta:
                 case TextDelta(text=text):
@@ -415,14 +406,12 @@ class ChunkEncoder:
                         self._think_open = True
                         self._put(out, self._content_prefix, THINK_OPEN)
                         self._put(out, self._content_prefix, text)
-                case Citation(title=title, url=url):
+                case Citation():
                     self.citations.append(delta)
-                    self._content(out, self._citation_line.format(title=title, url=url))
+                    self._content(out, citation_text(delta, self._citation_line))
                     citing = True
-                case ImageResult(url=url):
-                    self._content(out, "\n" * self._line_open + image_markdown(url))
-                case VideoResult(video_url=url):
-                    self._content(out, "\n" * self._line_open + video_markdown(url))
+                case ImageResult() | VideoResult():
+                    self._content(out, media_text(delta, self._line_open))
                 case ToolCallDelta():
                     self._tool_call(out, delta)
                 case Finish(reason=reason, text=text):
@@ -439,7 +428,7 @@ class ChunkEncoder:
                 case _:
                     assert_never(delta)
         if citing:
-            self._content(out, "\n")
+            self._content(out, CITATIONS_END)
         self._flush(out)
         return b"".join(out)
 
@@ -476,7 +465,7 @@ class ChunkEncoder:
         index = delta.index
         if delta.id or delta.name:
             self._flush(out)
-            ascii_chars, other_chars = _split_count(delta.name)
+            ascii_chars, other_chars = char_counts(delta.name)
             self._ascii_chars += ascii_chars
             self._other_chars += other_chars
             field = b"".join(
@@ -513,7 +502,7 @@ class ChunkEncoder:
         if text.isascii():
             self._ascii_chars += len(text)
         else:
-            ascii_chars, other_chars = _split_count(text)
+            ascii_chars, other_chars = char_counts(text)
             self._ascii_chars += ascii_chars
             self._other_chars += other_chars
         out.append(self._field + orjson.dumps(text) + self._tail)
@@ -521,7 +510,7 @@ class ChunkEncoder:
     def _finish(self, out: list[bytes], reason: FinishReason, text: str) -> None:
         """Emit the finish text, the final chunk, the usage chunk and ``[DONE]``."""
         if text:
-            self._content(out, "\n\n" + text if self._content_sent else text)
+            self._content(out, finish_text(text, self._content_sent))
         elif self._think_open:
             self._think_open = False
             self._put(out, self._content_prefix, THINK_CLOSE)
@@ -541,29 +530,16 @@ class ChunkEncoder:
 # non-stream
 
 
-class CompletionAccumulator:
+class CompletionAccumulator(AnswerCollector):
     """Non-stream: add all deltas, then build one ``chat.completion`` object.
 
-    Attributes:
-        finished: a ``Finish`` was added.
-        error: the ``UpstreamError`` that was added, if one was.
-        citations: every citation added, in order (duplicates kept).
-        images: the URL of every image added, in order.
-        videos: every video added, in order.
+    What it collects, and how, is :class:`~protocol.answer_text.AnswerCollector`'s
+    (its attributes too: ``finished``, ``error``, ``citations``, ``images``,
+    ``videos``); tool call pieces are gathered by index, the first id and
+    name given winning.
     """
 
-    __slots__ = (
-        "_calls",
-        "_content",
-        "_finish",
-        "_reasoning",
-        "_tags",
-        "citations",
-        "error",
-        "finished",
-        "images",
-        "videos",
-    )
+    __slots__ = ("_calls", "_tags")
 
     def __init__(self, *, reasoning: ReasoningMode = "field") -> None:
         """
@@ -571,33 +547,10 @@ class CompletionAccumulator:
             reasoning: "field" puts reasoning in ``message.reasoning_content``,
                 "tags" in a ``<think>`` block before the content.
         """
+        super().__init__()
         self._tags = reasoning == "tags"
-        self._content: list[str] = []  # answer pieces; joined lazily by `text`
-        self._reasoning: list[str] = []
         # index -> [id, name, arguments pieces...]: each call's deltas as they came
         self._calls: dict[int, list[str]] = {}
-        self._finish: Finish | None = None
-        self.finished = False
-        self.error: UpstreamError | None = None
-        self.citations: list[Citation] = []
-        self.images: list[str] = []
-        self.videos: list[VideoResult] = []
-
-    @property
-    def text(self) -> str:
-        """The answer content so far: text, images, videos and the finish text."""
-        content = self._content
-        if len(content) > 1:  # join once and keep the result: no quadratic rejoining
-            content[:] = ["".join(content)]
-        return content[0] if content else ""
-
-    @property
-    def reasoning(self) -> str:
-        """The reasoning text so far."""
-        reasoning = self._reasoning
-        if len(reasoning) > 1:
-            reasoning[:] = ["".join(reasoning)]
-        return reasoning[0] if reasoning else ""
 
     @property
     def tool_calls(self) -> list[ToolCall]:
@@ -607,50 +560,12 @@ class CompletionAccumulator:
             for _, call in sorted(self._calls.items())
         ]
 
-    def add(self, deltas: Iterable[Delta]) -> None:
-        """Collect ``deltas``.
-
-        After a ``Finish`` or an ``UpstreamError`` the accumulator is closed:
-        the rest of ``deltas`` and everything added later is ignored.
-        """
-        if self.finished or self.error is not None:
-            return
-        content = self._content
-        for delta in deltas:
-            match delta:
-                case TextDelta(text=text):
-                    if text:
-                        content.append(text)
-                case ReasoningDelta(text=text):
-                    if text:
-                        self._reasoning.append(text)
-                case Citation():
-                    self.citations.append(delta)
-                case ImageResult(url=url):
-                    self.images.append(url)
-                    content.append(_own_line(content, image_markdown(url)))
-                case VideoResult(video_url=url):
-                    self.videos.append(delta)
-                    content.append(_own_line(content, video_markdown(url)))
-                case ToolCallDelta(index=index, id=call_id, name=name, arguments_part=part):
-                    call = self._calls.setdefault(index, ["", ""])
-                    call[0] = call[0] or call_id  # the first id and name given win
-                    call[1] = call[1] or name
-                    if part:
-                        call.append(part)
-                case Finish(text=text):
-                    if text:
-                        # The same separator as the stream: a blank line only
-                        # after answer content.
-                        content.append("\n\n" + text if any(content) else text)
-                    self._finish = delta
-                    self.finished = True
-                    return
-                case UpstreamError():
-                    self.error = delta
-                    return
-                case _:
-                    assert_never(delta)
+    def _tool_call(self, delta: ToolCallDelta) -> None:
+        call = self._calls.setdefault(delta.index, ["", ""])
+        call[0] = call[0] or delta.id  # the first id and name given win
+        call[1] = call[1] or delta.name
+        if delta.arguments_part:
+            call.append(delta.arguments_part)
 
     def body(self, *, completion_id: str, model: str, created: int, prompt_tokens: int) -> bytes:
         """The whole ``chat.completion`` object.
@@ -670,18 +585,9 @@ class CompletionAccumulator:
                 ``UpstreamError`` was: the caller must answer with an error
                 (check :attr:`error` and :attr:`finished` first).
         """
-        finish = self._finish
-        if self.error is not None or finish is None:
-            state = "an upstream error" if self.error is not None else "no Finish"
-            raise LocalProtocolError(f"completion body requested after {state}")
-        content = self.text
+        finish = self._final_finish("completion")
+        content = self.text + citation_list(self.citations)
         reasoning = self.reasoning
-        if self.citations:
-            seen: dict[str, str] = {}
-            for citation in self.citations:
-                seen.setdefault(citation.url, citation.title)
-            lines = "\n".join(f"{title} - {url}" for url, title in seen.items())
-            content = content + CITATIONS_HEADING + lines
         if reasoning and self._tags:
             content = THINK_OPEN + reasoning + THINK_CLOSE + content
         # Counted as the stream counts them: all the characters together.
@@ -706,10 +612,10 @@ class CompletionAccumulator:
                 counted += (call.name, call.arguments)
         ascii_chars = other_chars = 0
         for text in counted:
-            ascii_count, other_count = _split_count(text)
+            ascii_count, other_count = char_counts(text)
             ascii_chars += ascii_count
             other_chars += other_count
-        completion_tokens = _tokens(ascii_chars, other_chars)
+        completion_tokens = counts_to_tokens(ascii_chars, other_chars)
         return orjson.dumps(
             {
                 "id": completion_id,

@@ -37,8 +37,8 @@ the end. The end is ``response.completed`` with the whole response object
 incomplete, then sends an ``error`` event (the relay's own code) and
 ``response.failed``, whose ``error.code`` is one of the few OpenAI defines
 (``rate_limit_exceeded`` for a 429, else ``server_error``). Anything after
-the end is ignored. Citations, images and videos become message text, as in
-the chat stream (:mod:`protocol.chunks`).
+the end is ignored. Citations, images and videos become message text by the
+rules every dialect shares (:mod:`protocol.answer_text`).
 
 The encoder keeps the text of every item: the ``.done`` events and the final
 response object carry it whole, as OpenAI's do; nothing else grows with the
@@ -59,14 +59,16 @@ from typing import TYPE_CHECKING, Any, Literal, assert_never
 
 import orjson
 
-from protocol.chunks import (
-    CITATIONS_HEADING,
+from protocol.answer_text import (
+    CITATIONS_END,
     DEFAULT_CITATION_LINE,
-    KEEPALIVE,
-    estimate_tokens,
-    image_markdown,
-    video_markdown,
+    citation_list,
+    citation_text,
+    final_finish,
+    finish_text,
+    media_text,
 )
+from protocol.chunks import KEEPALIVE, estimate_tokens
 from protocol.deltas import (
     Citation,
     Finish,
@@ -314,15 +316,13 @@ class _Output:
                 case Citation():
                     self._cite(delta)
                     citing = True
-                case ImageResult(url=url):
-                    self._add(_Kind.MESSAGE, self._own_line(image_markdown(url)))
-                case VideoResult(video_url=url):
-                    self._add(_Kind.MESSAGE, self._own_line(video_markdown(url)))
+                case ImageResult() | VideoResult():
+                    self._add(_Kind.MESSAGE, media_text(delta, self._mid_line()))
                 case ToolCallDelta():
                     self._tool_call(delta)
                 case Finish(reason=reason, text=text):
                     if text:
-                        self._add(_Kind.MESSAGE, "\n\n" + text if self._content_sent else text)
+                        self._add(_Kind.MESSAGE, finish_text(text, self._content_sent))
                     self._close("incomplete" if reason in _INCOMPLETE else "completed")
                     self.finish = delta
                     self._ended()
@@ -337,10 +337,9 @@ class _Output:
         if citing:
             self._citations_end()
 
-    def _own_line(self, markdown: str) -> str:
-        open_line = self._line_open and self._open is not None and (
-            self._open.kind is _Kind.MESSAGE)
-        return "\n" + markdown if open_line else markdown
+    def _mid_line(self) -> bool:
+        """The open message's text ends mid-line."""
+        return self._line_open and self._open is not None and self._open.kind is _Kind.MESSAGE
 
     def _add(self, kind: _Kind, text: str) -> None:
         item = self._open
@@ -677,11 +676,10 @@ class ResponseEncoder(_Output):
 
     def _cite(self, citation: Citation) -> None:
         self.citations.append(citation)
-        self._add(_Kind.MESSAGE, self._citation_line.format(title=citation.title,
-                                                            url=citation.url))
+        self._add(_Kind.MESSAGE, citation_text(citation, self._citation_line))
 
     def _citations_end(self) -> None:
-        self._add(_Kind.MESSAGE, "\n")  # one blank line ends a citation block
+        self._add(_Kind.MESSAGE, CITATIONS_END)  # one blank line ends a citation block
 
 
 # ---------------------------------------------------------------------------
@@ -739,15 +737,9 @@ class ResponseAccumulator(_Output):
             LocalProtocolError: no ``Finish`` was added, or an
                 ``UpstreamError`` was: the caller must answer with an error.
         """
-        finish = self.finish
-        if self.error is not None or finish is None:
-            state = "an upstream error" if self.error is not None else "no Finish"
-            raise LocalProtocolError(f"response body requested after {state}")
-        if self.citations:
-            seen: dict[str, str] = {}
-            for citation in self.citations:
-                seen.setdefault(citation.url, citation.title)
-            listing = CITATIONS_HEADING + "\n".join(f"{t} - {u}" for u, t in seen.items())
+        finish = final_finish(self.finish, self.error, "response")
+        listing = citation_list(self.citations)
+        if listing:
             messages = [item for item in self.items if item.kind is _Kind.MESSAGE]
             if messages:
                 messages[-1].pieces.append(listing)

@@ -73,7 +73,7 @@ import orjson
 
 # The estimator's own two halves, so the running count is exactly
 # estimate_tokens(all text so far) without keeping the text.
-from protocol.chunks import _split_count, _tokens
+from protocol.chunks import char_counts, counts_to_tokens
 from protocol.deltas import (
     Citation,
     Finish,
@@ -269,7 +269,7 @@ class TokenBudget:
     @property
     def tokens(self) -> int:
         """The estimate of all text taken so far."""
-        return _tokens(self._ascii, self._other)
+        return counts_to_tokens(self._ascii, self._other)
 
     @property
     def exhausted(self) -> bool:
@@ -289,14 +289,14 @@ class TokenBudget:
         """
         if self._exhausted:
             return "", True
-        ascii_chars, other_chars = _split_count(text)
+        ascii_chars, other_chars = char_counts(text)
         ascii_total, other_total = self._ascii + ascii_chars, self._other + other_chars
-        if _tokens(ascii_total, other_total) <= self._max:
+        if counts_to_tokens(ascii_total, other_total) <= self._max:
             self._ascii, self._other = ascii_total, other_total
         else:
             text = self._cut(text)  # updates the counts; happens once per answer
             self._exhausted = True
-        if _tokens(self._ascii, self._other) >= self._max and self._ascii % 4 == 0:
+        if counts_to_tokens(self._ascii, self._other) >= self._max and self._ascii % 4 == 0:
             self._exhausted = True  # full: even one ASCII character would overflow
         return text, self._exhausted
 
@@ -305,12 +305,12 @@ class TokenBudget:
         ascii_total, other_total = self._ascii, self._other
         for end, char in enumerate(text):
             if char.isascii():
-                if _tokens(ascii_total + 1, other_total) > self._max:
+                if counts_to_tokens(ascii_total + 1, other_total) > self._max:
                     text = text[:end]
                     break
                 ascii_total += 1
             else:
-                if _tokens(ascii_total, other_total + 1) > self._max:
+                if counts_to_tokens(ascii_total, other_total + 1) > self._max:
                     text = text[:end]
                     break
                 other_total += 1
