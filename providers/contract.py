@@ -15,12 +15,19 @@ passes in objects that satisfy the protocols here:
   conversation) after the answer, off the request's path, so a keep-alive
   client's next request does not wait one upstream round trip for it.
 
-Two optional protocols a provider may satisfy besides :class:`Provider`:
+Three optional protocols a provider may satisfy besides :class:`Provider`:
 :class:`SessionCodec` turns its sessions into JSON and back, which shared
 account state (Redis, ``RELAY_REDIS_URL``) needs to cache them for every
 instance; :class:`ConversationKeeper` says which answers leave their upstream
 conversation for the client to continue, so that the relay can send the
-follow-up to the account that owns it.
+follow-up to the account that owns it; :class:`Passthrough` answers a
+client's OpenAI chat completions body with the upstream's own bytes (an
+OpenAI-compatible upstream: no decode and re-encode per chunk).
+
+A provider whose upstream calls tools, follows a JSON format, stops at stop
+sequences and counts tokens itself says so with
+:attr:`Provider.native_agents`: the relay then neither renders tools into the
+prompt nor shapes the answer.
 
 A provider in turn satisfies :class:`Provider`: it says which model names
 are its own (:meth:`Provider.owns_model`), what its credentials look like,
@@ -255,6 +262,9 @@ class Provider(Protocol[SessionT]):
     citation_line: str
     #: the model an answer names when the request named none
     default_model: str
+    #: the upstream does tools, JSON formats, stop sequences and token limits
+    #: itself: the request goes as it is and the answer comes back unshaped
+    native_agents: bool
 
     @property
     def media(self) -> Media[SessionT] | None:
@@ -351,4 +361,58 @@ class ConversationKeeper(Protocol):
 
     def continued_conversation(self, request: ChatRequest) -> str | None:
         """The upstream conversation ``request`` continues, if it names a valid one."""
+        ...
+
+
+class RawAnswer(Protocol):
+    """An upstream answer already in the client's wire format (:class:`Passthrough`).
+
+    Attributes:
+        status: the upstream's HTTP status (not 401, 403 or 429: those are raised).
+        content_type: its ``Content-Type``.
+        streamed: the body is a server-sent event stream (status 200).
+    """
+
+    status: int
+    content_type: bytes
+    streamed: bool
+
+    def events(self) -> AsyncGenerator[bytes, None]:
+        """The stream's whole events, as each upstream read completes some, ready to send.
+
+        Ends after the stream's last event (an end the upstream left out is
+        added).
+
+        Raises:
+            UpstreamTimeout, UpstreamFailed: the upstream was too slow or broke.
+            RemoteProtocolError: it ended inside an event.
+        """
+        ...
+
+    async def body(self) -> bytes:
+        """The whole body of an answer that is not streamed (an error's, too), ready to send.
+
+        Raises:
+            UpstreamTimeout, UpstreamFailed: the upstream was too slow or broke.
+        """
+        ...
+
+
+@runtime_checkable
+class Passthrough(Protocol[SessionT_contra]):
+    """A provider that answers OpenAI chat completions with the upstream's own bytes."""
+
+    def passthrough(
+        self, session: SessionT_contra, body: bytes, request: ChatRequest
+    ) -> AbstractAsyncContextManager[RawAnswer]:
+        """Send the client's ``body`` (parsed as ``request``) upstream; the answer as it is.
+
+        Only the model name changes, both ways (the upstream's name up, the
+        served one back), and the relay's extension fields are left out.
+
+        Raises (on entering):
+            AuthError, NoAccountFree: the upstream refused the key (401, 403)
+                or it is rate-limited (429): the relay tries another key.
+            UpstreamFailed, UpstreamTimeout: the upstream could not be reached.
+        """
         ...

@@ -10,6 +10,13 @@ Two modes (DESIGN.md, Accounts and credentials):
   pool is used if there is one. Demo mode takes any bearer and uses the
   emulators' accounts.
 
+A provider whose accounts are the operator's alone (an OpenAI-compatible
+upstream's API keys, ``RELAY_OPENAI_UPSTREAMS``: :attr:`ProviderRuntime.server_only`)
+is served from its configured keys in both modes, never from a client's
+bearer: with ``api_keys`` set the bearer must be a relay key, as for any
+provider; without, anyone who reaches the relay spends the operator's keys
+(``relay serve`` says so at start).
+
 Keys are compared in constant time (``hmac.compare_digest``).
 """
 
@@ -67,6 +74,10 @@ def accounts_for(settings: Settings, ex: Exchange, runtime: ProviderRuntime[Any]
     """
     bearer = presented_key(ex)
     name = runtime.provider.name
+    if runtime.server_only:
+        if settings.api_keys and not _is_api_key(settings, bearer):
+            raise AuthError("invalid or missing API key", code="invalid_api_key")
+        return runtime.pool.server_accounts(runtime.server_credentials)
     if settings.demo and runtime.server_credentials and not settings.api_keys:
         # demo mode: any key (the SDK insists on one) uses the emulator's account
         return runtime.pool.server_accounts(runtime.server_credentials)

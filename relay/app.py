@@ -38,7 +38,7 @@ if TYPE_CHECKING:
     from protocol.urls import Origin
     from relay.accounts import PoolStatistics
     from relay.config import Settings
-    from relay.registry import Entry, Providers
+    from relay.registry import Entries, Entry, Providers
 
 log = logging.getLogger("relay.app")
 
@@ -52,7 +52,7 @@ class App:
         *,
         upstream_ssl_context: ssl.SSLContext | None = None,
         trusted_file_origins: Collection[Origin] = (),
-        providers: Sequence[Entry] = registry.ENTRIES,
+        providers: Sequence[Entry | Entries] = registry.ENTRIES,
     ) -> None:
         """
         Args:

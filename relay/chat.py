@@ -114,7 +114,8 @@ SSE_HEADERS = (
     (b"cache-control", b"no-cache"),
     (b"x-accel-buffering", b"no"),
 )
-RETRY_STATUSES = (401, 429)
+#: the account is at fault: another may do (403: an API key without the right)
+RETRY_STATUSES = (401, 403, 429)
 #: SSE batches (one per upstream HTTP chunk) of one upstream read written
 #: together at most: a bigger read (a burst) leaves in slices of this many
 SLICE_BATCHES = 32
@@ -582,17 +583,21 @@ async def open_answer(
 
     What web chats cannot do is added here: tools, their history and a JSON
     format go into the prompt, and the answer comes through an
-    :class:`~protocol.shaping.AnswerShaper` when the request needs one.
+    :class:`~protocol.shaping.AnswerShaper` when the request needs one; not
+    for a provider whose upstream does these natively
+    (:attr:`~providers.contract.Provider.native_agents`).
     Leaving the block closes the upstream and deletes the conversation (the
     provider's chat context); a conversation the client keeps has its owner
     noted first (:meth:`AccountPool.remember_conversation`), even when the
     block is left by cancellation. :func:`complete` and :class:`relay.Relay`
     both answer through here, inside :func:`with_account`.
     """
-    upstream_request = render_agent_prompt(request) if needs_rendering(request) else request
+    native = runtime.provider.native_agents  # the upstream does tools and formats itself
+    upstream_request = (render_agent_prompt(request)
+                        if not native and needs_rendering(request) else request)
     async with runtime.provider.chat(session, upstream_request) as upstream:
         answer: ChatStream = upstream
-        if AnswerShaper.needed(request):
+        if not native and AnswerShaper.needed(request):
             answer = ShapedAnswer(upstream, AnswerShaper(request))
         outcome.conversation = answer.conversation_id
         try:
@@ -696,7 +701,7 @@ async def with_account(
                 if exc.status not in RETRY_STATUSES or not retryable():
                     raise
                 last_error = exc
-                if exc.status == 401:
+                if exc.status in (401, 403):
                     await runtime.pool.evict(account, session)
                     if account not in relogged:
                         relogged.add(account)  # same account, fresh login

@@ -15,7 +15,9 @@ source, raised before anything starts listening.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import re
 import tomllib
 import types
 import typing
@@ -33,6 +35,27 @@ MIB = 1024 * KIB
 
 class ConfigError(Exception):
     """A setting has a value that cannot be used."""
+
+
+@dataclass(frozen=True, slots=True)
+class OpenAIUpstream:
+    """One OpenAI-compatible upstream (``RELAY_OPENAI_UPSTREAMS``, ``[[openai_upstreams]]``).
+
+    Attributes:
+        name: names the provider (routes ``/<name>/v1/...``, logs, metrics).
+        base_url: the upstream's OpenAI base URL, ``/v1`` included
+            (``https://api.deepseek.com/v1``); a private or loopback address is
+            allowed: the operator wrote it.
+        api_keys: the operator's keys, rotated like accounts.
+        models: model names served as they are called upstream.
+        prefix: or every model under this prefix, sent upstream without it.
+    """
+
+    name: str
+    base_url: str
+    api_keys: tuple[str, ...] = field(repr=False)
+    models: tuple[str, ...] = ()
+    prefix: str = ""
 
 
 def _opt(default: object, doc: str, **kw: object) -> Any:  # noqa: ANN401 - dataclass field
@@ -80,6 +103,10 @@ class Settings:
     account_cooldown: float = _opt(60.0, "seconds an account rests after an auth failure")
     token_refresh_margin: float = _opt(
         60.0, "refresh access tokens this many seconds before they expire"
+    )
+    openai_upstreams: tuple[OpenAIUpstream, ...] = _opt(
+        (), "OpenAI-compatible upstreams: a JSON list of {name, base_url, api_keys, models or "
+        "prefix} ([[openai_upstreams]] tables in the TOML file)"
     )
     redis_url: str | None = _opt(
         None, "Redis (redis://, rediss:// or unix://) holding account state for every worker "
@@ -147,8 +174,95 @@ _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
 
 
+#: An upstream's name: it becomes a path segment and a metrics label.
+UPSTREAM_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+#: Names of the built-in providers, which an upstream may not take.
+BUILT_IN_PROVIDERS = ("step", "glm")
+_UPSTREAM_KEYS = ("name", "base_url", "api_keys", "models", "prefix")
+#: What an API key may hold: it goes into an Authorization header.
+_KEY_CHARS = re.compile(r"[\x21-\x7e]+")
+
+
+def _strings(value: object, what: str) -> tuple[str, ...]:
+    if isinstance(value, str) or not isinstance(value, list | tuple):
+        raise ValueError(f"{what} must be a list of strings")
+    if not all(isinstance(item, str) and item.strip() for item in value):
+        raise ValueError(f"{what} must be a list of non-empty strings")
+    return tuple(item.strip() for item in value)
+
+
+def _upstream(value: object, position: int) -> OpenAIUpstream:
+    """One upstream from its table (TOML) or object (JSON).
+
+    Raises:
+        ValueError: naming the entry (``entry N``) and the field at fault; never a key.
+    """
+    if isinstance(value, OpenAIUpstream):
+        return value
+    at = f"entry {position}"
+    if not isinstance(value, dict):
+        raise ValueError(f"{at} must be a table (an object) with name, base_url, api_keys "
+                         "and models or prefix")
+    unknown = sorted(set(value) - set(_UPSTREAM_KEYS))
+    if unknown:
+        raise ValueError(f"{at}: unknown field {unknown[0]!r}")
+    name = value.get("name")
+    if not isinstance(name, str) or UPSTREAM_NAME.fullmatch(name) is None:
+        raise ValueError(f"{at}: name must be 1-64 letters, digits, '.', '_' or '-', "
+                         "beginning with a letter or digit")
+    at = f"entry {position} ({name})"
+    if name.lower() in BUILT_IN_PROVIDERS:
+        raise ValueError(f"{at}: the name {name!r} is a built-in provider's")
+    base_url = value.get("base_url")
+    if not isinstance(base_url, str) or not re.fullmatch(r"https?://[^/?#\s]+(/[^?#\s]*)?",
+                                                         base_url):
+        raise ValueError(f"{at}: base_url must be an http:// or https:// URL")
+    if "@" in base_url.split("://", 1)[1].split("/", 1)[0]:
+        raise ValueError(f"{at}: base_url must not hold credentials (put the key in api_keys)")
+    keys = _strings(value.get("api_keys"), f"{at}: api_keys")
+    if not keys:
+        raise ValueError(f"{at}: api_keys must name at least one key")
+    if not all(_KEY_CHARS.fullmatch(key) for key in keys):
+        raise ValueError(f"{at}: an API key may hold printable ASCII only, no spaces")
+    models = _strings(value.get("models", []), f"{at}: models")
+    prefix = value.get("prefix", "")
+    if not isinstance(prefix, str) or prefix != prefix.strip():
+        raise ValueError(f"{at}: prefix must be a string without surrounding spaces")
+    if not models and not prefix:
+        raise ValueError(f"{at}: give models (a list of names) or a prefix")
+    return OpenAIUpstream(name, base_url.rstrip("/"), keys, models, prefix)
+
+
+def parse_upstreams(value: object) -> tuple[OpenAIUpstream, ...]:
+    """``openai_upstreams`` from JSON text (environment, CLI), TOML tables, or objects.
+
+    Raises:
+        ValueError: not a list of valid upstreams, or two share a name.
+    """
+    if isinstance(value, str):
+        if not value.strip():
+            return ()
+        try:
+            value = json.loads(value)
+        except ValueError as exc:
+            raise ValueError(f"must be a JSON list of upstreams: {exc}") from None
+    if not isinstance(value, list | tuple):
+        raise ValueError("must be a list of upstreams")
+    upstreams = tuple(_upstream(item, position) for position, item in enumerate(value, 1))
+    names = [u.name.lower() for u in upstreams]
+    for name in names:
+        if names.count(name) > 1:
+            raise ValueError(f"two upstreams are named {name!r}")
+    return upstreams
+
+
 def _convert(name: str, value: Any, source: str) -> object:  # noqa: ANN401 - TOML/env values
     """Convert ``value`` (a string, or a TOML value) to the type of field ``name``."""
+    if name == "openai_upstreams":
+        try:
+            return parse_upstreams(value)
+        except ValueError as exc:
+            raise ConfigError(f"{source}: {name}: {exc}") from exc
     hint = typing.get_type_hints(Settings)[name]
     args = typing.get_args(hint)
     optional = isinstance(hint, types.UnionType) and type(None) in args

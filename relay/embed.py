@@ -80,7 +80,7 @@ if TYPE_CHECKING:
     from protocol.urls import Origin
     from relay.accounts import Account
     from relay.config import Settings
-    from relay.registry import Entry, ProviderRuntime
+    from relay.registry import Entries, Entry, ProviderRuntime
 
 log = logging.getLogger("relay.embed")
 
@@ -128,7 +128,7 @@ async def start_app(
     settings: Settings,
     nursery: trio.Nursery,
     *,
-    providers: Sequence[Entry] = registry.ENTRIES,
+    providers: Sequence[Entry | Entries] = registry.ENTRIES,
     upstream_ssl_context: ssl.SSLContext | None = None,
 ) -> App:
     """The :class:`~relay.app.App` for ``settings``; in demo mode, its emulators first.

@@ -9,12 +9,17 @@ pieces the app shares (:class:`Parts`: the upstream pool, the file fetcher,
 the janitor), where its server-side credentials and per-account stream
 limit are, and, for ``relay serve --demo``, how to start its emulator.
 Adding a provider is one package under ``providers/`` and one entry in
-:data:`ENTRIES` (with its settings in ``relay/config.py``).
+:data:`ENTRIES` (with its settings in ``relay/config.py``). A provider that
+the settings may name several times (the OpenAI-compatible upstreams of
+``RELAY_OPENAI_UPSTREAMS``, one provider each) is one :class:`Entries` line:
+it gives one :class:`Entry` per configured item (:func:`entries_for`).
 
 Order matters twice, so the order of :data:`ENTRIES` is part of the
 behaviour: a model name goes to the first provider that owns it (else to
 ``default_provider``), and ``/token/check`` without a provider guesses the
-first whose credential form fits.
+first whose credential form fits. The OpenAI-compatible upstreams come
+first: a model the operator configured explicitly wins over the web chats'
+name patterns.
 
 Providers differ in their session type (``Provider[SessionT]``), so the
 mixed collection here is the one place where it is ``Any``: each
@@ -33,6 +38,8 @@ from protocol.errors import RelayError
 from protocol.urls import origin_of
 from providers.contract import SessionT
 from providers.glm.client import GlmProvider
+from providers.openai.client import OpenAIProvider
+from providers.openai.prompt import ModelNames
 from providers.step.client import StepProvider
 from relay.accounts import AccountPool
 from relay.config import ConfigError
@@ -45,7 +52,7 @@ if TYPE_CHECKING:
     from providers.contract import Background, Fetcher, Provider
     from providers.glm.client import GlmSession
     from providers.step.client import StepSession
-    from relay.config import Settings
+    from relay.config import OpenAIUpstream, Settings
     from relay.upstream import Pool
 
 # accounts of the built-in emulators: not secrets
@@ -88,6 +95,26 @@ class Entry:
     max_streams: Callable[[Settings], int]
     #: demo mode: start its emulator in the nursery
     demo: Callable[[trio.Nursery], Awaitable[Emulated]] | None = None
+    #: its accounts are the operator's alone: a client's bearer is never one
+    server_only: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Entries:
+    """Providers the settings name, one :class:`Entry` each (in the settings' order)."""
+
+    expand: Callable[[Settings], Sequence[Entry]]
+
+
+def entries_for(settings: Settings, entries: Sequence[Entry | Entries]) -> list[Entry]:
+    """``entries`` with every :class:`Entries` expanded for ``settings``, in order."""
+    out: list[Entry] = []
+    for entry in entries:
+        if isinstance(entry, Entries):
+            out += entry.expand(settings)
+        else:
+            out.append(entry)
+    return out
 
 
 @dataclass(eq=False)
@@ -97,6 +124,8 @@ class ProviderRuntime(Generic[SessionT]):
     provider: Provider[SessionT]
     pool: AccountPool[SessionT]
     server_credentials: tuple[str, ...]
+    #: only the server-side credentials are ever used (:attr:`Entry.server_only`)
+    server_only: bool = False
 
 
 class Providers(Mapping[str, "ProviderRuntime[Any]"]):
@@ -171,29 +200,30 @@ def _runtime(provider: Provider[SessionT], entry: Entry, settings: Settings
 
         state = RedisState(provider, settings)
     pool = AccountPool(provider, settings, entry.max_streams(settings), state)
-    return ProviderRuntime(provider, pool, tuple(entry.credentials(settings)))
+    return ProviderRuntime(provider, pool, tuple(entry.credentials(settings)), entry.server_only)
 
 
-def build(parts: Parts, entries: Sequence[Entry]) -> Providers:
+def build(parts: Parts, entries: Sequence[Entry | Entries]) -> Providers:
     """Every provider of ``entries``, with its account pool.
 
     Raises:
         ConfigError: a server-side token list has a malformed entry.
     """
     settings = parts.settings
-    runtimes = [_runtime(entry.build(parts), entry, settings) for entry in entries]
+    runtimes = [_runtime(entry.build(parts), entry, settings)
+                for entry in entries_for(settings, entries)]
     providers = Providers(runtimes, settings.default_provider)
     providers.check_server_credentials()
     return providers
 
 
-def has_server_credentials(settings: Settings, entries: Sequence[Entry]) -> bool:
-    """Whether any provider has server-side accounts configured."""
-    return any(entry.credentials(settings) for entry in entries)
+def has_server_credentials(settings: Settings, entries: Sequence[Entry | Entries]) -> bool:
+    """Whether any provider has server-side accounts configured (API keys included)."""
+    return any(entry.credentials(settings) for entry in entries_for(settings, entries))
 
 
 async def start_emulators(
-    settings: Settings, nursery: trio.Nursery, entries: Sequence[Entry]
+    settings: Settings, nursery: trio.Nursery, entries: Sequence[Entry | Entries]
 ) -> tuple[Settings, frozenset[Origin]]:
     """Start every provider's emulator in ``nursery`` (``relay serve --demo``).
 
@@ -205,7 +235,7 @@ async def start_emulators(
     """
     changes: dict[str, Any] = {}
     origins: set[Origin] = set()
-    for entry in entries:
+    for entry in entries_for(settings, entries):
         if entry.demo is not None:
             emulated = await entry.demo(nursery)
             changes.update(emulated.changes)
@@ -278,8 +308,30 @@ async def _glm_demo(nursery: trio.Nursery) -> Emulated:
     })
 
 
+# --- OpenAI-compatible upstreams ----------------------------------------------------------
+
+
+def _openai_entry(upstream: OpenAIUpstream) -> Entry:
+    """One configured upstream: its keys are its accounts, with no stream limit."""
+
+    def build(parts: Parts) -> Provider[str]:
+        return OpenAIProvider(
+            parts.transport(upstream.name),
+            name=upstream.name,
+            base_url=upstream.base_url,
+            names=ModelNames(upstream.models, upstream.prefix),
+        )
+
+    return Entry(build, lambda s: upstream.api_keys, lambda s: 0, server_only=True)
+
+
+def _openai_entries(settings: Settings) -> list[Entry]:
+    return [_openai_entry(upstream) for upstream in settings.openai_upstreams]
+
+
 #: Every provider, in routing order (see the module docstring).
-ENTRIES: tuple[Entry, ...] = (
+ENTRIES: tuple[Entry | Entries, ...] = (
+    Entries(_openai_entries),
     Entry(_step, lambda s: s.step_tokens, lambda s: s.step_max_streams, _step_demo),
     Entry(_glm, lambda s: s.glm_tokens, lambda s: s.glm_max_streams, _glm_demo),
 )

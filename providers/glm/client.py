@@ -309,6 +309,8 @@ class GlmProvider:
     session_ttl = SESSION_TTL_S
     citation_line = CITATION_LINE
     default_model = DEFAULT_MODEL
+    #: tools, JSON formats, stop and max_tokens are the relay's to emulate
+    native_agents = False
 
     def __init__(
         self,

@@ -58,9 +58,10 @@ chunk carries ``"usage": null`` and a last chunk with ``"choices": []``
 carries the usage, as OpenAI does; a whole completion always carries it.
 Token counts are rough: a token per four characters (at least one).
 
-Record: :class:`OpenAIRecord` lists every chat request (the key it used,
-the decoded body) unless ``keep_record=False`` (``--no-record``: a long
-benchmark run keeps counters only), counts answer streams started, finished
+Record: :class:`OpenAIRecord` lists the key every chat request presented
+(refused ones too) and every accepted one's key and decoded body unless
+``keep_record=False`` (``--no-record``: a long benchmark run keeps counters
+only), counts answer streams started, finished
 and aborted (the client left first), and wakes :meth:`OpenAIEmulator.wait_until`
 on every change.
 
@@ -172,6 +173,8 @@ class OpenAIRecord:
     ``streams_finished`` counts answer streams whose script ran to its end (a
     scripted ``drop_after`` included); ``streams_aborted`` those the client
     left first. ``completions`` counts whole (non-streamed) answers.
+    ``keys`` has the key of every chat request, refused ones included;
+    ``chats`` the accepted ones (their key and body).
     """
 
     chats: list[ChatCall] = field(default_factory=list)
@@ -626,8 +629,8 @@ class OpenAIEmulator:
     def _changed(self) -> None:
         self._lot.unpark_all()
 
-    def _key(self, request: Request) -> str:
-        """The request's API key.
+    def _key(self, request: Request, *, chat: bool = False) -> str:
+        """The request's API key; a chat's is recorded in ``keys``, refused or not.
 
         Raises:
             _Refusal: 401 ``invalid_api_key`` (counted in ``auth_failures``).
@@ -639,6 +642,8 @@ class OpenAIEmulator:
                 if scheme.lower() == "bearer":
                     key = rest.strip()
                 break
+        if chat and self._keep:
+            self.record.keys.append(key)
         if not key or (self._keys is not None and key not in self._keys):
             self.record.auth_failures += 1
             self._changed()
@@ -663,7 +668,7 @@ class OpenAIEmulator:
                 raise _Refusal(404, "invalid_request_error", f"Invalid URL (/{path.lstrip('/')})")
             if request.method != b"POST":
                 raise _Refusal(405, "invalid_request_error", "use POST")
-            key = self._key(request)
+            key = self._key(request, chat=True)
             return await self._chat(conn, key, request.body)
         except _Refusal as refusal:
             self.record.refused += 1
@@ -702,7 +707,6 @@ class OpenAIEmulator:
         body = self._parse(raw)
         if self._keep:
             self.record.chats.append(ChatCall(key, body))
-            self.record.keys.append(key)
         self._changed()
         if key in behavior.busy_keys:
             message = "Rate limit reached for requests"

@@ -120,6 +120,8 @@ class StepProvider:
     session_ttl = SESSION_TTL_S
     citation_line = CITATION_LINE
     default_model = DEFAULT_MODEL
+    #: tools, JSON formats, stop and max_tokens are the relay's to emulate
+    native_agents = False
     #: StepChat makes no images or videos
     media = None
 

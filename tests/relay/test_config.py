@@ -46,6 +46,10 @@ def sample(name: str) -> tuple[str, object]:
         "log_level": ("DEBUG", "DEBUG"),
         "upstream_proxy": ("http://proxy.test:3128", "http://proxy.test:3128"),
         "redis_url": ("redis://redis.test:6379/1", "redis://redis.test:6379/1"),
+        "openai_upstreams": (
+            '[{"name": "up", "base_url": "http://up.test/v1", "api_keys": ["k"], "prefix": "up/"}]',
+            (config.OpenAIUpstream("up", "http://up.test/v1", ("k",), (), "up/"),),
+        ),
     }
     if name in special:
         return special[name]
@@ -150,6 +154,9 @@ def test_every_field_has_a_toml_key(tmp_path: Path) -> None:
     expected = {}
     for name in FIELDS:
         text, expected[name] = sample(name)
+        if name == "openai_upstreams":  # JSON text (double quotes) as a TOML literal string
+            lines.append(f"{name} = '{text}'")
+            continue
         lines.append(f"{name} = {text!r}".replace("'", '"'))
     s = config.load(config_file=write_toml(tmp_path, "\n".join(lines)), environ={})
     for name, value in expected.items():

@@ -76,6 +76,7 @@ class EchoProvider:
     session_ttl = 60.0
     citation_line = "{title} {url}\n"
     default_model = "echo-1"
+    native_agents = False
     media = None
 
     def __init__(self) -> None:

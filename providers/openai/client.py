@@ -1,0 +1,225 @@
+"""An OpenAI-compatible upstream as a provider: the I/O half (issue 16).
+
+One :class:`OpenAIProvider` per configured upstream (``RELAY_OPENAI_UPSTREAMS``):
+DeepSeek, a local vLLM or Ollama, StepFun's or Zhipu's open platforms. The
+wire formats live in ``prompt.py`` (requests) and ``stream.py`` (answers);
+this module only moves bytes, through the relay's :class:`Transport`.
+
+Accounts are the operator's API keys: a key is its own session
+(:meth:`OpenAIProvider.login` returns it, nothing is called), so keys rotate,
+rest and fail over like web-chat accounts. Clients never bring keys for
+these models (``relay/access.py`` leases only the configured ones).
+
+Two ways to answer:
+
+- :meth:`OpenAIProvider.chat` (every dialect): the neutral request as the
+  upstream's chat body, always streamed; the SSE events become neutral
+  deltas. The upstream does tools, JSON formats, ``stop`` and
+  ``max_tokens`` natively (:attr:`OpenAIProvider.native_agents`).
+- :meth:`OpenAIProvider.passthrough` (OpenAI chat completions in and out):
+  the client's body goes up with the upstream's model name, and the answer
+  comes back as the upstream's bytes, cut at event boundaries, the model name
+  rewritten when it differs (:class:`~providers.openai.stream.EventFramer`).
+
+Errors keep the upstream's status and OpenAI error fields
+(:func:`~providers.openai.stream.error_from_response`). 401, 403 and 429 are
+raised before any byte of the answer, as AuthError or NoAccountFree: the
+relay then tries another key. There is no conversation to delete: leaving
+``chat`` only closes the response.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import aclosing, asynccontextmanager
+from typing import TYPE_CHECKING
+
+from protocol.errors import UpstreamFailed
+from protocol.sse import SSEDecoder
+from providers.openai import prompt
+from providers.openai.stream import (
+    ChunkStream,
+    EventFramer,
+    error_from_response,
+    model_member,
+    rewrite_model,
+)
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncGenerator, AsyncIterator
+
+    from protocol.deltas import Delta
+    from protocol.openai import ChatRequest
+    from providers.contract import StreamedResponse, Transport
+    from providers.openai.prompt import ModelNames
+
+log = logging.getLogger("providers.openai")
+
+#: A key is its own session: nothing expires, cache it for a day.
+SESSION_TTL_S = 24 * 3600.0
+#: Statuses that say the key is at fault: raised before the answer, so the relay fails over.
+KEY_STATUSES = (401, 403, 429)
+#: Longest whole (not streamed) answer read.
+WHOLE_BODY_LIMIT_BYTES = 16 * 1024 * 1024
+SSE_TYPE = b"text/event-stream"
+DONE_EVENT = b"data: [DONE]\n\n"
+
+
+def _media_type(response: StreamedResponse) -> bytes:
+    return (response.header(b"content-type") or b"").split(b";")[0].strip().lower()
+
+
+class OpenAIAnswer:
+    """One streamed upstream answer as lists of deltas (providers.contract.ChatStream)."""
+
+    def __init__(self, response: StreamedResponse) -> None:
+        self._response = response
+
+    @property
+    def conversation_id(self) -> str:
+        """No conversation upstream: ``""``."""
+        return ""
+
+    async def __aiter__(self) -> AsyncGenerator[list[Delta], None]:
+        decoder = SSEDecoder()
+        translator = ChunkStream()
+        async with aclosing(self._response.chunks()) as chunks:
+            async for chunk in chunks:
+                deltas: list[Delta] = []
+                for event in decoder.feed(chunk):
+                    deltas += translator.feed(event)
+                    if translator.finished:
+                        break
+                if deltas:
+                    yield deltas
+                if translator.finished:
+                    return
+        decoder.close()
+        tail = translator.close()
+        if tail:
+            yield tail
+
+
+class OpenAIRawAnswer:
+    """The upstream's answer as bytes for the client (providers.contract.RawAnswer)."""
+
+    def __init__(self, response: StreamedResponse, member: bytes | None) -> None:
+        self._response = response
+        self._member = member
+        self.status = response.status
+        self.content_type = response.header(b"content-type") or b"application/json"
+        self.streamed = response.status == 200 and _media_type(response) == SSE_TYPE
+
+    async def events(self) -> AsyncGenerator[bytes, None]:
+        framer = EventFramer(self._member)
+        async with aclosing(self._response.chunks()) as chunks:
+            async for chunk in chunks:
+                data = framer.feed(chunk)
+                if data:
+                    yield data
+                if framer.done:
+                    return
+        framer.close()
+        yield DONE_EVENT  # the upstream ended cleanly but left [DONE] out
+
+    async def body(self) -> bytes:
+        data = await self._response.read(WHOLE_BODY_LIMIT_BYTES + 1)
+        if len(data) > WHOLE_BODY_LIMIT_BYTES:
+            raise UpstreamFailed("the upstream's answer is over the size limit",
+                                 code="answer_too_large")
+        return rewrite_model(data, self._member)
+
+
+class OpenAIProvider:
+    """One OpenAI-compatible upstream as a provider (providers.contract.Provider, Passthrough)."""
+
+    session_ttl = SESSION_TTL_S
+    citation_line = "{title} - {url}\n"
+    #: the upstream calls tools, follows formats, stops and counts by itself
+    native_agents = True
+    #: no image or video endpoints here
+    media = None
+
+    def __init__(self, transport: Transport, *, name: str, base_url: str,
+                 names: ModelNames) -> None:
+        """
+        Args:
+            transport: calls to this upstream over the relay's shared pool.
+            name: the upstream's name (routes, logs, metrics).
+            base_url: its OpenAI base URL, ``/v1`` included.
+            names: which model names it serves, and what they are called upstream.
+        """
+        self._transport = transport
+        self.name = name
+        self._base = base_url.rstrip("/")
+        self._names = names
+        self.default_model = names.default
+
+    def models(self) -> list[str]:
+        return list(self._names.models)
+
+    def owns_model(self, model: str) -> bool:
+        return self._names.owns(model)
+
+    def looks_like(self, credential: str) -> bool:
+        """Never guessed: a key looks like any other provider's."""
+        return False
+
+    def validate_credential(self, credential: str) -> None:
+        """Any non-empty key (the configuration checked its characters)."""
+
+    async def login(self, credential: str) -> str:
+        """The key is the session: nothing to call."""
+        return credential
+
+    async def check(self, credential: str) -> bool:
+        """Liveness of a key: ``GET /models`` with it.
+
+        Returns:
+            True on a 200, False when the upstream refused the key (401, 403).
+
+        Raises:
+            RelayError: any other failure (the upstream could not tell).
+        """
+        response = await self._transport.request(
+            b"GET", self._base + prompt.MODELS_PATH, prompt.headers(credential, streamed=False))
+        if response.status == 200:
+            return True
+        if response.status in (401, 403):
+            return False
+        raise error_from_response(response.status, response.body, self.name)
+
+    def _upstream_model(self, request: ChatRequest) -> tuple[str, str]:
+        """The served name of the request's model and its name upstream."""
+        served = request.model or self.default_model
+        return served, self._names.upstream(served)
+
+    @asynccontextmanager
+    async def chat(self, session: str, request: ChatRequest) -> AsyncIterator[OpenAIAnswer]:
+        _served, upstream = self._upstream_model(request)
+        body = prompt.chat_body(request, upstream)
+        async with self._transport.stream(
+            b"POST", self._base + prompt.CHAT_PATH, prompt.headers(session, streamed=True), body
+        ) as response:
+            if response.status != 200:
+                raise error_from_response(response.status, await response.read(), self.name)
+            if _media_type(response) != SSE_TYPE:
+                raise UpstreamFailed(
+                    f"{self.name} answered {_media_type(response).decode('latin-1') or 'a body'}"
+                    " instead of an event stream", code="not_a_stream")
+            yield OpenAIAnswer(response)
+
+    @asynccontextmanager
+    async def passthrough(
+        self, session: str, body: bytes, request: ChatRequest
+    ) -> AsyncIterator[OpenAIRawAnswer]:
+        served, upstream = self._upstream_model(request)
+        data = prompt.passthrough_body(body, upstream)
+        member = model_member(served) if served != upstream else None
+        async with self._transport.stream(
+            b"POST", self._base + prompt.CHAT_PATH,
+            prompt.headers(session, streamed=request.stream), data,
+        ) as response:
+            if response.status in KEY_STATUSES:
+                raise error_from_response(response.status, await response.read(), self.name)
+            yield OpenAIRawAnswer(response, member)

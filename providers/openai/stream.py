@@ -1,0 +1,382 @@
+"""An OpenAI-compatible upstream's answers: SSE chunks in, deltas or raw events out (sans-IO).
+
+Two readers of the same wire, one per path through the relay:
+
+- :class:`ChunkStream` (the neutral path, every dialect): the I/O layer
+  decodes the body with :class:`protocol.sse.SSEDecoder` and hands every
+  event to it; it returns the provider-neutral deltas of
+  :mod:`protocol.deltas`.
+- :class:`EventFramer` (the passthrough fast path, OpenAI chat completions in
+  and out): raw body bytes in, the same bytes out cut at event boundaries,
+  with only the ``"model"`` value rewritten to the name the client asked for
+  when it differs. No JSON is decoded or encoded per chunk.
+
+And :func:`error_from_response`: a non-2xx upstream answer as the
+:class:`~protocol.errors.RelayError` the relay raises, with the upstream's
+status and the fields of its OpenAI error object.
+
+Theory of operation (:class:`ChunkStream`). Each ``data:`` event is one
+``chat.completion.chunk`` JSON object, or ``[DONE]``. Per chunk, in order:
+
+1. ``error`` (an object): the upstream failed after the stream started ->
+   UpstreamError (the answer ends);
+2. ``usage`` (an object): kept in :attr:`ChunkStream.usage`;
+3. the first choice's ``delta``: ``reasoning_content`` (DeepSeek; ``reasoning``
+   as vLLM and OpenRouter name it) -> ReasoningDelta, ``content`` ->
+   TextDelta, each ``tool_calls`` item -> ToolCallDelta (the first delta of
+   a call index carries its id and name; an upstream that sends no id gets
+   ``call_<n>``);
+4. the choice's ``finish_reason``: remembered, not yet a Finish: the usage
+   chunk (``stream_options.include_usage``) comes after it.
+
+``[DONE]`` ends the answer with Finish(the remembered reason, ``stop`` if none
+came). EOF (:meth:`ChunkStream.close`) after a finish reason but without
+``[DONE]`` is a Finish too (some servers leave it out); EOF before one is
+UpstreamError("truncated"). Reasons outside OpenAI's four become ``stop``
+(``function_call``, the legacy name, becomes ``tool_calls``).
+
+Invariants (h11's): any event gives deltas or RemoteProtocolError, never
+anything else; every answer ends with exactly one Finish or UpstreamError and
+nothing follows it; no text delta is empty.
+
+Theory of operation (:class:`EventFramer`). An event ends at a blank line
+(``\\n\\n``, ``\\r\\n\\r\\n`` or ``\\r\\r``). ``feed`` appends the read to what
+was pending, finds the *last* blank line (one ``rfind`` per kind, C speed)
+and returns everything before it: whole events, ready for the client in one
+write; the rest waits for its own remaining bytes only. When the served
+name differs from what the upstream says (a prefix upstream: ``deepseek/x``
+goes up as ``x``), one ``re.sub`` over those whole events puts the served
+name into every top-level ``"model": "..."`` member. Inside a JSON string
+every ``"`` is escaped, so the pattern (an unescaped quote, ``model``, an
+unescaped quote and a colon) matches member names only, never answer text.
+``[DONE]`` is found the same way: a line that begins ``data: [DONE]`` (an
+LF inside a JSON string is escaped, so such a line is the event's own).
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from protocol.deltas import Finish, ReasoningDelta, TextDelta, ToolCallDelta, UpstreamError
+from protocol.errors import (
+    AuthError,
+    NoAccountFree,
+    RelayError,
+    RemoteProtocolError,
+    RequestError,
+    UpstreamFailed,
+    UpstreamTimeout,
+)
+
+if TYPE_CHECKING:
+    from protocol.deltas import Delta, FinishReason
+    from protocol.sse import SSEEvent
+
+#: OpenAI's end of a chat completions stream.
+DONE_DATA = "[DONE]"
+#: Longest upstream error message passed on, in characters.
+MAX_MESSAGE_CHARS = 1000
+#: Longest error code or type kept.
+MAX_CODE_CHARS = 64
+#: Longest event :class:`EventFramer` waits for the end of.
+MAX_EVENT_BYTES = 16 * 1024 * 1024
+
+_REASONS: dict[str, FinishReason] = {
+    "stop": "stop",
+    "length": "length",
+    "tool_calls": "tool_calls",
+    "content_filter": "content_filter",
+    "function_call": "tool_calls",
+}
+
+#: A top-level ``"model": "..."`` member of a chunk (module docstring: never answer text).
+MODEL_MEMBER = re.compile(rb'"model"\s*:\s*"(?:[^"\\]|\\.)*"')
+#: The start of a ``[DONE]`` line at the start of a block or after an LF or CR.
+_DONE_LINE = re.compile(rb"(?:^|[\r\n])data: ?\[DONE\]")
+#: Blank lines: the ends of events.
+_EVENT_ENDS = (b"\n\n", b"\r\n\r\n", b"\r\r")
+
+
+def _clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def error_fields(body: bytes) -> tuple[str, str, str | None, str | None]:
+    """The ``(message, type, param, code)`` of an OpenAI error body (``""``/None if absent).
+
+    Accepts ``{"error": {...}}``, a bare ``{"message", ...}`` and, as some
+    servers send, ``{"error": "text"}`` or ``{"detail": "text"}``. Never raises.
+    """
+    try:
+        value: Any = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return "", "", None, None
+    if not isinstance(value, dict):
+        return "", "", None, None
+    error = value.get("error", value)
+    if isinstance(error, str):
+        return _clip(error, MAX_MESSAGE_CHARS), "", None, None
+    if not isinstance(error, dict):
+        return "", "", None, None
+    message = error.get("message", error.get("detail"))
+    kind, param, code = error.get("type"), error.get("param"), error.get("code")
+    if isinstance(code, int) and not isinstance(code, bool):
+        code = str(code)
+    return (
+        _clip(message, MAX_MESSAGE_CHARS) if isinstance(message, str) else "",
+        _clip(kind, MAX_CODE_CHARS) if isinstance(kind, str) else "",
+        _clip(param, MAX_CODE_CHARS) if isinstance(param, str) else None,
+        _clip(code, MAX_CODE_CHARS) if isinstance(code, str) else None,
+    )
+
+
+def error_from_response(status: int, body: bytes, upstream: str) -> RelayError:
+    """The exception a non-2xx upstream answer becomes, keeping its status and error fields.
+
+    401 and 403 are :class:`AuthError` (the key is at fault: the relay fails
+    over to another key), 429 :class:`NoAccountFree` (the key is busy: the
+    same), other 4xx :class:`RequestError` (never retried), 504
+    :class:`UpstreamTimeout`, the rest :class:`UpstreamFailed`. The error's
+    ``kind`` (OpenAI's ``type``), ``code``, ``param`` and message are the
+    upstream's when it sent them.
+
+    Args:
+        status: the HTTP status, not 2xx.
+        body: the response body (an OpenAI error object, usually).
+        upstream: the upstream's name, for a message when the body has none.
+    """
+    message, kind, param, code = error_fields(body)
+    if not message:
+        message = f"{upstream} answered HTTP {status}"
+    error: RelayError
+    if status in (401, 403):
+        error = AuthError(message, param=param, code=code, status=status)
+    elif status == 429:
+        error = NoAccountFree(message, param=param, code=code)
+    elif 400 <= status < 500:
+        error = RequestError(message, param=param, code=code, status=status)
+    elif status == 504:
+        error = UpstreamTimeout(message, param=param, code=code)
+    else:
+        error = UpstreamFailed(message, param=param, code=code,
+                               status=status if 500 <= status < 600 else 502)
+    if kind:
+        error.kind = kind
+    return error
+
+
+def _in_band_error(error: object) -> UpstreamError:
+    """The UpstreamError an in-band ``error`` member describes."""
+    message, kind, _param, code = error_fields(orjson.dumps({"error": error}))
+    status = 502
+    if isinstance(error, dict):
+        number = error.get("code", error.get("status"))
+        if isinstance(number, int) and not isinstance(number, bool) and 400 <= number < 600:
+            status = number
+    return UpstreamError(code or kind or "upstream_error",
+                         message or "the upstream reported an error", status)
+
+
+class _State(enum.Enum):
+    """Where one answer is."""
+
+    OPEN = enum.auto()  #: deltas may still arrive
+    ENDED = enum.auto()  #: a Finish or an UpstreamError was produced
+
+
+class ChunkStream:
+    """One per upstream response: SSE events in, deltas out.
+
+    Attributes:
+        usage: the upstream's ``usage`` object, once a chunk carried one.
+        finish_reason: the finish reason seen so far (None: none yet).
+    """
+
+    __slots__ = ("_calls", "_state", "finish_reason", "usage")
+
+    def __init__(self) -> None:
+        self._state = _State.OPEN
+        self._calls: dict[int, str] = {}  # call index -> its id
+        self.usage: dict[str, Any] | None = None
+        self.finish_reason: FinishReason | None = None
+
+    @property
+    def finished(self) -> bool:
+        """True once a Finish or UpstreamError was produced."""
+        return self._state is _State.ENDED
+
+    def feed(self, event: SSEEvent) -> list[Delta]:
+        """Translate one SSE event.
+
+        Returns:
+            Its deltas, possibly none; the last is Finish or UpstreamError
+            when the answer ended with it (then :attr:`finished`).
+
+        Raises:
+            RemoteProtocolError: the data is neither ``[DONE]`` nor a JSON
+                object, or an event came after the answer ended.
+        """
+        if self._state is _State.ENDED:
+            raise RemoteProtocolError("upstream event after the answer ended")
+        data = event.data
+        if data == DONE_DATA:
+            self._state = _State.ENDED
+            return [Finish(self.finish_reason or "stop")]
+        if event.event == "error" and not data.startswith("{"):
+            self._state = _State.ENDED
+            return [UpstreamError("upstream_error", _clip(data, MAX_MESSAGE_CHARS))]
+        try:
+            chunk = orjson.loads(data)
+        except orjson.JSONDecodeError as exc:
+            raise RemoteProtocolError("upstream chunk is not JSON") from exc
+        if not isinstance(chunk, dict):
+            raise RemoteProtocolError("upstream chunk is not a JSON object")
+        if chunk.get("error") is not None:
+            self._state = _State.ENDED
+            return [_in_band_error(chunk["error"])]
+        usage = chunk.get("usage")
+        if isinstance(usage, dict):
+            self.usage = usage
+        choices = chunk.get("choices")
+        if not isinstance(choices, list) or not choices:
+            return []
+        choice = choices[0]
+        if not isinstance(choice, dict):
+            raise RemoteProtocolError("upstream choice is not a JSON object")
+        out: list[Delta] = []
+        delta = choice.get("delta")
+        if isinstance(delta, dict):
+            self._delta(delta, out)
+        reason = choice.get("finish_reason")
+        if isinstance(reason, str) and reason:
+            self.finish_reason = _REASONS.get(reason, "stop")
+        return out
+
+    def _delta(self, delta: dict[str, Any], out: list[Delta]) -> None:
+        reasoning = delta.get("reasoning_content")
+        if not isinstance(reasoning, str):
+            reasoning = delta.get("reasoning")
+        if isinstance(reasoning, str) and reasoning:
+            out.append(ReasoningDelta(reasoning))
+        content = delta.get("content")
+        if isinstance(content, str) and content:
+            out.append(TextDelta(content))
+        calls = delta.get("tool_calls")
+        if isinstance(calls, list):
+            for position, call in enumerate(calls):
+                if isinstance(call, dict):
+                    out.append(self._call(call, position))
+
+    def _call(self, call: dict[str, Any], position: int) -> ToolCallDelta:
+        index = call.get("index")
+        if not isinstance(index, int) or isinstance(index, bool) or index < 0:
+            index = position
+        function = call.get("function")
+        function = function if isinstance(function, dict) else {}
+        name = function.get("name")
+        arguments = function.get("arguments")
+        arguments = arguments if isinstance(arguments, str) else ""
+        if index in self._calls:
+            return ToolCallDelta(index, "", "", arguments)
+        call_id = call.get("id")
+        if not isinstance(call_id, str) or not call_id:
+            call_id = f"call_{index}"
+        self._calls[index] = call_id
+        return ToolCallDelta(index, call_id, name if isinstance(name, str) else "", arguments)
+
+    def close(self) -> list[Delta]:
+        """The upstream body ended (EOF).
+
+        Returns:
+            Nothing if the answer already ended; Finish if a finish reason
+            came (``[DONE]`` left out); else UpstreamError("truncated"). The
+            translator is :attr:`finished` afterwards.
+        """
+        if self._state is _State.ENDED:
+            return []
+        self._state = _State.ENDED
+        if self.finish_reason is not None:
+            return [Finish(self.finish_reason)]
+        return [UpstreamError("truncated", "upstream stream ended before the answer was complete")]
+
+
+def model_member(name: str) -> bytes:
+    """``"model":"<name>"`` as JSON bytes, for :class:`EventFramer` and whole bodies."""
+    return b'"model":' + orjson.dumps(name)
+
+
+def rewrite_model(body: bytes, member: bytes | None) -> bytes:
+    """``body`` with every ``"model": "..."`` member replaced by ``member`` (None: as is)."""
+    if member is None:
+        return body
+    return MODEL_MEMBER.sub(member.replace(b"\\", b"\\\\"), body)
+
+
+def _event_end(block: bytes) -> int:
+    """Where the last whole event of ``block`` ends (0: none ends in it)."""
+    cut = 0
+    for end in _EVENT_ENDS:
+        at = block.rfind(end)
+        if at >= 0:
+            cut = max(cut, at + len(end))
+    return cut
+
+
+class EventFramer:
+    """Raw SSE bytes in, whole events out, the model name rewritten (module docstring).
+
+    Attributes:
+        done: a ``data: [DONE]`` event went out.
+    """
+
+    __slots__ = ("_member", "_pending", "done", "max_event_bytes")
+
+    def __init__(self, member: bytes | None, max_event_bytes: int = MAX_EVENT_BYTES) -> None:
+        """
+        Args:
+            member: the ``"model":...`` member to put in (:func:`model_member`),
+                None to leave the events as they are.
+            max_event_bytes: the longest event waited for.
+        """
+        # re.sub reads backslashes in the replacement: escape them once, here
+        self._member = member.replace(b"\\", b"\\\\") if member is not None else None
+        self._pending = b""
+        self.done = False
+        self.max_event_bytes = max_event_bytes
+
+    def feed(self, data: bytes) -> bytes:
+        """The whole events ``data`` completed (``b""`` if none), rewritten.
+
+        Raises:
+            RemoteProtocolError: an event grew past ``max_event_bytes``.
+        """
+        pending = self._pending
+        block = pending + data if pending else data
+        cut = _event_end(block)
+        if cut == 0:  # no event ended in this read
+            if len(block) > self.max_event_bytes:
+                raise RemoteProtocolError("upstream SSE event over the size limit")
+            self._pending = block
+            return b""
+        if cut == len(block):
+            self._pending = b""
+        else:
+            self._pending = block[cut:]
+            block = block[:cut]
+        if not self.done and _DONE_LINE.search(block) is not None:
+            self.done = True
+        member = self._member
+        return block if member is None else MODEL_MEMBER.sub(member, block)
+
+    def close(self) -> None:
+        """The body ended.
+
+        Raises:
+            RemoteProtocolError: it ended inside an event.
+        """
+        if self._pending.strip():
+            raise RemoteProtocolError("upstream stream ended inside an event")
