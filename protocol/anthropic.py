@@ -17,7 +17,9 @@ Theory of operation, request
 Validation happens once, here, as in :mod:`protocol.openai`: a bad body is a
 400 ``invalid_request_error`` whose message starts with the field's path in
 Anthropic's dotted form (``messages.1.content.0.source.data: ...``), the same
-path as the error's ``param``. What maps to what:
+path as the error's ``param``. The checks under the words (a JSON object
+body, numbers, positive integers, lists of strings, nesting depth) are the
+other parsers' (:mod:`protocol.request_fields`). What maps to what:
 
 - ``system`` (a string or text blocks) becomes a ``system`` message, first;
 - ``messages`` (roles ``user``, ``assistant`` and, as the SDK now allows,
@@ -133,15 +135,21 @@ from protocol.deltas import (
 )
 from protocol.errors import LocalProtocolError, RequestError
 from protocol.openai import (
-    MAX_JSON_DEPTH,
     ChatRequest,
     ContentPart,
     Message,
     ToolCall,
     ToolChoice,
     ToolSpec,
-    nested_deeper_than,
     prompt_tokens,
+)
+from protocol.request_fields import (
+    MAX_JSON_DEPTH,
+    is_number,
+    is_positive_int,
+    is_string_list,
+    load_json_object,
+    nested_deeper_than,
 )
 
 if TYPE_CHECKING:
@@ -548,7 +556,7 @@ def _tool_choice(value: object, tools: Sequence[ToolSpec]) -> ToolChoice:
 def _stop_sequences(value: object) -> tuple[str, ...]:
     if value is None:
         return ()
-    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+    if not is_string_list(value):
         raise _invalid("stop_sequences", "a valid list of strings")
     return tuple(item for item in value if item)
 
@@ -560,14 +568,10 @@ def _check(body: dict[str, Any], key: str, ok: Callable[[object], bool], expecte
         raise _invalid(key, expected)
 
 
-def _is_number(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
-
-
 def _check_ignored(body: dict[str, Any]) -> None:
     """The sampling and account fields the upstreams cannot honour, type-checked."""
-    _check(body, "temperature", _is_number, "a valid number")
-    _check(body, "top_p", _is_number, "a valid number")
+    _check(body, "temperature", is_number, "a valid number")
+    _check(body, "top_p", is_number, "a valid number")
     _check(body, "top_k", lambda v: type(v) is int and v >= 0, "a non-negative integer")
     _check(body, "metadata", lambda v: isinstance(v, dict), "a valid dictionary")
     metadata = body.get("metadata")
@@ -597,19 +601,13 @@ def parse_messages_request(body: bytes, *, require_max_tokens: bool = True) -> C
             a field is missing or malformed (``param`` and the message's
             start name it, e.g. ``messages.0.content.1.source.media_type``).
     """
-    try:
-        data = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        raise RequestError(f"invalid JSON body: {exc}") from None
-    if not isinstance(data, dict):
-        raise RequestError("invalid JSON body: expected a JSON object")
-
+    data = load_json_object(body)
     model = _string(data, "model", "model")
     max_tokens = data.get("max_tokens")
     if max_tokens is None:
         if require_max_tokens:
             raise _missing("max_tokens")
-    elif type(max_tokens) is not int or max_tokens < 1:
+    elif not is_positive_int(max_tokens):
         raise _invalid("max_tokens", "a positive integer")
 
     raw_messages = data.get("messages")

@@ -74,11 +74,17 @@ What is accepted, and why:
 JSON is parsed by orjson, which refuses ``NaN`` and ``Infinity`` literals,
 lone surrogates and invalid UTF-8, and handles multi-megabyte documents in
 message contents at C speed. The body size limit is the HTTP layer's job.
+
+The field checks and OpenAI's wording of their errors are shared with the
+other parsers (:mod:`protocol.request_fields`); the shapes both OpenAI
+dialects read, a function definition (:func:`parse_function`), a
+structured-output format (:func:`parse_format`) and a tool choice
+(:func:`tool_choice_mode`, :func:`check_tool_choice`), are read here for
+both (:mod:`protocol.responses` is the other).
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -94,9 +100,28 @@ from protocol.chunks import (
 )
 from protocol.datauri import check_file_name, check_file_url
 from protocol.errors import RequestError
+from protocol.request_fields import (
+    MAX_JSON_DEPTH,
+    check_numbers,
+    checked,
+    function_name,
+    invalid_type,
+    invalid_value,
+    is_string_list,
+    load_json_object,
+    missing,
+    nested_deeper_than,
+    optional_bool,
+    optional_positive_int,
+    optional_str,
+    part_url,
+    required_object,
+    required_str,
+    schema_object,
+)
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterable, Sequence
+    from collections.abc import Iterable, Sequence
 
     from protocol.errors import RelayError
 
@@ -112,13 +137,17 @@ __all__ = [
     "ToolCall",
     "ToolChoice",
     "ToolSpec",
+    "check_tool_choice",
     "error_body",
     "error_from_exception",
     "estimate_tokens",
     "models_body",
     "nested_deeper_than",
     "parse_chat_request",
+    "parse_format",
+    "parse_function",
     "prompt_tokens",
+    "tool_choice_mode",
 ]
 
 #: Rough per-message overhead of the chat format (role and separators), and
@@ -127,12 +156,6 @@ TOKENS_PER_MESSAGE = 4
 TOKENS_PER_REPLY = 3
 
 _NUMBER_PARAMS = ("temperature", "top_p", "presence_penalty", "frequency_penalty")
-
-#: How deep a client's JSON Schema, or a call's input, may nest objects and arrays. Far more
-#: than any tool needs, and well inside the 254 levels orjson writes (it reads 1024): the
-#: relay writes these values back, into the prompt, the token count and the Responses echo.
-MAX_JSON_DEPTH = 100
-
 
 @dataclass(frozen=True, slots=True)
 class ContentPart:
@@ -264,95 +287,20 @@ class ChatRequest:
     max_tokens: int | None = None
 
 
-def _invalid_type(param: str, expected: str) -> RequestError:
-    return RequestError(f"Invalid type for '{param}': expected {expected}.", param=param)
-
-
-def _missing(param: str) -> RequestError:
-    return RequestError(f"Missing required parameter: '{param}'.", param=param)
-
-
-def _optional_bool(obj: dict[str, Any], key: str, param: str) -> bool | None:
-    value = obj.get(key)
-    if value is None or isinstance(value, bool):
-        return value
-    raise _invalid_type(param, "a boolean")
-
-
-def _optional_str(obj: dict[str, Any], key: str, param: str) -> str | None:
-    value = obj.get(key)
-    if value is None or isinstance(value, str):
-        return value
-    raise _invalid_type(param, "a string")
-
-
-def nested_deeper_than(value: object, limit: int) -> bool:
-    """Whether ``value`` (parsed JSON) nests objects and arrays more than ``limit`` levels.
-
-    Level by level, without recursion: ``value`` may be as deep as orjson reads.
-    """
-    frontier = [value]
-    for _ in range(limit):
-        frontier = [
-            child
-            for item in frontier
-            if isinstance(item, dict | list)
-            for child in (item.values() if isinstance(item, dict) else item)
-        ]
-        if not frontier:
-            return False
-    return any(isinstance(item, dict | list) for item in frontier)
-
-
-def _check_depth(value: object, param: str) -> None:
-    """A 400 naming ``param`` if ``value`` nests deeper than :data:`MAX_JSON_DEPTH`."""
-    if nested_deeper_than(value, MAX_JSON_DEPTH):
-        raise RequestError(
-            f"Invalid '{param}': nested more than {MAX_JSON_DEPTH} levels deep.",
-            param=param, code="invalid_value",
-        )
-
-
-def _checked(check: Callable[[str], object], value: str, param: str) -> str:
-    """``value`` if ``check`` passes; else its RequestError, naming ``param``."""
-    try:
-        check(value)
-    except RequestError as exc:
-        raise RequestError(f"Invalid '{param}': {exc.message}.", param=param,
-                           code=exc.code) from None
-    return value
-
-
-def _part_url(value: object, param: str) -> str:
-    """The URL of an ``image_url`` or ``file_url`` field: ``{"url": str, ...}`` or a string.
-
-    Type faults are reported with ``param`` itself (``...content[1].image_url``),
-    a URL that cannot be sent on with its own path (``...image_url.url``).
-    """
-    if isinstance(value, str):
-        return _checked(check_file_url, value, param)
-    if isinstance(value, dict) and isinstance(value.get("url"), str):
-        url: str = value["url"]
-        return _checked(check_file_url, url, f"{param}.url")
-    if value is None:
-        raise _missing(param)
-    raise _invalid_type(param, "an object with a 'url' string, or a string")
-
-
 def _parse_file(part: dict[str, Any], param: str) -> ContentPart:
     """A "file" part: ``file_url`` (the references' form) or OpenAI's ``file`` object."""
     if part.get("file_url") is not None:
-        return ContentPart("file", url=_part_url(part["file_url"], f"{param}.file_url"))
+        return ContentPart("file", url=part_url(part["file_url"], f"{param}.file_url"))
     file = part.get("file")
     if isinstance(file, str):
-        return ContentPart("file", url=_checked(check_file_url, file, f"{param}.file"))
+        return ContentPart("file", url=checked(check_file_url, file, f"{param}.file"))
     if not isinstance(file, dict):
         if file is None:
             raise RequestError(
                 f"Missing required parameter: '{param}.file' (or '{param}.file_url').",
                 param=f"{param}.file",
             )
-        raise _invalid_type(f"{param}.file", "an object")
+        raise invalid_type(f"{param}.file", "an object")
     data = file.get("file_data")
     if not isinstance(data, str):
         if data is None and "file_id" in file:
@@ -361,32 +309,28 @@ def _parse_file(part: dict[str, Any], param: str) -> ContentPart:
                 "send 'file_data' as a data URL, or use 'file_url'.",
                 param=f"{param}.file",
             )
-        raise _invalid_type(f"{param}.file", "an object with a 'file_data' data: URL string")
+        raise invalid_type(f"{param}.file", "an object with a 'file_data' data: URL string")
     name = file.get("filename")
     if name is not None and not isinstance(name, str):
-        raise _invalid_type(f"{param}.file", "a 'filename' string")
-    url = _checked(check_file_url, data, f"{param}.file.file_data")
+        raise invalid_type(f"{param}.file", "a 'filename' string")
+    url = checked(check_file_url, data, f"{param}.file.file_data")
     if name:
-        _checked(check_file_name, name, f"{param}.file.filename")
+        checked(check_file_name, name, f"{param}.file.filename")
     return ContentPart("file", url=url, name=name or "")
 
 
 def _parse_part(part: object, param: str) -> ContentPart | None:
     """One content part, or None for a part type no upstream can use."""
     if not isinstance(part, dict):
-        raise _invalid_type(param, "an object")
-    kind = part.get("type")
-    if not isinstance(kind, str):
-        if kind is None:
-            raise _missing(f"{param}.type")
-        raise _invalid_type(f"{param}.type", "a string")
+        raise invalid_type(param, "an object")
+    kind = required_str(part, "type", f"{param}.type")
     if kind == "text":
         text = part.get("text")
         if not isinstance(text, str):
-            raise _invalid_type(f"{param}.text", "a string")
+            raise invalid_type(f"{param}.text", "a string")
         return ContentPart("text", text=text)
     if kind == "image_url":
-        url = _part_url(part.get("image_url"), f"{param}.image_url")
+        url = part_url(part.get("image_url"), f"{param}.image_url")
         return ContentPart("image_url", url=url)
     if kind == "file":
         return _parse_file(part, param)
@@ -399,32 +343,6 @@ _CONTENT_REQUIRED = frozenset({"system", "user", "developer"})
 ROLES = frozenset({*_CONTENT_REQUIRED, "assistant", "tool", "function"})
 
 
-def _required_str(obj: dict[str, Any], key: str, param: str) -> str:
-    value = obj.get(key)
-    if isinstance(value, str):
-        return value
-    if value is None:
-        raise _missing(param)
-    raise _invalid_type(param, "a string")
-
-
-def _object(value: object, param: str) -> dict[str, Any]:
-    """``value`` if it is a JSON object; else a 400 naming ``param`` (missing if null)."""
-    if isinstance(value, dict):
-        return value
-    if value is None:
-        raise _missing(param)
-    raise _invalid_type(param, "an object")
-
-
-def _invalid_value(param: str, value: object, supported: str) -> RequestError:
-    shown = value[:40] if isinstance(value, str) else value
-    return RequestError(
-        f"Invalid value for '{param}': {shown!r}; supported values are {supported}.",
-        param=param, code="invalid_value",
-    )
-
-
 def _parse_content(
     role: str, raw: dict[str, Any], param: str
 ) -> tuple[tuple[ContentPart, ...], bool]:
@@ -435,8 +353,8 @@ def _parse_content(
     if content is None:
         if role in _CONTENT_REQUIRED:  # as OpenAI: only assistant (and tool) may omit it
             if "content" not in raw:
-                raise _missing(f"{param}.content")
-            raise _invalid_type(f"{param}.content", "a string or an array of content parts")
+                raise missing(f"{param}.content")
+            raise invalid_type(f"{param}.content", "a string or an array of content parts")
         return (), False
     if isinstance(content, list):
         parts = []
@@ -445,14 +363,14 @@ def _parse_content(
             if part is not None:
                 parts.append(part)
         return tuple(parts), True
-    raise _invalid_type(f"{param}.content", "a string, an array of content parts, or null")
+    raise invalid_type(f"{param}.content", "a string, an array of content parts, or null")
 
 
 def _parse_function_call(raw: object, param: str, call_id: str) -> ToolCall:
     """A call's ``{"name", "arguments"}`` (``arguments``: JSON text, kept as sent)."""
-    function = _object(raw, param)
-    name = _required_str(function, "name", f"{param}.name")
-    arguments = _required_str(function, "arguments", f"{param}.arguments")
+    function = required_object(raw, param)
+    name = required_str(function, "name", f"{param}.name")
+    arguments = required_str(function, "arguments", f"{param}.arguments")
     return ToolCall(call_id, name, arguments)
 
 
@@ -465,66 +383,68 @@ def _parse_tool_calls(raw: dict[str, Any], param: str) -> tuple[ToolCall, ...]:
             return ()
         return (_parse_function_call(legacy, f"{param}.function_call", ""),)
     if not isinstance(calls, list):
-        raise _invalid_type(f"{param}.tool_calls", "an array of tool calls")
+        raise invalid_type(f"{param}.tool_calls", "an array of tool calls")
     parsed = []
     for index, item in enumerate(calls):
         at = f"{param}.tool_calls[{index}]"
-        call = _object(item, at)
-        kind = _required_str(call, "type", f"{at}.type")
+        call = required_object(item, at)
+        kind = required_str(call, "type", f"{at}.type")
         if kind != "function":
-            raise _invalid_value(f"{at}.type", kind, "'function'")
-        call_id = _required_str(call, "id", f"{at}.id")
+            raise invalid_value(f"{at}.type", kind, "'function'")
+        call_id = required_str(call, "id", f"{at}.id")
         parsed.append(_parse_function_call(call.get("function"), f"{at}.function", call_id))
     return tuple(parsed)
 
 
 def _parse_message(raw: object, param: str) -> Message:
     if not isinstance(raw, dict):
-        raise _invalid_type(param, "an object")
-    role = raw.get("role")
-    if not isinstance(role, str):
-        if role is None:
-            raise _missing(f"{param}.role")
-        raise _invalid_type(f"{param}.role", "a string")
+        raise invalid_type(param, "an object")
+    role = required_str(raw, "role", f"{param}.role")
     if role not in ROLES:
-        raise _invalid_value(f"{param}.role", role, ", ".join(sorted(ROLES)))
+        raise invalid_value(f"{param}.role", role, ", ".join(sorted(ROLES)))
     parts, is_list = _parse_content(role, raw, param)
     if role == "assistant":
         return Message(role, parts, is_list, tool_calls=_parse_tool_calls(raw, param))
     if role == "tool":  # OpenAI requires the id of the call it answers; a name is an extra
-        call_id = _required_str(raw, "tool_call_id", f"{param}.tool_call_id")
-        name = _optional_str(raw, "name", f"{param}.name") or ""
+        call_id = required_str(raw, "tool_call_id", f"{param}.tool_call_id")
+        name = optional_str(raw, "name", f"{param}.name") or ""
         return Message(role, parts, is_list, tool_call_id=call_id, name=name)
     if role == "function":  # legacy: the result names its function, there are no ids
-        name = _required_str(raw, "name", f"{param}.name")
+        name = required_str(raw, "name", f"{param}.name")
         return Message(role, parts, is_list, name=name)
     return Message(role, parts, is_list)
 
 
-#: OpenAI's rule for function names (API reference, "tools"): a to z, A to Z,
-#: 0 to 9, underscores and dashes, at most 64 characters.
-FUNCTION_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")
+def parse_function(function: dict[str, Any], param: str) -> tuple[ToolSpec, bool | None]:
+    """One function definition: ``{"name", "description"?, "parameters"?, "strict"?}``.
+
+    Chat completions nest these fields in ``tools[i].function``, the
+    Responses API puts them in the tool itself (:mod:`protocol.responses`).
+
+    Args:
+        function: the object holding the fields.
+        param: its path, for errors (``tools[0].function``).
+
+    Returns:
+        The spec (``name`` by OpenAI's rule, ``parameters`` a JSON Schema
+        object or ``None``) and ``strict`` as sent (``None``: absent).
+
+    Raises:
+        RequestError: a field is missing or malformed, naming it.
+    """
+    name = function_name(required_str(function, "name", f"{param}.name"), f"{param}.name")
+    description = optional_str(function, "description", f"{param}.description") or ""
+    parameters = schema_object(function, "parameters", f"{param}.parameters")
+    strict = optional_bool(function, "strict", f"{param}.strict")
+    return ToolSpec(name, description, parameters), strict
 
 
 def _parse_function(raw: object, param: str) -> ToolSpec:
-    """One function definition: ``{"name", "description"?, "parameters"?, "strict"?}``."""
-    function = _object(raw, param)
-    name = _required_str(function, "name", f"{param}.name")
-    if not FUNCTION_NAME.fullmatch(name):
-        raise RequestError(
-            f"Invalid '{param}.name': {name[:70]!r} does not match the pattern "
-            "'^[a-zA-Z0-9_-]{1,64}$'.",
-            param=f"{param}.name", code="invalid_value",
-        )
-    description = _optional_str(function, "description", f"{param}.description") or ""
-    parameters = function.get("parameters")
-    if parameters is not None and not isinstance(parameters, dict):
-        raise _invalid_type(f"{param}.parameters", "a JSON Schema object")
-    _check_depth(parameters, f"{param}.parameters")
+    """A chat completions function definition (:func:`parse_function`)."""
     # strict: the shaper cannot hold a model to a schema while it streams, so
     # it is checked and dropped (arguments are passed on as the model wrote them)
-    _optional_bool(function, "strict", f"{param}.strict")
-    return ToolSpec(name, description, parameters)
+    spec, _ = parse_function(required_object(raw, param), param)
+    return spec
 
 
 def _parse_tools(body: dict[str, Any]) -> tuple[ToolSpec, ...]:
@@ -533,19 +453,19 @@ def _parse_tools(body: dict[str, Any]) -> tuple[ToolSpec, ...]:
     functions = body.get("functions")
     if tools is None and functions is not None:
         if not isinstance(functions, list):
-            raise _invalid_type("functions", "an array of functions")
+            raise invalid_type("functions", "an array of functions")
         return tuple(_parse_function(f, f"functions[{i}]") for i, f in enumerate(functions))
     if tools is None:
         return ()
     if not isinstance(tools, list):
-        raise _invalid_type("tools", "an array of tools")
+        raise invalid_type("tools", "an array of tools")
     specs = []
     for index, item in enumerate(tools):
         at = f"tools[{index}]"
-        tool = _object(item, at)
-        kind = _required_str(tool, "type", f"{at}.type")
+        tool = required_object(item, at)
+        kind = required_str(tool, "type", f"{at}.type")
         if kind != "function":  # custom tools, OpenAI's built-in ones: nothing to emulate
-            raise _invalid_value(f"{at}.type", kind, "'function'")
+            raise invalid_value(f"{at}.type", kind, "'function'")
         specs.append(_parse_function(tool.get("function"), f"{at}.function"))
     return tuple(specs)
 
@@ -555,43 +475,45 @@ _CHOICE_MODES: dict[str, Literal["auto", "none", "required"]] = {
 }
 
 
-def _parse_tool_choice(body: dict[str, Any], tools: tuple[ToolSpec, ...]) -> ToolChoice:
-    """``tool_choice``, or the legacy ``function_call`` when there is no ``tool_choice``.
+def tool_choice_mode(raw: str, param: str) -> ToolChoice:
+    """A ``tool_choice`` given as a string: ``"none"``, ``"auto"`` or ``"required"``.
+
+    Raises:
+        RequestError: (``invalid_value``) any other string, naming ``param``.
+    """
+    mode = _CHOICE_MODES.get(raw)
+    if mode is None:
+        raise invalid_value(param, raw, "'none', 'auto', 'required' or an object naming a function")
+    return ToolChoice(mode)
+
+
+def check_tool_choice(
+    choice: ToolChoice,
+    tools: Sequence[ToolSpec],
+    param: str,
+    *,
+    tools_field: str = "tools",
+    name_param: str | None = None,
+) -> ToolChoice:
+    """``choice`` if the request's ``tools`` allow it, as OpenAI checks.
 
     ``"none"`` and ``"auto"`` are accepted without tools (clients send them
     always); anything else needs tools, and a named function must be one of them.
+
+    Args:
+        choice: the parsed choice.
+        tools: the request's tools.
+        param: the choice's field (``tool_choice``, the legacy ``function_call``).
+        tools_field: the tools' field, for the message (the legacy ``functions``).
+        name_param: the field a function that is not among the tools is
+            reported for (``param`` itself if ``None``).
+
+    Raises:
+        RequestError: (``invalid_value``) the choice needs tools there are not.
     """
-    raw = body.get("tool_choice")
-    param = "tool_choice"
-    if raw is None:
-        raw = body.get("function_call")
-        if raw is None:
-            return ToolChoice()
-        param = "function_call"
-        if raw == "required":  # the legacy field never had it
-            raise _invalid_value(param, raw, "'none', 'auto' or an object naming a function")
-    if isinstance(raw, str):
-        mode = _CHOICE_MODES.get(raw)
-        if mode is None:
-            raise _invalid_value(
-                param, raw, "'none', 'auto', 'required' or an object naming a function"
-            )
-        choice = ToolChoice(mode)
-    else:
-        obj = _object(raw, param)
-        if param == "tool_choice":
-            kind = _required_str(obj, "type", "tool_choice.type")
-            if kind != "function":
-                raise _invalid_value("tool_choice.type", kind, "'function'")
-            obj = _object(obj.get("function"), "tool_choice.function")
-            name_param = "tool_choice.function.name"
-        else:
-            name_param = "function_call.name"
-        choice = ToolChoice("function", _required_str(obj, "name", name_param))
     if choice.mode in ("auto", "none"):
         return choice
     if not tools:
-        tools_field = "tools" if param == "tool_choice" else "functions"
         raise RequestError(
             f"Invalid value for '{param}': '{param}' is only allowed when "
             f"'{tools_field}' are specified.",
@@ -601,9 +523,72 @@ def _parse_tool_choice(body: dict[str, Any], tools: tuple[ToolSpec, ...]) -> Too
         raise RequestError(
             f"Invalid value for '{param}': no function named {choice.name[:70]!r} is "
             "among the tools.",
-            param=param, code="invalid_value",
+            param=name_param or param, code="invalid_value",
         )
     return choice
+
+
+def _parse_tool_choice(body: dict[str, Any], tools: tuple[ToolSpec, ...]) -> ToolChoice:
+    """``tool_choice``, or the legacy ``function_call`` when there is no ``tool_choice``."""
+    raw = body.get("tool_choice")
+    param = "tool_choice"
+    if raw is None:
+        raw = body.get("function_call")
+        if raw is None:
+            return ToolChoice()
+        param = "function_call"
+        if raw == "required":  # the legacy field never had it
+            raise invalid_value(param, raw, "'none', 'auto' or an object naming a function")
+    if isinstance(raw, str):
+        choice = tool_choice_mode(raw, param)
+    else:
+        obj = required_object(raw, param)
+        if param == "tool_choice":
+            kind = required_str(obj, "type", "tool_choice.type")
+            if kind != "function":
+                raise invalid_value("tool_choice.type", kind, "'function'")
+            obj = required_object(obj.get("function"), "tool_choice.function")
+            name_param = "tool_choice.function.name"
+        else:
+            name_param = "function_call.name"
+        choice = ToolChoice("function", required_str(obj, "name", name_param))
+    return check_tool_choice(choice, tools, param,
+                             tools_field="tools" if param == "tool_choice" else "functions")
+
+
+def parse_format(fmt: dict[str, Any], param: str, *, flat: bool) -> ResponseFormat | None:
+    """A structured-output format: ``{"type": "text" | "json_object" | "json_schema", ...}``.
+
+    Args:
+        fmt: the format object.
+        param: its path (``response_format``, ``text.format``).
+        flat: the Responses API's form: a JSON Schema's ``name``,
+            ``description``, ``schema`` (required) and ``strict`` are in
+            ``fmt`` itself. Chat completions' form (``flat=False``) nests
+            them in ``fmt["json_schema"]``, its ``schema`` optional.
+
+    Returns:
+        ``None`` for text, else what the answer must be (a schema's name by
+        OpenAI's rule for names, its schema a JSON Schema object).
+
+    Raises:
+        RequestError: a field is missing or malformed, naming it.
+    """
+    kind = required_str(fmt, "type", f"{param}.type")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return ResponseFormat("json_object")
+    if kind != "json_schema":
+        raise invalid_value(f"{param}.type", kind, "'text', 'json_object' and 'json_schema'")
+    if not flat:
+        param = f"{param}.json_schema"
+        fmt = required_object(fmt.get("json_schema"), param)
+    name = function_name(required_str(fmt, "name", f"{param}.name"), f"{param}.name")
+    optional_str(fmt, "description", f"{param}.description")
+    schema = schema_object(fmt, "schema", f"{param}.schema", required=flat)
+    strict = optional_bool(fmt, "strict", f"{param}.strict") or False
+    return ResponseFormat("json_schema", schema=schema, name=name, strict=strict)
 
 
 def _parse_response_format(body: dict[str, Any]) -> ResponseFormat | None:
@@ -611,31 +596,7 @@ def _parse_response_format(body: dict[str, Any]) -> ResponseFormat | None:
     raw = body.get("response_format")
     if raw is None:
         return None
-    obj = _object(raw, "response_format")
-    kind = _required_str(obj, "type", "response_format.type")
-    if kind == "text":
-        return None
-    if kind == "json_object":
-        return ResponseFormat("json_object")
-    if kind != "json_schema":
-        raise _invalid_value(
-            "response_format.type", kind, "'text', 'json_object' and 'json_schema'"
-        )
-    spec = _object(obj.get("json_schema"), "response_format.json_schema")
-    name = _required_str(spec, "name", "response_format.json_schema.name")
-    if not FUNCTION_NAME.fullmatch(name):  # OpenAI's schema names follow the same rule
-        raise RequestError(
-            f"Invalid 'response_format.json_schema.name': {name[:70]!r} does not match the "
-            "pattern '^[a-zA-Z0-9_-]{1,64}$'.",
-            param="response_format.json_schema.name", code="invalid_value",
-        )
-    _optional_str(spec, "description", "response_format.json_schema.description")
-    schema = spec.get("schema")
-    if schema is not None and not isinstance(schema, dict):
-        raise _invalid_type("response_format.json_schema.schema", "a JSON Schema object")
-    _check_depth(schema, "response_format.json_schema.schema")
-    strict = _optional_bool(spec, "strict", "response_format.json_schema.strict") or False
-    return ResponseFormat("json_schema", schema=schema, name=name, strict=strict)
+    return parse_format(required_object(raw, "response_format"), "response_format", flat=False)
 
 
 #: OpenAI's limit on stop sequences (API reference, "stop").
@@ -649,8 +610,8 @@ def _parse_stop(body: dict[str, Any]) -> tuple[str, ...]:
         return ()
     if isinstance(stop, str):
         return (stop,) if stop else ()
-    if not isinstance(stop, list) or not all(isinstance(item, str) for item in stop):
-        raise _invalid_type("stop", "a string or an array of strings")
+    if not is_string_list(stop):
+        raise invalid_type("stop", "a string or an array of strings")
     if len(stop) > MAX_STOP_SEQUENCES:
         raise RequestError(
             f"Invalid 'stop': array too long. Expected an array with maximum length "
@@ -662,15 +623,8 @@ def _parse_stop(body: dict[str, Any]) -> tuple[str, ...]:
 
 def _parse_max_tokens(body: dict[str, Any]) -> int | None:
     """``max_tokens`` / ``max_completion_tokens`` (the smaller, if both are given)."""
-    limits = []
-    for key in ("max_tokens", "max_completion_tokens"):
-        value = body.get(key)
-        if value is None:
-            continue
-        if type(value) is not int or value < 1:
-            raise RequestError(f"Invalid '{key}': expected a positive integer.", param=key)
-        limits.append(value)
-    return min(limits) if limits else None
+    limits = [optional_positive_int(body, key) for key in ("max_tokens", "max_completion_tokens")]
+    return min((limit for limit in limits if limit is not None), default=None)
 
 
 def _check_ignored_params(body: dict[str, Any]) -> None:
@@ -678,11 +632,8 @@ def _check_ignored_params(body: dict[str, Any]) -> None:
     n = body.get("n")
     if n is not None and (type(n) is not int or n != 1):
         raise RequestError("Only n=1 is supported: the upstream gives one answer.", param="n")
-    for key in _NUMBER_PARAMS:
-        value = body.get(key)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
-            raise _invalid_type(key, "a number")
-    _optional_str(body, "user", "user")
+    check_numbers(body, _NUMBER_PARAMS)
+    optional_str(body, "user", "user")
 
 
 def parse_chat_request(body: bytes) -> ChatRequest:
@@ -699,18 +650,13 @@ def parse_chat_request(body: bytes) -> ChatRequest:
             a parameter is missing or malformed (``param`` names it, e.g.
             ``messages[0].content[1].image_url``).
     """
-    try:
-        data = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        raise RequestError(f"invalid JSON body: {exc}") from None
-    if not isinstance(data, dict):
-        raise RequestError("invalid JSON body: expected a JSON object")
+    data = load_json_object(body)
 
     raw_messages = data.get("messages")
     if raw_messages is None:
-        raise _missing("messages")
+        raise missing("messages")
     if not isinstance(raw_messages, list):
-        raise _invalid_type("messages", "an array of messages")
+        raise invalid_type("messages", "an array of messages")
     if not raw_messages:
         raise RequestError(
             "Invalid 'messages': empty array. Expected at least one message.", param="messages"
@@ -719,21 +665,21 @@ def parse_chat_request(body: bytes) -> ChatRequest:
         _parse_message(raw, f"messages[{index}]") for index, raw in enumerate(raw_messages)
     )
 
-    model = _optional_str(data, "model", "model") or ""
-    stream = _optional_bool(data, "stream", "stream") or False
+    model = optional_str(data, "model", "model") or ""
+    stream = optional_bool(data, "stream", "stream") or False
     options = data.get("stream_options")
     if options is None:
         include_usage = False
     elif isinstance(options, dict):
         include_usage = (
-            _optional_bool(options, "include_usage", "stream_options.include_usage") or False
+            optional_bool(options, "include_usage", "stream_options.include_usage") or False
         )
     else:
-        raise _invalid_type("stream_options", "an object or null")
-    conversation_id = _optional_str(data, "conversation_id", "conversation_id")
+        raise invalid_type("stream_options", "an object or null")
+    conversation_id = optional_str(data, "conversation_id", "conversation_id")
     if conversation_id is None and "conversation_id" in data:
         conversation_id = ""  # present but null: a conversation-aware client, new conversation
-    use_search = _optional_bool(data, "use_search", "use_search")
+    use_search = optional_bool(data, "use_search", "use_search")
     _check_ignored_params(data)
     tools = _parse_tools(data)
     return ChatRequest(

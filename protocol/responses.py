@@ -14,7 +14,10 @@ and every event to.
 
 Theory of operation, request. Validation follows :mod:`protocol.openai`'s
 rules and messages (a 400 ``invalid_request_error`` whose ``param`` is an
-index path such as ``input[2].content[0].image_url``):
+index path such as ``input[2].content[0].image_url``), with the same code:
+the field checks of :mod:`protocol.request_fields`, and
+:mod:`protocol.openai`'s readers of a function definition, a format and a
+tool choice:
 
 - ``input`` is a string (one user message) or a list of items. A message
   item (``type`` ``"message"`` or absent) has a role among user, assistant,
@@ -44,11 +47,8 @@ index path such as ``input[2].content[0].image_url``):
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, replace
-from typing import Any, Literal
-
-import orjson
+from typing import TYPE_CHECKING, Any, Literal
 
 from protocol.datauri import check_file_name, check_file_url
 from protocol.errors import RequestError
@@ -56,28 +56,36 @@ from protocol.openai import (
     ChatRequest,
     ContentPart,
     Message,
-    ResponseFormat,
     ToolCall,
     ToolChoice,
-    ToolSpec,
-    _check_depth,
-    _checked,
-    _invalid_type,
-    _missing,
-    _optional_bool,
-    _optional_str,
-    _part_url,
+    check_tool_choice,
+    parse_format,
+    parse_function,
+    tool_choice_mode,
 )
+from protocol.request_fields import (
+    check_numbers,
+    checked,
+    invalid_type,
+    invalid_value,
+    is_string_list,
+    load_json_object,
+    missing,
+    optional_bool,
+    optional_positive_int,
+    optional_str,
+    part_url,
+    required_object,
+    required_str,
+)
+
+if TYPE_CHECKING:
+    from protocol.openai import ResponseFormat, ToolSpec
 
 __all__ = ["ResponsesRequest", "parse_responses_request"]
 
-#: OpenAI's rule for function and schema names (API reference, "tools").
-FUNCTION_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")
 #: The roles of a message item (API reference, "input", EasyInputMessage).
 ITEM_ROLES = frozenset({"user", "assistant", "system", "developer"})
-_CHOICE_MODES: dict[str, Literal["auto", "none", "required"]] = {
-    "auto": "auto", "none": "none", "required": "required",
-}
 _NUMBER_PARAMS = ("temperature", "top_p")
 #: Request fields that need responses stored by the server, which the relay never does.
 _STORED_STATE = {
@@ -124,42 +132,6 @@ class ResponsesRequest(ChatRequest):
 # request
 
 
-def _object(value: object, param: str) -> dict[str, Any]:
-    """``value`` if it is a JSON object; else a 400 naming ``param`` (missing if null)."""
-    if isinstance(value, dict):
-        return value
-    if value is None:
-        raise _missing(param)
-    raise _invalid_type(param, "an object")
-
-
-def _required_str(obj: dict[str, Any], key: str, param: str) -> str:
-    value = obj.get(key)
-    if isinstance(value, str):
-        return value
-    if value is None:
-        raise _missing(param)
-    raise _invalid_type(param, "a string")
-
-
-def _invalid_value(param: str, value: object, supported: str) -> RequestError:
-    shown = value[:40] if isinstance(value, str) else value
-    return RequestError(
-        f"Invalid value for '{param}': {shown!r}; supported values are {supported}.",
-        param=param, code="invalid_value",
-    )
-
-
-def _checked_name(name: str, param: str) -> str:
-    if not FUNCTION_NAME.fullmatch(name):
-        raise RequestError(
-            f"Invalid '{param}': {name[:70]!r} does not match the pattern "
-            "'^[a-zA-Z0-9_-]{1,64}$'.",
-            param=param, code="invalid_value",
-        )
-    return name
-
-
 def _no_file_ids(part: dict[str, Any], param: str) -> None:
     if part.get("file_id") is not None:
         raise RequestError(
@@ -171,19 +143,19 @@ def _no_file_ids(part: dict[str, Any], param: str) -> None:
 
 def _parse_part(raw: object, param: str) -> ContentPart | None:
     """One content part of a message item or a function output; None: dropped."""
-    part = _object(raw, param)
-    kind = _required_str(part, "type", f"{param}.type")
+    part = required_object(raw, param)
+    kind = required_str(part, "type", f"{param}.type")
     if kind in ("input_text", "output_text"):
-        return ContentPart("text", text=_required_str(part, "text", f"{param}.text"))
+        return ContentPart("text", text=required_str(part, "text", f"{param}.text"))
     if kind == "input_image":
         url = part.get("image_url")
         if url is None:
             _no_file_ids(part, param)
-        return ContentPart("image_url", url=_part_url(url, f"{param}.image_url"))
+        return ContentPart("image_url", url=part_url(url, f"{param}.image_url"))
     if kind == "input_file":
         if part.get("file_url") is not None:
-            url = _required_str(part, "file_url", f"{param}.file_url")
-            return ContentPart("file", url=_checked(check_file_url, url, f"{param}.file_url"))
+            url = required_str(part, "file_url", f"{param}.file_url")
+            return ContentPart("file", url=checked(check_file_url, url, f"{param}.file_url"))
         data = part.get("file_data")
         if data is None:
             _no_file_ids(part, param)
@@ -192,11 +164,11 @@ def _parse_part(raw: object, param: str) -> ContentPart | None:
                 param=f"{param}.file_data",
             )
         if not isinstance(data, str):
-            raise _invalid_type(f"{param}.file_data", "a data: URL string")
-        url = _checked(check_file_url, data, f"{param}.file_data")
-        name = _optional_str(part, "filename", f"{param}.filename") or ""
+            raise invalid_type(f"{param}.file_data", "a data: URL string")
+        url = checked(check_file_url, data, f"{param}.file_data")
+        name = optional_str(part, "filename", f"{param}.filename") or ""
         if name:
-            _checked(check_file_name, name, f"{param}.filename")
+            checked(check_file_name, name, f"{param}.filename")
         return ContentPart("file", url=url, name=name)
     return None  # refusal, input_audio, ...: dropped, as protocol.openai drops them
 
@@ -207,17 +179,17 @@ def _parse_parts(content: list[Any], param: str) -> tuple[ContentPart, ...]:
 
 
 def _parse_message_item(item: dict[str, Any], param: str) -> Message:
-    role = _required_str(item, "role", f"{param}.role")
+    role = required_str(item, "role", f"{param}.role")
     if role not in ITEM_ROLES:
-        raise _invalid_value(f"{param}.role", role, ", ".join(sorted(ITEM_ROLES)))
+        raise invalid_value(f"{param}.role", role, ", ".join(sorted(ITEM_ROLES)))
     content = item.get("content")
     if isinstance(content, str):
         return Message(role, (ContentPart("text", text=content),), False)
     if isinstance(content, list):
         return Message(role, _parse_parts(content, f"{param}.content"), True)
     if content is None:
-        raise _missing(f"{param}.content")
-    raise _invalid_type(f"{param}.content", "a string or an array of content parts")
+        raise missing(f"{param}.content")
+    raise invalid_type(f"{param}.content", "a string or an array of content parts")
 
 
 def _parse_input(raw: object, instructions: str | None) -> tuple[Message, ...]:
@@ -229,23 +201,23 @@ def _parse_input(raw: object, instructions: str | None) -> tuple[Message, ...]:
         messages.append(Message("user", (ContentPart("text", text=raw),), False))
         return tuple(messages)
     if raw is None:
-        raise _missing("input")
+        raise missing("input")
     if not isinstance(raw, list):
-        raise _invalid_type("input", "a string or an array of input items")
+        raise invalid_type("input", "a string or an array of input items")
     start = len(messages)
     names: dict[str, str] = {}  # call_id -> function name, for the results
     for index, value in enumerate(raw):
         param = f"input[{index}]"
-        item = _object(value, param)
+        item = required_object(value, param)
         kind = item.get("type", "message")
         if kind == "message":
             messages.append(_parse_message_item(item, param))
         elif kind == "function_call":
-            call_id = _required_str(item, "call_id", f"{param}.call_id")
+            call_id = required_str(item, "call_id", f"{param}.call_id")
             call = ToolCall(
                 call_id,
-                _required_str(item, "name", f"{param}.name"),
-                _required_str(item, "arguments", f"{param}.arguments"),
+                required_str(item, "name", f"{param}.name"),
+                required_str(item, "arguments", f"{param}.arguments"),
             )
             names[call_id] = call.name
             last = messages[-1] if len(messages) > start else None
@@ -254,29 +226,29 @@ def _parse_input(raw: object, instructions: str | None) -> tuple[Message, ...]:
             else:
                 messages.append(Message("assistant", (), False, tool_calls=(call,)))
         elif kind == "function_call_output":
-            call_id = _required_str(item, "call_id", f"{param}.call_id")
+            call_id = required_str(item, "call_id", f"{param}.call_id")
             output = item.get("output")
             if isinstance(output, str):
                 parts: tuple[ContentPart, ...] = (ContentPart("text", text=output),)
             elif isinstance(output, list):
                 parts = _parse_parts(output, f"{param}.output")
             elif output is None:
-                raise _missing(f"{param}.output")
+                raise missing(f"{param}.output")
             else:
-                raise _invalid_type(f"{param}.output", "a string or an array of content parts")
-            name = _optional_str(item, "name", f"{param}.name") or names.get(call_id, "")
+                raise invalid_type(f"{param}.output", "a string or an array of content parts")
+            name = optional_str(item, "name", f"{param}.name") or names.get(call_id, "")
             messages.append(Message("tool", parts, isinstance(output, list),
                                     tool_call_id=call_id, name=name))
         elif kind == "reasoning":
             continue  # the model's earlier thinking: the upstreams take none back
         elif isinstance(kind, str):
-            raise _invalid_value(
+            raise invalid_value(
                 f"{param}.type", kind,
                 "'message', 'function_call', 'function_call_output' and 'reasoning' "
                 "(this relay runs no built-in tools and keeps no stored items)",
             )
         else:
-            raise _invalid_type(f"{param}.type", "a string")
+            raise invalid_type(f"{param}.type", "a string")
     if len(messages) == start:
         raise RequestError("Invalid 'input': it holds no message to answer.", param="input")
     return tuple(messages)
@@ -288,27 +260,22 @@ def _parse_tools(body: dict[str, Any]) -> tuple[tuple[ToolSpec, ...], tuple[bool
     if tools is None:
         return (), ()
     if not isinstance(tools, list):
-        raise _invalid_type("tools", "an array of tools")
+        raise invalid_type("tools", "an array of tools")
     specs: list[ToolSpec] = []
     strict: list[bool | None] = []
     for index, value in enumerate(tools):
         param = f"tools[{index}]"
-        tool = _object(value, param)
-        kind = _required_str(tool, "type", f"{param}.type")
+        tool = required_object(value, param)
+        kind = required_str(tool, "type", f"{param}.type")
         if kind != "function":
             raise RequestError(
                 f"Invalid value for '{param}.type': {kind[:40]!r}. Only function tools "
                 "('type': 'function') are supported: this relay runs no built-in tools.",
                 param=f"{param}.type", code="invalid_value",
             )
-        name = _checked_name(_required_str(tool, "name", f"{param}.name"), f"{param}.name")
-        description = _optional_str(tool, "description", f"{param}.description") or ""
-        parameters = tool.get("parameters")
-        if parameters is not None and not isinstance(parameters, dict):
-            raise _invalid_type(f"{param}.parameters", "a JSON Schema object")
-        _check_depth(parameters, f"{param}.parameters")
-        specs.append(ToolSpec(name, description, parameters))
-        strict.append(_optional_bool(tool, "strict", f"{param}.strict"))
+        spec, is_strict = parse_function(tool, param)  # the function's fields are the tool's
+        specs.append(spec)
+        strict.append(is_strict)
     return tuple(specs), tuple(strict)
 
 
@@ -318,33 +285,15 @@ def _parse_tool_choice(body: dict[str, Any], tools: tuple[ToolSpec, ...]) -> Too
     if raw is None:
         return ToolChoice()
     if isinstance(raw, str):
-        mode = _CHOICE_MODES.get(raw)
-        if mode is None:
-            raise _invalid_value("tool_choice", raw,
-                                 "'none', 'auto', 'required' or an object naming a function")
-        choice = ToolChoice(mode)
+        choice = tool_choice_mode(raw, "tool_choice")
     else:
-        obj = _object(raw, "tool_choice")
-        kind = _required_str(obj, "type", "tool_choice.type")
+        obj = required_object(raw, "tool_choice")
+        kind = required_str(obj, "type", "tool_choice.type")
         if kind != "function":
-            raise _invalid_value("tool_choice.type", kind,
+            raise invalid_value("tool_choice.type", kind,
                                  "'function' (this relay runs no built-in tools)")
-        choice = ToolChoice("function", _required_str(obj, "name", "tool_choice.name"))
-    if choice.mode in ("auto", "none"):
-        return choice
-    if not tools:
-        raise RequestError(
-            "Invalid value for 'tool_choice': 'tool_choice' is only allowed when 'tools' "
-            "are specified.",
-            param="tool_choice", code="invalid_value",
-        )
-    if choice.mode == "function" and all(tool.name != choice.name for tool in tools):
-        raise RequestError(
-            f"Invalid value for 'tool_choice': no function named {choice.name[:70]!r} is "
-            "among the tools.",
-            param="tool_choice.name", code="invalid_value",
-        )
-    return choice
+        choice = ToolChoice("function", required_str(obj, "name", "tool_choice.name"))
+    return check_tool_choice(choice, tools, "tool_choice", name_param="tool_choice.name")
 
 
 def _parse_text_format(body: dict[str, Any]) -> ResponseFormat | None:
@@ -352,57 +301,35 @@ def _parse_text_format(body: dict[str, Any]) -> ResponseFormat | None:
     text = body.get("text")
     if text is None:
         return None
-    raw = _object(text, "text").get("format")
+    raw = required_object(text, "text").get("format")
     if raw is None:
         return None
-    fmt = _object(raw, "text.format")
-    kind = _required_str(fmt, "type", "text.format.type")
-    if kind == "text":
-        return None
-    if kind == "json_object":
-        return ResponseFormat("json_object")
-    if kind != "json_schema":
-        raise _invalid_value("text.format.type", kind, "'text', 'json_object' and 'json_schema'")
-    name = _checked_name(_required_str(fmt, "name", "text.format.name"), "text.format.name")
-    _optional_str(fmt, "description", "text.format.description")
-    schema = fmt.get("schema")
-    if not isinstance(schema, dict):
-        if schema is None:
-            raise _missing("text.format.schema")
-        raise _invalid_type("text.format.schema", "a JSON Schema object")
-    _check_depth(schema, "text.format.schema")
-    strict = _optional_bool(fmt, "strict", "text.format.strict") or False
-    return ResponseFormat("json_schema", schema=schema, name=name, strict=strict)
+    return parse_format(required_object(raw, "text.format"), "text.format", flat=True)
 
 
 def _parse_metadata(body: dict[str, Any]) -> tuple[tuple[str, str], ...]:
     raw = body.get("metadata")
     if raw is None:
         return ()
-    metadata = _object(raw, "metadata")
+    metadata = required_object(raw, "metadata")
     for key, value in metadata.items():
         if not isinstance(value, str):
-            raise _invalid_type(f"metadata.{key}", "a string")
+            raise invalid_type(f"metadata.{key}", "a string")
     return tuple(metadata.items())
 
 
 def _check_echoed(body: dict[str, Any]) -> None:
     """Type-check the parameters that are only echoed (or ignored)."""
-    for key in _NUMBER_PARAMS:
-        value = body.get(key)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
-            raise _invalid_type(key, "a number")
+    check_numbers(body, _NUMBER_PARAMS)
     reasoning = body.get("reasoning")
     if reasoning is not None:
-        _object(reasoning, "reasoning")
+        required_object(reasoning, "reasoning")
     include = body.get("include")
-    if include is not None and (
-        not isinstance(include, list) or not all(isinstance(item, str) for item in include)
-    ):
-        raise _invalid_type("include", "an array of strings")
+    if include is not None and not is_string_list(include):
+        raise invalid_type("include", "an array of strings")
     truncation = body.get("truncation")
     if truncation is not None and truncation not in ("auto", "disabled"):
-        raise _invalid_value("truncation", truncation, "'auto' and 'disabled'")
+        raise invalid_value("truncation", truncation, "'auto' and 'disabled'")
 
 
 def parse_responses_request(body: bytes) -> ResponsesRequest:
@@ -421,32 +348,24 @@ def parse_responses_request(body: bytes) -> ResponsesRequest:
             ``input[0].content[1].image_url``), or it needs stored responses
             (``previous_response_id``, ``conversation``, ``background``).
     """
-    try:
-        data = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        raise RequestError(f"invalid JSON body: {exc}") from None
-    if not isinstance(data, dict):
-        raise RequestError("invalid JSON body: expected a JSON object")
+    data = load_json_object(body)
     for key, what in _STORED_STATE.items():
         if data.get(key) is not None:
             raise RequestError(what + _NO_STORE, param=key, code="unsupported_parameter")
-    if _optional_bool(data, "background", "background"):
+    if optional_bool(data, "background", "background"):
         raise RequestError("'background' responses cannot be used" + _NO_STORE,
                            param="background", code="unsupported_parameter")
-    instructions = _optional_str(data, "instructions", "instructions")
+    instructions = optional_str(data, "instructions", "instructions")
     messages = _parse_input(data.get("input"), instructions)
-    max_tokens = data.get("max_output_tokens")
-    if max_tokens is not None and (type(max_tokens) is not int or max_tokens < 1):
-        raise RequestError("Invalid 'max_output_tokens': expected a positive integer.",
-                           param="max_output_tokens")
+    max_tokens = optional_positive_int(data, "max_output_tokens")
     tools, tool_strict = _parse_tools(data)
     _check_echoed(data)
-    parallel = _optional_bool(data, "parallel_tool_calls", "parallel_tool_calls")
-    store = _optional_bool(data, "store", "store")
+    parallel = optional_bool(data, "parallel_tool_calls", "parallel_tool_calls")
+    store = optional_bool(data, "store", "store")
     return ResponsesRequest(
-        model=_optional_str(data, "model", "model") or "",
+        model=optional_str(data, "model", "model") or "",
         messages=messages,
-        stream=_optional_bool(data, "stream", "stream") or False,
+        stream=optional_bool(data, "stream", "stream") or False,
         include_usage=False,
         conversation_id=None,
         use_search=None,
@@ -461,6 +380,6 @@ def parse_responses_request(body: bytes) -> ResponsesRequest:
         top_p=data.get("top_p"),
         store=True if store is None else store,
         metadata=_parse_metadata(data),
-        user=_optional_str(data, "user", "user"),
+        user=optional_str(data, "user", "user"),
         truncation=data.get("truncation") or "disabled",
     )
