@@ -41,10 +41,12 @@ other parsers' (:mod:`protocol.request_fields`). What maps to what:
   function), placed *before* the rest of that user message, which is where
   Anthropic's API requires them to be: they answer the previous turn;
 - ``tools`` (client tools: ``name``, ``description``, ``input_schema``)
-  become :class:`~protocol.openai.ToolSpec`; a server tool (any other
-  ``type``, e.g. ``web_search_20250305``) is a 400: nothing here can run it.
+  become :class:`~protocol.openai.ToolSpec`; a name follows Anthropic's rule
+  (:data:`TOOL_NAME`: 1 to 128 letters, digits, ``_`` and ``-``). A server
+  tool (any other ``type``, e.g. ``web_search_20250305``) is a 400: nothing
+  here can run it.
   An ``input_schema``, and a ``tool_use`` block's ``input``, nest at most
-  :data:`~protocol.openai.MAX_JSON_DEPTH` levels: the relay writes them
+  :data:`~protocol.request_fields.MAX_JSON_DEPTH` levels: the relay writes them
   back (the prompt, the token count), and orjson writes fewer levels than
   it reads;
 - ``tool_choice`` ``auto`` / ``any`` / ``tool`` / ``none`` become the neutral
@@ -106,6 +108,7 @@ an empty answer.
 from __future__ import annotations
 
 import enum
+import re
 import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, Literal, assert_never
@@ -159,6 +162,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "KEEPALIVE",
+    "TOOL_NAME",
     "MessageAccumulator",
     "MessageEncoder",
     "StopReason",
@@ -176,6 +180,13 @@ StopReason = Literal["end_turn", "max_tokens", "stop_sequence", "tool_use", "ref
 
 #: Anthropic's own keep-alive event (its SDK skips it), byte for byte.
 KEEPALIVE: Final = b'event: ping\ndata: {"type": "ping"}\n\n'
+
+#: Anthropic's rule for a client tool's name: 1 to 128 of a-z, A-Z, 0-9, ``_`` and ``-``
+#: (its API answers any other name with "tools.N.custom.name: String should match
+#: pattern '^[a-zA-Z0-9_-]{1,128}$'"; the SDK's custom tool types say "1-128 characters;
+#: letters, digits, underscores, and hyphens"). The name goes into the prompt and back
+#: out in tool_use blocks, so a control character or a newline in it is refused here.
+TOOL_NAME: Final = re.compile(r"[a-zA-Z0-9_-]{1,128}")
 
 #: Image media types Anthropic accepts in a base64 image source.
 IMAGE_MEDIA_TYPES: Final = frozenset({"image/jpeg", "image/png", "image/gif", "image/webp"})
@@ -513,8 +524,11 @@ def _tools(value: object) -> tuple[ToolSpec, ...]:
                 param=f"{path}.type",
             )
         name = _string(raw, "name", f"{path}.name")
-        if not name:
-            raise _invalid(f"{path}.name", "a non-empty string")
+        if not TOOL_NAME.fullmatch(name):
+            raise RequestError(
+                f"{path}.name: String should match pattern '^[a-zA-Z0-9_-]{{1,128}}$'",
+                param=f"{path}.name",
+            )
         description = raw.get("description")
         if description is not None and not isinstance(description, str):
             raise _invalid(f"{path}.description", "a valid string")

@@ -36,7 +36,7 @@ tool choice:
   is a 400: there is nothing to run it with), ``tool_choice``,
   ``text.format`` and ``max_output_tokens`` map onto the neutral fields; a
   tool's ``parameters`` and the format's ``schema`` nest at most
-  :data:`~protocol.openai.MAX_JSON_DEPTH` levels (the response object echoes
+  :data:`~protocol.request_fields.MAX_JSON_DEPTH` levels (the response object echoes
   them, and orjson writes fewer levels than it reads);
 - nothing is stored: ``previous_response_id``, ``conversation`` and
   ``background`` (which need stored responses) are a 400 saying so, and

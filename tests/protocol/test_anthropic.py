@@ -295,6 +295,27 @@ def test_a_bad_field_is_a_400_naming_it(fields: dict[str, Any], param: str) -> N
     assert error.message.startswith(param + ": ")
 
 
+@pytest.mark.parametrize(
+    "name", ["", "get weather", "get.weather", "f\n", "f\r\nx: y", "f\x00", "f\x7f", "名前",
+             "a" * 129],
+)
+def test_a_tool_name_outside_anthropics_rule_is_a_400_naming_it(name: str) -> None:
+    """A client tool's name must match Anthropic's ^[a-zA-Z0-9_-]{1,128}$: an empty one, a
+    space, a dot, control characters, other letters or 129 characters are a 400 naming
+    tools.N.name, in Anthropic's words."""
+    error = refused(tools=[{"name": "ok", "input_schema": {}},
+                           {"name": name, "input_schema": {}}])
+    assert error.param == "tools.1.name"
+    assert error.message == "tools.1.name: String should match pattern '^[a-zA-Z0-9_-]{1,128}$'"
+
+
+def test_tool_names_within_anthropics_rule_are_kept() -> None:
+    """Letters, digits, underscores and dashes, 1 to 128 of them, pass as sent."""
+    names = ["f", "get_weather-2", "A" * 128]
+    request = parse(tools=[{"name": name, "input_schema": {}} for name in names])
+    assert [tool.name for tool in request.tools] == names
+
+
 def test_missing_max_tokens_reads_as_anthropic_says_it() -> None:
     """Anthropic's own words for the most common mistake."""
     assert refused(max_tokens=None).message == "max_tokens: Field required"
