@@ -151,16 +151,17 @@ class RelayVariant:
     workers: int
 
 
-def relay_variants(template: str) -> list[RelayVariant]:
+def relay_variants(template: str, name: str = "relay") -> list[RelayVariant]:
     """The relays of the ``sustained`` scenario for a relay command ``template``.
 
     With ``{workers}`` in the template, one per count of
     :data:`~bench.upstreams.SUSTAINED_WORKERS` (``relay_w1``, ``relay_w2``);
-    otherwise the command as it is (``relay``).
+    otherwise the command as it is (``relay``). ``name`` labels them in the
+    report (``relay-cmd`` for another gateway's command).
     """
     if "{workers}" not in template:
-        return [RelayVariant("relay", "relay", 1)]
-    return [RelayVariant(f"relay_w{n}", f"relay --workers {n}", n) for n in SUSTAINED_WORKERS]
+        return [RelayVariant("relay", name, 1)]
+    return [RelayVariant(f"relay_w{n}", f"{name} --workers {n}", n) for n in SUSTAINED_WORKERS]
 
 
 def relay_argv(template: str, **values: object) -> list[str]:
@@ -543,7 +544,10 @@ async def run_sustained(
     log_dir = options.log_dir or tempfile.mkdtemp(prefix="bench-overhead-")
     os.makedirs(log_dir, exist_ok=True)
     harness = _Harness(options, provider, log_dir)
-    variants = relay_variants(options.relay_cmd or provider.relay_cmd)
+    if options.relay_cmd:
+        variants = relay_variants(options.relay_cmd, "relay-cmd")
+    else:
+        variants = relay_variants(provider.relay_cmd)
     labels = {"direct": "direct", **{v.key: v.label for v in variants}}
     runs: dict[str, list[dict[str, Any]]] = {key: [] for key in labels}
     aborted: list[str] = []

@@ -10,11 +10,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import orjson
 import pytest
 import trio
 import yaml
 
 from bench import litellm
+from bench.__main__ import main
 from bench.overhead import relay_argv, relay_variants
 from bench.readers import StreamRecord
 from bench.scenarios import (
@@ -200,7 +202,9 @@ def test_relay_variants_follow_the_workers_placeholder() -> None:
     """A command with {workers} is searched with 1 and 2 workers; another one as it is."""
     for provider in PROVIDERS.values():
         assert [v.key for v in relay_variants(provider.relay_cmd)] == ["relay_w1", "relay_w2"]
-    assert [(v.key, v.workers) for v in relay_variants("other --port {port}")] == [("relay", 1)]
+    other = relay_variants("other --port {port}", "relay-cmd")
+    assert [(v.key, v.label, v.workers) for v in other] == [("relay", "relay-cmd", 1)]
+    assert relay_variants(litellm.RELAY_CMD, "relay-cmd")[1].label == "relay-cmd --workers 2"
 
 
 def test_openai_relay_command_names_the_emulator_in_json() -> None:
@@ -291,3 +295,18 @@ def test_litellm_serve_without_install_says_how(
                            "--upstream", "http://127.0.0.1:9/v1", "--token", "k"])  # fmt: skip
     assert status == 2
     assert "python -m bench.litellm install" in capsys.readouterr().err
+
+
+def test_openai_provider_runs_through_the_relay(tmp_path: Path) -> None:
+    """--provider openai: the emulator read directly and through the relay, every frame arrives."""
+    out = tmp_path / "report.json"
+    status = main(["overhead", "--provider", "openai", "--scenario", "latency", "--quick",
+                   "--repeats", "1", "--frames", "5", "--first-delay", "0.05", "--settle", "0.02",
+                   "--no-progress", "--json", str(out)])  # fmt: skip
+    report = orjson.loads(out.read_bytes())
+    (latency,) = report["scenarios"]
+    assert status == 0, latency["failure"]
+    assert "RELAY_OPENAI_UPSTREAMS" in report["relay_cmd"]
+    for mode in ("direct", "relay"):
+        assert latency[mode]["frames_received"] == latency[mode]["frames_expected"] == 5
+        assert latency[mode]["frames_lost"] == 0
