@@ -58,7 +58,7 @@ from protocol.openai import (
     ToolSpec,
     prompt_tokens,
 )
-from protocol.sse import SSEDecoder
+from tests.protocol.wire import named_events, nested
 
 PNG = "iVBORw0KGgo="
 EVENTS: TypeAdapter[Any] = TypeAdapter(RawMessageStreamEvent)
@@ -330,11 +330,6 @@ def test_count_tokens_needs_no_max_tokens() -> None:
     assert prompt_tokens(request) > prompt_tokens(parse())
 
 
-def nested(depth: int) -> bytes:
-    """JSON text of objects nested ``depth`` levels: ``{"a":{"a":...{}...}}``."""
-    return b'{"a":' * (depth - 1) + b"{}" + b"}" * (depth - 1)
-
-
 DEEP_FIELDS = [
     ({"tools": [{"name": "f", "input_schema": "@"}]}, "tools.0.input_schema"),
     ({"messages": [{"role": "assistant", "content": [
@@ -463,13 +458,6 @@ def test_the_sdk_s_own_request_bodies_parse() -> None:
 # stream
 
 
-def events(wire: bytes) -> list[tuple[str, Any]]:
-    """The (event name, JSON data) pairs of an SSE body."""
-    decoder = SSEDecoder()
-    decoded = decoder.feed(wire) + decoder.close()
-    return [(event.event, orjson.loads(event.data)) for event in decoded]
-
-
 def encoder(**kwargs: Any) -> MessageEncoder:
     return MessageEncoder(message_id="msg_x", model="step", input_tokens=12, **kwargs)
 
@@ -517,7 +505,7 @@ TEXT_BLOCK = {"type": "text", "text": ""}
 def test_a_text_answer_is_anthropic_s_event_sequence() -> None:
     """Text deltas of one batch make one text_delta; the end is stop, message_delta, stop."""
     wire = stream([[TextDelta("Hello"), TextDelta(", ")], [TextDelta("world!")], [Finish()]])
-    assert events(wire) == [
+    assert named_events(wire) == [
         START,
         block_start(0, TEXT_BLOCK),
         text(0, "Hello, "),
@@ -532,7 +520,7 @@ def test_thinking_then_text_are_two_blocks() -> None:
     """Reasoning is a thinking block (empty signature), stopped when the text begins."""
     wire = stream([[ReasoningDelta("Let me think."), ReasoningDelta(" Done."),
                     TextDelta("42")], [Finish()]])
-    assert events(wire) == [
+    assert named_events(wire) == [
         START,
         block_start(0, {"type": "thinking", "thinking": "", "signature": ""}),
         delta(0, "thinking_delta", "thinking", "Let me think. Done."),
@@ -555,7 +543,7 @@ def test_tool_calls_are_tool_use_blocks_with_input_json_deltas() -> None:
          ToolCallDelta(1, "call_def", "get_time", "{}")],
         [Finish("tool_calls")],
     ])
-    assert events(wire) == [
+    assert named_events(wire) == [
         START,
         block_start(0, TEXT_BLOCK),
         text(0, "Checking."),
@@ -577,23 +565,23 @@ def test_tool_calls_are_tool_use_blocks_with_input_json_deltas() -> None:
 def test_a_stop_sequence_and_max_tokens_are_their_stop_reasons() -> None:
     """Finish(stop, stop_sequence) is stop_sequence with the sequence; length is max_tokens."""
     wire = stream([[TextDelta("Thought: x"), Finish("stop", stop_sequence="Observation:")]])
-    assert events(wire) == [
+    assert named_events(wire) == [
         START, block_start(0, TEXT_BLOCK), text(0, "Thought: x"), block_stop(0),
         message_delta("stop_sequence", 3, "Observation:"), STOP,
     ]
     wire = stream([[TextDelta("abcd" * 4)], [Finish("length")]])
-    assert events(wire)[-2:] == [message_delta("max_tokens", 4), STOP]
+    assert named_events(wire)[-2:] == [message_delta("max_tokens", 4), STOP]
 
 
 def test_an_empty_answer_has_no_block_and_one_output_token() -> None:
     """A Finish alone: message_delta and message_stop; output_tokens is at least 1."""
-    assert events(stream([[Finish()]])) == [START, message_delta("end_turn", 1), STOP]
+    assert named_events(stream([[Finish()]])) == [START, message_delta("end_turn", 1), STOP]
 
 
 def test_a_content_filter_finish_is_a_refusal_with_its_text() -> None:
     """The filter's explanation is text after a blank line; the reason is refusal."""
     wire = stream([[TextDelta("Sure"), Finish("content_filter", text="Blocked.")]])
-    assert events(wire) == [
+    assert named_events(wire) == [
         START, block_start(0, TEXT_BLOCK), text(0, "Sure\n\nBlocked."), block_stop(0),
         message_delta("refusal", 4), STOP,
     ]
@@ -604,7 +592,7 @@ def test_an_upstream_error_is_an_in_band_error_event_and_the_end() -> None:
     enc = encoder()
     wire = enc.start() + enc.encode([TextDelta("Hal"), UpstreamError("busy", "try later", 429),
                                      TextDelta("ignored")])
-    assert events(wire) == [
+    assert named_events(wire) == [
         START, block_start(0, TEXT_BLOCK), text(0, "Hal"),
         ("error", {"type": "error", "error": {"type": "rate_limit_error",
                                               "message": "try later"}}),
@@ -613,7 +601,7 @@ def test_an_upstream_error_is_an_in_band_error_event_and_the_end() -> None:
     assert enc.encode([TextDelta("more"), Finish()]) == b""
     assert enc.keepalive() == b""
     other = encoder()
-    assert events(other.encode([UpstreamError("gone", "")])) == [
+    assert named_events(other.encode([UpstreamError("gone", "")])) == [
         ("error", {"type": "error", "error": {"type": "api_error", "message": "gone"}}),
     ]
 
@@ -627,12 +615,12 @@ def test_citations_images_and_videos_are_text() -> None:
         [VideoResult("c1", "https://v/1.mp4")],
         [Finish()],
     ], citation_line="- {title} {url}\n")
-    assert events(wire)[1:4] == [
+    assert named_events(wire)[1:4] == [
         block_start(0, TEXT_BLOCK),
         text(0, "- A https://a\n- B https://b\n\nSee"),
         text(0, "\n![图像](https://img/1.png)\n"),
     ]
-    assert events(wire)[4] == text(0, "[video](https://v/1.mp4)\n")
+    assert named_events(wire)[4] == text(0, "[video](https://v/1.mp4)\n")
     enc = encoder()
     enc.encode([Citation("A", "https://a")])
     assert enc.citations == [Citation("A", "https://a")]
@@ -645,12 +633,12 @@ def test_start_may_come_after_encode_and_names_the_message() -> None:
     enc.completion_id = "conv42"
     assert enc.completion_id == "msg_conv42"
     enc.completion_id = "msg_conv42"  # the same name: harmless
-    assert events(enc.start())[0][1]["message"]["id"] == "msg_conv42"
+    assert named_events(enc.start())[0][1]["message"]["id"] == "msg_conv42"
     with pytest.raises(LocalProtocolError):
         enc.completion_id = "other"
     with pytest.raises(LocalProtocolError):
         enc.start()
-    assert events(first)[0] == block_start(0, TEXT_BLOCK)
+    assert named_events(first)[0] == block_start(0, TEXT_BLOCK)
     assert enc.keepalive() == KEEPALIVE == b'event: ping\ndata: {"type": "ping"}\n\n'
 
 
@@ -691,7 +679,7 @@ def rebuild(wire: bytes) -> dict[str, Any]:
     """The message the SDK's stream accumulator builds from our events (each one validated)."""
     snapshot = None
     json_bufs: dict[int, bytes] = {}
-    for _, data in events(wire):
+    for _, data in named_events(wire):
         event = EVENTS.validate_python(data)
         snapshot = accumulate_event(event=event, current_snapshot=snapshot, json_bufs=json_bufs)
     assert snapshot is not None

@@ -22,6 +22,7 @@ from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from protocol.chunks import ChunkEncoder, CompletionAccumulator, ToolCall, estimate_tokens
 from protocol.deltas import Finish, ReasoningDelta, TextDelta, ToolCallDelta
 from protocol.openai import ToolCall as ExportedToolCall
+from tests.protocol.wire import data_events
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -43,17 +44,6 @@ AGENT_ANSWER: list[Delta] = [
 ]
 #: What the usage estimate counts of it: every character of text, names and arguments.
 ALL_TEXT = 'Checking both.get_weather{"city": "Paris"}get_time{"tz": "CET"}'
-
-
-def sse_data(wire: bytes) -> list[Any]:
-    """The ``data:`` payloads of an SSE body, JSON parsed ("[DONE]" as the string)."""
-    assert wire.endswith(b"\n\n")
-    events: list[Any] = []
-    for raw in wire[:-2].split(b"\n\n"):
-        assert raw.startswith(b"data: "), raw
-        payload = raw[6:]
-        events.append("[DONE]" if payload == b"[DONE]" else orjson.loads(payload))
-    return events
 
 
 def chunk(delta: dict[str, Any], finish_reason: FinishReason | None = None) -> dict[str, Any]:
@@ -103,7 +93,7 @@ def whole(deltas: list[Delta], reasoning: ReasoningMode = "field") -> dict[str, 
 def sdk_final(wire: bytes) -> ChatCompletion:
     """What the openai SDK's stream accumulator makes of our stream."""
     state: ChatCompletionStreamState[object] = ChatCompletionStreamState()
-    for event in sse_data(wire):
+    for event in data_events(wire):
         if event == "[DONE]":
             break
         state.handle_chunk(ChatCompletionChunk.model_validate(event))
@@ -118,7 +108,7 @@ def test_one_batch_gives_text_then_one_chunk_per_call() -> None:
     """Text, a call named then given its arguments in pieces, a second call and a
     tool_calls finish, all in one batch: the text chunk, one chunk per call with its
     arguments joined, the final chunk, [DONE]."""
-    assert sse_data(encode([AGENT_ANSWER])) == [
+    assert data_events(encode([AGENT_ANSWER])) == [
         chunk({"role": "assistant", "content": ""}),
         chunk({"content": "Checking both."}),
         chunk(named(0, "call_a", "get_weather", '{"city": "Paris"}')),
@@ -131,7 +121,7 @@ def test_one_batch_gives_text_then_one_chunk_per_call() -> None:
 def test_one_delta_per_batch_gives_one_chunk_per_delta() -> None:
     """Each delta in its own batch: a call's first chunk names it with empty arguments, each
     later piece is an index-and-arguments chunk, as OpenAI streams them."""
-    assert sse_data(encode([[delta] for delta in AGENT_ANSWER])) == [
+    assert data_events(encode([[delta] for delta in AGENT_ANSWER])) == [
         chunk({"role": "assistant", "content": ""}),
         chunk({"content": "Checking "}),
         chunk({"content": "both."}),
@@ -153,7 +143,7 @@ def test_pieces_of_an_earlier_batch_call_join_in_one_chunk() -> None:
          TextDelta("and "), TextDelta("then")],
         [Finish("tool_calls")],
     ]
-    assert sse_data(encode(batches))[1:] == [
+    assert data_events(encode(batches))[1:] == [
         chunk(named(0, "call_a", "f", "")),
         chunk(more(0, "{}")),
         chunk({"content": "and then"}),
@@ -171,7 +161,7 @@ def test_interleaved_calls_keep_their_order() -> None:
         ToolCallDelta(0, arguments_part=""),  # nothing to say: no chunk
         Finish("tool_calls"),
     ]]
-    assert sse_data(encode(batches))[1:] == [
+    assert data_events(encode(batches))[1:] == [
         chunk(named(0, "call_a", "f", "{")),
         chunk(named(1, "call_b", "g", "{}")),
         chunk(more(0, "}")),
@@ -186,7 +176,7 @@ def test_tags_mode_closes_think_before_a_call() -> None:
         [ReasoningDelta("need weather"), ToolCallDelta(0, "call_a", "f", "{}")],
         [Finish("tool_calls")],
     ]
-    assert sse_data(encode(batches, reasoning="tags"))[1:] == [
+    assert data_events(encode(batches, reasoning="tags"))[1:] == [
         chunk({"content": "<think>\nneed weather\n</think>\n\n"}),
         chunk(named(0, "call_a", "f", "{}")),
         chunk({}, "tool_calls"),
@@ -196,7 +186,7 @@ def test_tags_mode_closes_think_before_a_call() -> None:
 
 def test_usage_counts_tool_names_and_arguments() -> None:
     """The usage chunk's completion tokens cover the text, every name and all arguments."""
-    events = sse_data(encode([AGENT_ANSWER], include_usage=True, prompt_tokens=9))
+    events = data_events(encode([AGENT_ANSWER], include_usage=True, prompt_tokens=9))
     expected = estimate_tokens(ALL_TEXT)
     assert events[-2] == {
         "id": ID,
@@ -213,7 +203,7 @@ def test_usage_counts_tool_names_and_arguments() -> None:
 def test_every_finish_reason_reaches_the_final_chunk() -> None:
     """stop, length, content_filter and tool_calls are OpenAI's own finish reasons, sent as is."""
     for reason in ("stop", "length", "content_filter", "tool_calls"):
-        events = sse_data(encode([[TextDelta("x"), Finish(reason)]]))
+        events = data_events(encode([[TextDelta("x"), Finish(reason)]]))
         assert events[-2] == chunk({}, reason)
         ChatCompletionChunk.model_validate(events[-2])
 
@@ -358,7 +348,7 @@ def test_any_batching_gives_the_sdk_the_accumulators_answer(
         batches.append(deltas[start:cut])
         start = cut
     wire = encode(batches, include_usage=True, prompt_tokens=5)
-    events = sse_data(wire)
+    events = data_events(wire)
     assert events[-1] == "[DONE]"
     for event in events[:-1]:
         ChatCompletionChunk.model_validate(event)
@@ -385,7 +375,7 @@ def test_sdk_parses_strict_tool_arguments_from_our_stream() -> None:
     state: ChatCompletionStreamState[object] = ChatCompletionStreamState(input_tools=[tool])
     wire = encode([[delta] for delta in AGENT_ANSWER[2:5]] + [[Finish("tool_calls")]])
     kinds = []
-    for event in sse_data(wire)[:-1]:
+    for event in data_events(wire)[:-1]:
         kinds += [e.type for e in state.handle_chunk(ChatCompletionChunk.model_validate(event))]
     assert "tool_calls.function.arguments.done" in kinds
     call = (state.get_final_completion().choices[0].message.tool_calls or [])[0]

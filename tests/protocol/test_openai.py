@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import httpx2
 import openai
 import orjson
 import pydantic
@@ -57,6 +56,7 @@ from protocol.openai import (
     parse_chat_request,
     prompt_tokens,
 )
+from tests.protocol.wire import SdkClient, data_events, nested
 
 # ---------------------------------------------------------------------------
 # helpers
@@ -69,25 +69,9 @@ def body_of(**fields: Any) -> bytes:
     return orjson.dumps({"messages": [USER], **fields})
 
 
-def parse_sse(wire: bytes) -> list[Any]:
-    """Split SSE bytes into events: parsed JSON objects, "[DONE]" or ":comment"."""
-    assert wire.endswith(b"\n\n"), wire[-40:]
-    events: list[Any] = []
-    for raw in wire[:-2].split(b"\n\n"):
-        assert b"\n" not in raw, raw  # one line per event
-        if raw.startswith(b":"):
-            events.append(raw.decode())
-        elif raw == b"data: [DONE]":
-            events.append("[DONE]")
-        else:
-            assert raw.startswith(b"data: "), raw
-            events.append(orjson.loads(raw[6:]))
-    return events
-
-
 def chunks_of(wire: bytes) -> list[dict[str, Any]]:
     """The chunk objects of a stream (no [DONE], no error event)."""
-    return [e for e in parse_sse(wire) if isinstance(e, dict) and "error" not in e]
+    return [e for e in data_events(wire) if isinstance(e, dict) and "error" not in e]
 
 
 def content_of(wire: bytes) -> str:
@@ -536,11 +520,6 @@ def test_prompt_tokens_count_tool_calls_and_offered_tools() -> None:
     assert prompt_tokens(hidden) == base + 2
 
 
-def nested(depth: int) -> bytes:
-    """JSON text of objects nested ``depth`` levels: ``{"a":{"a":...{}...}}``."""
-    return b'{"a":' * (depth - 1) + b"{}" + b"}" * (depth - 1)
-
-
 def body_with(fields: dict[str, Any], document: bytes) -> bytes:
     """``body_of(**fields)`` with the string ``"@"`` replaced by ``document``."""
     return body_of(**fields).replace(b'"@"', document)
@@ -940,7 +919,7 @@ def test_models_body_shape() -> None:
 def test_start_chunk_is_the_assistant_role() -> None:
     """start() gives one chunk in OpenAI's shape with delta {"role": "assistant", "content": ""}."""
     enc = ChunkEncoder(completion_id="chat-1", model="step", created=1700000000)
-    assert parse_sse(enc.start()) == [
+    assert data_events(enc.start()) == [
         {
             "id": "chat-1",
             "object": "chat.completion.chunk",
@@ -966,7 +945,7 @@ def test_completion_id_settable_until_used() -> None:
     assert enc.encode([]) == b""  # no bytes: the id is still free
     enc.completion_id = "conv-1"
     assert enc.completion_id == "conv-1"
-    assert parse_sse(enc.start())[0]["id"] == "conv-1"
+    assert data_events(enc.start())[0]["id"] == "conv-1"
     with pytest.raises(LocalProtocolError):
         enc.start()
     enc.completion_id = "conv-1"  # the same value again is harmless
@@ -990,7 +969,7 @@ def test_encode_may_come_before_start() -> None:
     assert early.finished
     wire = early.start() + data
     assert wire == stream([TextDelta("all"), Finish()], completion_id="c", model="m", created=1)
-    assert parse_sse(wire)[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert data_events(wire)[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
 
 
 def test_consecutive_text_deltas_make_one_chunk() -> None:
@@ -1038,7 +1017,7 @@ def test_reasoning_tags_closed_before_finish() -> None:
     """In tags mode an open <think> block is closed before the final chunk."""
     wire = encoder(reasoning="tags").encode([ReasoningDelta("hmm"), Finish()])
     assert content_of(wire) == "<think>\nhmm\n</think>\n\n"
-    assert parse_sse(wire)[-2]["choices"][0]["finish_reason"] == "stop"
+    assert data_events(wire)[-2]["choices"][0]["finish_reason"] == "stop"
 
 
 def test_reasoning_tags_closed_before_citations() -> None:
@@ -1078,7 +1057,7 @@ def test_images_and_videos_render_as_links() -> None:
 def test_finish_gives_final_chunk_then_done(reason: FinishReason) -> None:
     """Finish gives an empty delta with the finish reason, then [DONE], and nothing after."""
     enc = encoder()
-    events = parse_sse(enc.encode([TextDelta("x"), Finish(reason), TextDelta("late")]))
+    events = data_events(enc.encode([TextDelta("x"), Finish(reason), TextDelta("late")]))
     assert events[-1] == "[DONE]"
     assert events[-2]["choices"] == [
         {"index": 0, "delta": {}, "logprobs": None, "finish_reason": reason}
@@ -1103,7 +1082,7 @@ def test_finish_text_follows_content_after_a_blank_line() -> None:
 def test_usage_chunk_when_asked() -> None:
     """With include_usage, a chunk with empty choices and the token estimates precedes [DONE]."""
     enc = encoder(include_usage=True, prompt_tokens=11)
-    events = parse_sse(
+    events = data_events(
         enc.encode([ReasoningDelta("你好"), TextDelta("abcdefgh")]) + enc.encode([Finish()])
     )
     usage_chunk = events[-2]
@@ -1121,7 +1100,7 @@ def test_upstream_error_is_in_band_then_done() -> None:
     wire = enc.encode(
         [TextDelta("part"), UpstreamError("resource_exhausted", "quota used up"), TextDelta("x")]
     )
-    events = parse_sse(wire)
+    events = data_events(wire)
     assert events[0]["choices"][0]["delta"] == {"content": "part"}
     assert events[1] == {
         "error": {
@@ -1141,7 +1120,7 @@ def test_keepalive_is_an_sse_comment() -> None:
     """keepalive() is an SSE comment that clients ignore."""
     enc = encoder()
     assert enc.keepalive() == b": keep-alive\n\n"
-    assert parse_sse(enc.keepalive()) == [": keep-alive"]
+    assert data_events(enc.keepalive()) == [": keep-alive"]
 
 
 def test_id_created_model_identical_in_every_chunk() -> None:
@@ -1165,7 +1144,7 @@ def test_id_created_model_identical_in_every_chunk() -> None:
         assert (chunk["id"], chunk["created"], chunk["model"]) == ('id-"1"', 42, model)
         assert chunk["object"] == "chat.completion.chunk"
         assert chunk["system_fingerprint"] is None
-    assert parse_sse(wire)[-1] == "[DONE]"
+    assert data_events(wire)[-1] == "[DONE]"
     assert wire.count(b"data: [DONE]") == 1
 
 
@@ -1210,31 +1189,6 @@ def test_sdk_raises_on_in_band_error() -> None:
                 )
             )
     assert len(received) == 1
-
-
-class SdkClient:
-    """An openai.OpenAI client whose transport answers every request with ``body``."""
-
-    def __init__(self, body: bytes, content_type: str) -> None:
-        #: the body of every request the client sent, in order
-        self.requests: list[bytes] = []
-
-        def answer(request: httpx2.Request) -> httpx2.Response:
-            self.requests.append(request.read())
-            return httpx2.Response(200, content=body, headers={"content-type": content_type})
-
-        self._client = openai.OpenAI(
-            api_key="sk-test",
-            base_url="http://127.0.0.1:9/v1",
-            max_retries=0,
-            http_client=httpx2.Client(transport=httpx2.MockTransport(answer)),
-        )
-
-    def __enter__(self) -> openai.OpenAI:
-        return self._client
-
-    def __exit__(self, *exc: object) -> None:
-        self._client.close()
 
 
 class City(pydantic.BaseModel):
@@ -1441,7 +1395,7 @@ def test_any_batching_gives_the_accumulators_content(
     acc = CompletionAccumulator(reasoning=mode)
     acc.add(deltas)
     assert content_of(wire) == content_of(whole) == acc.text
-    events = parse_sse(wire)
+    events = data_events(wire)
     assert events[-1] == "[DONE]"
     assert events.count("[DONE]") == 1
     assert events[-2]["choices"][0]["finish_reason"] == finish.reason
@@ -1470,7 +1424,7 @@ def test_any_deltas_give_well_formed_events(
     """Any deltas in any batching give valid chunks; [DONE] comes once, last, only after an end."""
     cuts = data.draw(st.lists(st.integers(0, len(deltas)), max_size=6), label="cuts")
     wire = encode_batched(deltas, cuts, reasoning=mode, include_usage=True)
-    events = parse_sse(wire)
+    events = data_events(wire)
     ended = any(isinstance(d, Finish | UpstreamError) for d in deltas)
     assert (events[-1] == "[DONE]") == ended
     assert events.count("[DONE]") == (1 if ended else 0)

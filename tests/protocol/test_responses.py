@@ -14,7 +14,6 @@ import contextlib
 import itertools
 from typing import Any
 
-import httpx2
 import openai
 import orjson
 import pydantic
@@ -54,6 +53,7 @@ from protocol.response_output import (
     response_id,
 )
 from protocol.responses import ResponsesRequest, parse_responses_request
+from tests.protocol.wire import SdkClient, named_events, nested
 
 EVENTS = pydantic.TypeAdapter(ResponseStreamEvent)
 Event = tuple[str, dict[str, Any]]
@@ -314,21 +314,6 @@ def test_any_body_parses_or_is_a_request_error(
 # stream
 
 
-def sse(wire: bytes) -> list[Event]:
-    """(type, data) of each SSE event; checks that ``event:`` names the data's type."""
-    events: list[Event] = []
-    for block in wire.split(b"\n\n"):
-        if not block:
-            continue
-        name, data = block.split(b"\n")
-        assert name.startswith(b"event: ")
-        assert data.startswith(b"data: ")
-        payload = orjson.loads(data[6:])
-        assert payload["type"] == name[7:].decode()
-        events.append((payload["type"], payload))
-    return events
-
-
 def encoder(request: ChatRequest | None = None, **kwargs: Any) -> ResponseEncoder:
     return ResponseEncoder(request or parse({"model": "m", "input": "hi"}),
                            response_id="resp_1", model="m", created_at=7, item_base="t", **kwargs)
@@ -339,7 +324,7 @@ def stream(batches: list[list[Delta]], request: ChatRequest | None = None) -> li
     enc = encoder(request)
     first = enc.encode(batches[0]) if batches else b""
     wire = enc.start() + first + b"".join(enc.encode(batch) for batch in batches[1:])
-    events = sse(wire)
+    events = named_events(wire)
     assert [data["sequence_number"] for _, data in events] == list(range(len(events)))
     for _, data in events:
         EVENTS.validate_python(data)
@@ -572,7 +557,7 @@ def test_citations_images_and_videos_are_message_text() -> None:
 def test_the_citation_line_is_the_providers() -> None:
     """The citation template given to the encoder renders each hit."""
     enc = encoder(citation_line="[{title}]({url})\n")
-    events = sse(enc.encode([Citation("A", "https://a"), Finish()]))
+    events = named_events(enc.encode([Citation("A", "https://a"), Finish()]))
     assert events[-1][1]["response"]["output"][0]["content"][0]["text"] == "[A](https://a)\n\n"
     assert enc.citations == [Citation("A", "https://a")]
 
@@ -594,7 +579,8 @@ def test_after_the_end_nothing_is_encoded() -> None:
     assert enc.encode([TextDelta("z")]) == b""
     assert enc.keepalive() == b""
     assert enc.fail("server_shutting_down", "bye") == b""
-    assert [kind for kind, _ in sse(enc.start())] == ["response.created", "response.in_progress"]
+    assert [kind for kind, _ in named_events(enc.start())] == [
+        "response.created", "response.in_progress"]
     with pytest.raises(LocalProtocolError):
         enc.start()
 
@@ -604,7 +590,7 @@ def test_fail_ends_an_open_stream_as_failed() -> None:
     enc = encoder()
     wire = enc.start() + enc.encode([ToolCallDelta(0, "call_a", "f", "{")])
     wire += enc.fail("server_shutting_down", "the server is shutting down", 503)
-    events = sse(wire)
+    events = named_events(wire)
     assert [kind for kind, _ in events[-4:]] == [
         "response.function_call_arguments.done", "response.output_item.done", "error",
         "response.failed"]
@@ -628,7 +614,7 @@ def test_the_response_is_named_after_the_conversation_until_its_id_is_sent() -> 
     enc.completion_id = "resp_chat42"  # the same id: nothing to change
     enc.encode([TextDelta("x")])  # item events do not carry the response id
     enc.completion_id = "chat43"
-    assert sse(enc.start())[0][1]["response"]["id"] == "resp_chat43"
+    assert named_events(enc.start())[0][1]["response"]["id"] == "resp_chat43"
     with pytest.raises(LocalProtocolError):
         enc.completion_id = "chat44"
     enc.completion_id = "chat43"  # unchanged: allowed
@@ -752,11 +738,6 @@ def test_the_whole_response_holds_the_streams_items() -> None:
     assert whole(answer) == stream(answer)[-1][1]["response"]
 
 
-def nested(depth: int) -> bytes:
-    """JSON text of objects nested ``depth`` levels: ``{"a":{"a":...{}...}}``."""
-    return b'{"a":' * (depth - 1) + b"{}" + b"}" * (depth - 1)
-
-
 DEEP_SCHEMA_FIELDS = [
     ({"tools": [{"type": "function", "name": "f", "parameters": "@"}]}, "tools[0].parameters"),
     ({"text": {"format": {"type": "json_schema", "name": "f", "schema": "@", "strict": True}}},
@@ -837,22 +818,6 @@ def test_usage_counts_the_prompt_and_every_item() -> None:
 
 # ---------------------------------------------------------------------------
 # the SDK's client reading our bytes
-
-
-class SdkClient:
-    """An openai.OpenAI client whose transport answers every request with ``body``."""
-
-    def __init__(self, body: bytes, content_type: str) -> None:
-        self.requests: list[bytes] = []
-
-        def answer(request: httpx2.Request) -> httpx2.Response:
-            self.requests.append(request.read())
-            return httpx2.Response(200, content=body, headers={"content-type": content_type})
-
-        self.client = openai.OpenAI(
-            api_key="sk-test", base_url="http://127.0.0.1:9/v1", max_retries=0,
-            http_client=httpx2.Client(transport=httpx2.MockTransport(answer)),
-        )
 
 
 def test_the_sdk_stream_helper_rebuilds_the_response_from_our_bytes() -> None:
