@@ -371,11 +371,13 @@ class RawAnswer(Protocol):
         status: the upstream's HTTP status (not 401, 403 or 429: those are raised).
         content_type: its ``Content-Type``.
         streamed: the body is a server-sent event stream (status 200).
+        done: the stream's last event was given by :meth:`events`.
     """
 
     status: int
     content_type: bytes
     streamed: bool
+    done: bool
 
     def events(self) -> AsyncGenerator[bytes, None]:
         """The stream's whole events, as each upstream read completes some, ready to send.

@@ -69,6 +69,19 @@ Streaming (:class:`SSEWriter`), one task and one write path (DESIGN.md,
 
 Not streaming: the deltas are accumulated into the dialect's one body (OpenAI:
 a ``chat.completion``); an upstream error becomes its HTTP status.
+
+The passthrough fast path (:func:`_pass_through`): OpenAI chat completions in
+and out, and a provider that offers :class:`~providers.contract.Passthrough`
+(an OpenAI-compatible upstream). The client's body goes up, and the
+upstream's answer comes back as its own bytes: the provider cuts them at
+event boundaries and rewrites the model name where it differs, and each
+upstream read's events leave through the same :class:`SSEWriter` (one write
+per read, commit timeout, keep-alives, send timeout, shutdown's last words),
+with no JSON decoded or encoded per chunk here. Leasing and failover are
+:func:`with_account`'s, as for every chat: the provider raises 401, 403 and
+429 before any byte, and another key is tried; any other upstream status
+reaches the client with the upstream's own body. A stream that breaks after
+it started ends with an in-band error and ``[DONE]``, as on the neutral path.
 """
 
 from __future__ import annotations
@@ -93,6 +106,8 @@ from protocol.errors import (
 from protocol.openai import prompt_tokens
 from protocol.shaping import AnswerShaper, json_output_error
 from protocol.toolcalls import needs_rendering, render_agent_prompt
+from providers.contract import Passthrough
+from relay.dialects.openai_chat import OPENAI_CHAT, PassthroughStream
 from relay.netio import before_read
 from relay.server import ClientGone
 from relay.timers import SLACK_S, coarse_timers
@@ -101,7 +116,7 @@ if TYPE_CHECKING:
     from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 
     from protocol.openai import ChatRequest, ResponseFormat
-    from providers.contract import ChatStream, SessionT
+    from providers.contract import ChatStream, RawAnswer, SessionT
     from relay.accounts import Account
     from relay.config import Settings
     from relay.dialects import Dialect, StreamEncoder, WholeAnswer
@@ -530,11 +545,15 @@ async def complete(
     request: ChatRequest,
     settings: Settings,
     outcome: Outcome,
+    body: bytes | None = None,
 ) -> None:
     """Serve one chat request (stream or not) in ``dialect``, with account failover.
 
     See :func:`with_account` for the failover rules; nothing moves to another
-    account once bytes were sent to the client.
+    account once bytes were sent to the client. With the client's ``body``,
+    OpenAI chat completions go to a provider that offers
+    :class:`~providers.contract.Passthrough` by the fast path
+    (:func:`_pass_through`).
     """
     model = request.model or runtime.provider.default_model
     started_at = trio.current_time()
@@ -542,11 +561,17 @@ async def complete(
     outcome.model = model
     outcome.stream = request.stream
     outcome.prompt_tokens = prompt_tokens(request)
+    provider = runtime.provider
+    fast = provider if dialect is OPENAI_CHAT and isinstance(provider, Passthrough) else None
 
     async def attempt(session: SessionT) -> None:
         try:
-            await _attempt(ex, dialect, runtime, request, model, session, settings, outcome,
-                           started_at)
+            if fast is not None and body is not None:
+                await _pass_through(ex, fast, session, body, request, settings, outcome,
+                                    started_at)
+            else:
+                await _attempt(ex, dialect, runtime, request, model, session, settings,
+                               outcome, started_at)
         except _Retry as retry:
             raise retry.error from None
 
@@ -633,6 +658,83 @@ async def _answer(
         whole = dialect.whole(request, model=model, reasoning=settings.reasoning)
         await _serve_whole(ex, answer, whole, outcome, started_at, request.response_format)
     outcome.conversation = answer.conversation_id
+
+
+async def _pass_through(
+    ex: Exchange,
+    provider: Passthrough[SessionT],
+    session: SessionT,
+    body: bytes,
+    request: ChatRequest,
+    settings: Settings,
+    outcome: Outcome,
+    started_at: float,
+) -> None:
+    """The fast path (module docstring): the upstream's answer to ``body``, as it is."""
+    async with provider.passthrough(session, body, request) as answer:
+        if answer.streamed:
+            await _serve_raw(ex, answer, settings, outcome, started_at)
+            return
+        data = await answer.body()  # a whole answer, or the upstream's error as it sent it
+        outcome.first_event_s = trio.current_time() - started_at
+        outcome.chunks += 1
+        if answer.status >= 500:
+            outcome.end = "timeout" if answer.status == 504 else "upstream_error"
+        await ex.respond(answer.status, data, answer.content_type)
+
+
+async def _serve_raw(
+    ex: Exchange, answer: RawAnswer, settings: Settings, outcome: Outcome, started_at: float
+) -> None:
+    """The upstream's events to the client: :func:`_serve_stream` without encoding."""
+    encoder = PassthroughStream()
+    writer = SSEWriter(ex, encoder, settings, outcome.gap_observer)
+    failure: BaseException | None = None
+    async with trio.open_nursery() as nursery:
+        writer.start_clock(nursery)
+        hook = before_read.set(writer.before_read)
+        try:
+            await _pump_raw(answer, encoder, writer, outcome, started_at)
+        except (RelayError, ClientGone) as exc:
+            failure = exc  # raised outside the nursery, unwrapped
+        finally:
+            before_read.reset(hook)
+            writer.stop_clock()
+            nursery.cancel_scope.cancel()
+    if failure is not None:
+        raise failure
+
+
+async def _pump_raw(
+    answer: RawAnswer,
+    encoder: PassthroughStream,
+    writer: SSEWriter,
+    outcome: Outcome,
+    started_at: float,
+) -> None:
+    """Upstream events -> client, one write per upstream read; the last with the end."""
+    data = b""
+    try:
+        async with aclosing(answer.events()) as events:
+            async for data in events:
+                if outcome.first_event_s is None:
+                    outcome.first_event_s = trio.current_time() - started_at
+                outcome.chunks += 1
+                if answer.done:
+                    break  # the end goes out in the same write as these events
+                await writer.send(data)
+            else:
+                data = b""
+        outcome.end = "done"
+        data += encoder.end()
+    except RelayError as exc:
+        if not writer.committed:
+            raise
+        log.warning("upstream failed mid-stream: %s", exc)
+        outcome.end = _failure_end(exc)
+        data = encoder.fail(f"{exc.message} (request id {writer.request_id})",
+                            exc.code or exc.kind)
+    await writer.end(data)
 
 
 async def iterate(answer: ChatStream) -> AsyncIterator[list[Delta]]:

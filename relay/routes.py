@@ -240,7 +240,7 @@ async def _chat(
     if request.stream:
         streams.inc()
     try:
-        await complete(ex, dialect, runtime, accounts, request, app.settings, outcome)
+        await complete(ex, dialect, runtime, accounts, request, app.settings, outcome, body)
     except RelayError as exc:
         if exc.status >= 500 or exc.status == 429:
             app.metrics.upstream_errors.labels(name, exc.code or exc.kind).inc()

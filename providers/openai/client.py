@@ -109,9 +109,16 @@ class OpenAIRawAnswer:
         self.status = response.status
         self.content_type = response.header(b"content-type") or b"application/json"
         self.streamed = response.status == 200 and _media_type(response) == SSE_TYPE
+        self._framer = EventFramer(member)
+        self._ended = False
+
+    @property
+    def done(self) -> bool:
+        """The last event went out: ``[DONE]``, or the one added when it was left out."""
+        return self._framer.done or self._ended
 
     async def events(self) -> AsyncGenerator[bytes, None]:
-        framer = EventFramer(self._member)
+        framer = self._framer
         async with aclosing(self._response.chunks()) as chunks:
             async for chunk in chunks:
                 data = framer.feed(chunk)
@@ -120,6 +127,7 @@ class OpenAIRawAnswer:
                 if framer.done:
                     return
         framer.close()
+        self._ended = True
         yield DONE_EVENT  # the upstream ended cleanly but left [DONE] out
 
     async def body(self) -> bytes:

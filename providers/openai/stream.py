@@ -318,6 +318,8 @@ def rewrite_model(body: bytes, member: bytes | None) -> bytes:
 
 def _event_end(block: bytes) -> int:
     """Where the last whole event of ``block`` ends (0: none ends in it)."""
+    if block.endswith(_EVENT_ENDS):  # the usual read: it ends with an event
+        return len(block)
     cut = 0
     for end in _EVENT_ENDS:
         at = block.rfind(end)
@@ -329,11 +331,17 @@ def _event_end(block: bytes) -> int:
 class EventFramer:
     """Raw SSE bytes in, whole events out, the model name rewritten (module docstring).
 
+    The rewrite learns the upstream's member from the first event that has
+    one (``"model":"x"``, as that upstream writes it) and from then on
+    replaces it with ``bytes.replace``; a block with another ``"model"``
+    member (the growth of the block tells, as the served name is longer or
+    shorter than the upstream's) goes through the regular expression again.
+
     Attributes:
         done: a ``data: [DONE]`` event went out.
     """
 
-    __slots__ = ("_member", "_pending", "done", "max_event_bytes")
+    __slots__ = ("_escaped", "_member", "_needle", "_pending", "done", "max_event_bytes")
 
     def __init__(self, member: bytes | None, max_event_bytes: int = MAX_EVENT_BYTES) -> None:
         """
@@ -342,8 +350,10 @@ class EventFramer:
                 None to leave the events as they are.
             max_event_bytes: the longest event waited for.
         """
+        self._member = member
         # re.sub reads backslashes in the replacement: escape them once, here
-        self._member = member.replace(b"\\", b"\\\\") if member is not None else None
+        self._escaped = member.replace(b"\\", b"\\\\") if member is not None else None
+        self._needle: bytes | None = None  # the upstream's own member, once seen
         self._pending = b""
         self.done = False
         self.max_event_bytes = max_event_bytes
@@ -367,10 +377,28 @@ class EventFramer:
         else:
             self._pending = block[cut:]
             block = block[:cut]
-        if not self.done and _DONE_LINE.search(block) is not None:
+        if not self.done and b"[DONE]" in block and _DONE_LINE.search(block) is not None:
             self.done = True
-        member = self._member
-        return block if member is None else MODEL_MEMBER.sub(member, block)
+        member, escaped = self._member, self._escaped
+        if member is None or escaped is None:
+            return block
+        return self._rewrite(block, member, escaped)
+
+    def _rewrite(self, block: bytes, member: bytes, escaped: bytes) -> bytes:
+        needle = self._needle
+        if needle is not None:
+            out = block.replace(needle, member)
+            # every "model" member was the needle: each one grew the block by the same
+            growth = len(member) - len(needle)
+            members = block.count(b'"model"')
+            if (len(out) - len(block) == members * growth if growth
+                    else block.count(needle) == members):
+                return out
+        found = MODEL_MEMBER.search(block)
+        if found is None:
+            return block
+        self._needle = found.group()
+        return MODEL_MEMBER.sub(escaped, block)
 
     def close(self) -> None:
         """The body ended.

@@ -13,6 +13,13 @@ per batch stays one call. Errors are OpenAI's
 ``{"error": {"message", "type", "param", "code"}}``, with
 ``WWW-Authenticate: Bearer`` on a 401; the server renders its own refusals
 this way too, unless told otherwise.
+
+:class:`PassthroughStream` is the stream "encoder" of the passthrough fast
+path (:func:`relay.chat.complete` with a provider that offers
+:class:`~providers.contract.Passthrough`): the upstream's own events are the
+stream, so it encodes nothing; it gives only what the relay adds itself:
+keep-alive comments, and an in-band error and ``[DONE]`` when the upstream
+fails mid-stream or the server stops it.
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ import time
 import uuid
 from typing import TYPE_CHECKING
 
-from protocol.chunks import DONE
+from protocol.chunks import DONE, KEEPALIVE, UPSTREAM_ERROR_KIND, error_body
 from protocol.openai import (
     ChunkEncoder,
     CompletionAccumulator,
@@ -32,7 +39,10 @@ from protocol.openai import (
 from relay.dialects import JSON, ErrorReply
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from protocol.chunks import ReasoningMode
+    from protocol.deltas import Delta
     from protocol.errors import RelayError
     from protocol.openai import ChatRequest
 
@@ -55,6 +65,54 @@ class ChunkStream(ChunkEncoder):
 
     def last_words(self, error: RelayError) -> bytes:
         """An in-band OpenAI error event for ``error``, then ``data: [DONE]``."""
+        return b"data: " + error_from_exception(error) + b"\n\n" + DONE
+
+
+class PassthroughStream:
+    """The fast path's stream (a :class:`relay.dialects.StreamEncoder` that encodes nothing).
+
+    The upstream's events go to the client as they are; this object opens
+    the stream with nothing (the upstream's first chunk carries the role),
+    fills silences with keep-alive comments, and ends a failed stream the
+    way :class:`ChunkStream` does: an OpenAI error object, then ``[DONE]``.
+
+    Attributes:
+        finished: the stream's end was written (:meth:`end`, :meth:`fail`).
+    """
+
+    __slots__ = ("completion_id", "finished")
+
+    content_type = SSE_CONTENT_TYPE
+
+    def __init__(self) -> None:
+        self.completion_id = ""  # the upstream's chunks carry their own id
+        self.finished = False
+
+    def start(self) -> bytes:
+        """Nothing: the upstream's first event opens the stream."""
+        return b""
+
+    def encode(self, deltas: Sequence[Delta]) -> bytes:
+        """Nothing to encode: the upstream's bytes are the stream."""
+        return b""
+
+    def keepalive(self) -> bytes:
+        """An SSE comment, ``b""`` once finished."""
+        return b"" if self.finished else KEEPALIVE
+
+    def end(self) -> bytes:
+        """The upstream's events ended the stream themselves: nothing to add."""
+        self.finished = True
+        return b""
+
+    def fail(self, message: str, code: str | None) -> bytes:
+        """An in-band upstream error, then ``[DONE]`` (:class:`ChunkStream`'s shape)."""
+        self.finished = True
+        return b"data: " + error_body(message, UPSTREAM_ERROR_KIND, code=code) + b"\n\n" + DONE
+
+    def last_words(self, error: RelayError) -> bytes:
+        """An in-band OpenAI error event for ``error``, then ``data: [DONE]``."""
+        self.finished = True
         return b"data: " + error_from_exception(error) + b"\n\n" + DONE
 
 

@@ -190,6 +190,78 @@ async def test_models_lists_the_configured_models(relay: Running) -> None:
     assert models["step"] == "step"
 
 
+# --- the fast path ----------------------------------------------------------------------
+
+
+async def test_fast_path_forwards_the_upstream_bytes(
+    relay: Running, upstream: OpenAIEmulator
+) -> None:
+    """OpenAI chat completions in and out: the client gets the upstream's own events, byte
+    for byte but for the model name (the upstream's ids and fields, no role chunk of the
+    relay's); what the relay does not model (temperature, seed) reaches the upstream."""
+    body = chat("deepseek/x", stream=True, temperature=0.3, seed=7)
+    reply = await post(relay.base_url, "/v1/chat/completions", body)
+    assert reply.status == 200, reply.content
+    assert reply.content.endswith(b"data: [DONE]\n\n")
+    chunks = [orjson.loads(e) for e in sse_events(reply.content) if e != b"[DONE]"]
+    assert {c["id"] for c in chunks} == {"chatcmpl-emu1"}
+    assert all(c["choices"][0]["logprobs"] is None for c in chunks)
+    assert sum(c["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+               for c in chunks) == 1
+    sent = upstream.record.chats[0].body
+    assert (sent["model"], sent["temperature"], sent["seed"]) == ("x", 0.3, 7)
+    assert {c["model"] for c in chunks} == {"deepseek/x"}
+
+
+async def test_fast_path_whole_answer_is_the_upstream_body(
+    relay: Running, upstream: OpenAIEmulator
+) -> None:
+    """Not streamed, the upstream's chat.completion comes back as it is (the model renamed)."""
+    reply = await post(relay.base_url, "/v1/chat/completions", chat("deepseek/x"))
+    answer = orjson.loads(reply.content)
+    assert (answer["id"], answer["model"]) == ("chatcmpl-emu1", "deepseek/x")
+    assert answer["choices"][0]["logprobs"] is None
+
+
+async def test_fast_path_error_body_as_is(relay: Running, upstream: OpenAIEmulator) -> None:
+    """An upstream 400 reaches the client with the upstream's bytes, nothing re-rendered."""
+    upstream.behavior.http_error = (400, "invalid_request_error", "bad temperature")
+    reply = await post(relay.base_url, "/v1/chat/completions", chat(stream=True))
+    assert reply.status == 400
+    assert reply.content == (b'{"error":{"message":"bad temperature",'
+                             b'"type":"invalid_request_error","param":null,"code":null}}')
+
+
+async def test_fast_path_upstream_breaks_mid_stream(
+    relay: Running, upstream: OpenAIEmulator
+) -> None:
+    """The upstream drops the connection after two deltas: the client has them, then an
+    in-band error naming the request, then [DONE]."""
+    upstream.behavior.drop_after = 2
+    reply = await post(relay.base_url, "/v1/chat/completions", chat(stream=True))
+    assert reply.status == 200
+    events = sse_events(reply.content)
+    assert events[-1] == b"[DONE]"
+    error = orjson.loads(events[-2])["error"]
+    assert error["type"] == "upstream_error"
+    assert "request id" in error["message"]
+    assert sse_text(b"\n".join(b"data: " + e for e in events[:-2])) == ANSWER[:10]
+
+
+async def test_fast_path_keeps_a_silent_stream_alive(
+    relay_factory: RelayFactory, upstream: OpenAIEmulator
+) -> None:
+    """A slow first token: the stream is committed after commit_timeout and kept alive
+    with SSE comments, then the upstream's events follow."""
+    relay = await relay_factory(openai_upstreams=upstreams(upstream), commit_timeout=0.05,
+                                sse_keepalive=0.05)
+    upstream.behavior.first_delay_s = 0.3
+    reply = await post(relay.base_url, "/v1/chat/completions", chat(stream=True))
+    assert reply.status == 200
+    assert reply.content.startswith(b": keep-alive\n\n")
+    assert sse_text(reply.content) == ANSWER
+
+
 # --- the other dialects ------------------------------------------------------------------
 
 

@@ -211,6 +211,19 @@ def test_framer_rewrites_model_members_only() -> None:
     assert not done
 
 
+@pytest.mark.parametrize("served", ["p/x", "p/y", "abcd"])
+def test_framer_follows_a_model_that_changes(served: str) -> None:
+    """The upstream names another model later in the stream (or one as long as the served
+    name): every member is still rewritten, read by read."""
+    framer = EventFramer(model_member(served))
+    first = framer.feed(chunk({"content": "a"}, model="x"))
+    second = framer.feed(chunk({"content": "b"}, model="x") + chunk({"content": "c"},
+                                                                    model="x-2024"))
+    third = framer.feed(chunk({"content": "d"}, model="wxyz"))
+    events = [e for block in (first, second, third) for e in block.split(b"\n\n") if e]
+    assert [orjson.loads(e[6:])["model"] for e in events] == [served] * 4
+
+
 def test_framer_done_is_a_line_of_its_own() -> None:
     """[DONE] quoted in answer text is not the end; a real one is, with or without a space."""
     assert not frame(chunk({"content": "data: [DONE]"}), [], None)[1]
