@@ -430,6 +430,15 @@ def _tool_use(block: dict[str, Any], path: str, names: dict[str, str]) -> ToolCa
     return ToolCall(call_id, name, arguments)
 
 
+def _check_block_role(kind: str, role: str, allowed: str, path: str) -> None:
+    """A 400 naming ``path.type`` unless a block of ``kind`` may be in a ``role`` message."""
+    if role != allowed:
+        raise RequestError(
+            f"{path}.type: '{kind}' blocks may only be in {allowed} messages",
+            param=f"{path}.type",
+        )
+
+
 def _parse_message(raw: object, path: str, names: dict[str, str]) -> list[Message]:
     """One Anthropic message: the neutral message, after its tool results if any.
 
@@ -467,18 +476,10 @@ def _parse_message(raw: object, path: str, names: dict[str, str]) -> list[Messag
             case "document":
                 parts += _document(block, item_path)
             case "tool_use":
-                if role != "assistant":
-                    raise RequestError(
-                        f"{item_path}.type: 'tool_use' blocks may only be in assistant messages",
-                        param=f"{item_path}.type",
-                    )
+                _check_block_role(kind, role, "assistant", item_path)
                 calls.append(_tool_use(block, item_path, names))
             case "tool_result":
-                if role != "user":
-                    raise RequestError(
-                        f"{item_path}.type: 'tool_result' blocks may only be in user messages",
-                        param=f"{item_path}.type",
-                    )
+                _check_block_role(kind, role, "user", item_path)
                 results.append(_tool_result(block, item_path, names))
             case _:
                 pass  # thinking, redacted_thinking, server tool blocks, ...: dropped

@@ -32,13 +32,12 @@ from protocol.anthropic import (
 )
 from protocol.openai import prompt_tokens
 from relay.dialects import JSON, ErrorReply
+from relay.dialects.openai_chat import SSE_CONTENT_TYPE
 
 if TYPE_CHECKING:
     from protocol.chunks import ReasoningMode
     from protocol.errors import RelayError
     from protocol.openai import ChatRequest
-
-SSE_CONTENT_TYPE = b"text/event-stream; charset=utf-8"
 
 
 class MessageStream(MessageEncoder):
