@@ -16,7 +16,7 @@ import pytest
 import trio
 
 from providers.openai.emulator import OpenAIBehavior, OpenAIEmulator
-from relay import config
+from relay import config, registry
 from tests.relay.conftest import RelayFactory, Running, post, sse_events, sse_text
 
 if TYPE_CHECKING:
@@ -431,6 +431,27 @@ async def test_with_relay_keys_a_relay_key_is_required(
     assert good.status == 200, good.content
     assert bad.status == 401
     assert upstream.record.keys == [KEYS[0]]
+
+
+async def test_token_check_asks_the_upstream(relay: Running) -> None:
+    """/token/check with the upstream named: a key it takes is live, another is not."""
+    def check(token: str) -> Any:
+        return orjson.dumps({"token": token, "provider": "deepseek"})
+
+    live = await post(relay.base_url, "/token/check", check(KEYS[1]))
+    dead = await post(relay.base_url, "/token/check", check("sk-nope"))
+    assert orjson.loads(live.content) == {"live": True}
+    assert orjson.loads(dead.content) == {"live": False}
+
+
+def test_the_start_warning_counts_upstream_keys() -> None:
+    """Keys of an upstream are server-side accounts: without RELAY_API_KEYS, relay serve
+    warns that anyone who reaches it spends them (the check behind that warning)."""
+    upstream = {"name": "up", "base_url": "http://127.0.0.1:1/v1", "api_keys": ["k"],
+                "models": ["m"]}
+    settings = config.load({"openai_upstreams": [upstream]}, environ={})
+    assert registry.has_server_credentials(settings, registry.ENTRIES)
+    assert not registry.has_server_credentials(config.load(environ={}), registry.ENTRIES)
 
 
 # --- configuration ---------------------------------------------------------------------------
