@@ -89,8 +89,8 @@ class Settings:
         "8a1317a7468aa3ad86e997d08f3f31cb", "ChatGLM request-signing secret (the site changes it)"
     )
     glm_system_tag: str = _opt("<|system|>", "role tag for system messages in merged GLM prompts")
-    default_provider: Literal["step", "glm"] = _opt(
-        "step", "provider for model names that name none"
+    default_provider: str = _opt(
+        "step", "provider for model names that name none: step, glm or an openai_upstreams name"
     )
     reasoning: Literal["field", "tags"] = _opt(
         "field", "reasoning as reasoning_content (field) or inline <think> tags (tags)"
@@ -377,6 +377,10 @@ def _validate(s: Settings, origin: Mapping[str, str]) -> None:
         fail("redis_url", f"must begin with {', '.join(REDIS_SCHEMES)}")
     if not 0 < s.redis_lease_renew < s.redis_lease_expiry:
         fail("redis_lease_renew", "must be above 0 and below redis_lease_expiry")
+    providers = ("step", "glm", *(upstream.name for upstream in s.openai_upstreams))
+    if s.default_provider not in providers:
+        fail("default_provider", f"must be one of {', '.join(providers)}, "
+             f"not {s.default_provider[:40]!r}")
     if s.log_level.lower() not in LOG_LEVELS:
         fail("log_level", f"must be one of {', '.join(LOG_LEVELS)}")
 

@@ -179,6 +179,22 @@ async def test_provider_route(relay: Running, upstream: OpenAIEmulator) -> None:
     assert upstream.record.chats[0].body["model"] == "gpt-4o"
 
 
+async def test_an_upstream_can_be_the_default_provider(
+    relay_factory: RelayFactory, upstream: OpenAIEmulator
+) -> None:
+    """RELAY_DEFAULT_PROVIDER may name a configured upstream: a model nobody owns goes
+    there (as it is); a name that is no provider is a ConfigError at start."""
+    relay = await relay_factory(openai_upstreams=upstreams(upstream),
+                                default_provider="deepseek")
+    reply = await post(relay.base_url, "/v1/chat/completions", chat("gpt-4o"))
+    assert reply.status == 200, reply.content
+    assert upstream.record.chats[0].body["model"] == "gpt-4o"
+    with pytest.raises(config.ConfigError, match="default_provider: must be one of step, glm, "
+                       "deepseek"):
+        config.load({"openai_upstreams": upstreams(upstream), "default_provider": "mistral"},
+                    environ={})
+
+
 async def test_models_lists_the_configured_models(relay: Running) -> None:
     """/v1/models lists the upstream's models, owned by it, beside the web chats'."""
     def run() -> dict[str, str]:
