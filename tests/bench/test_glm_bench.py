@@ -270,7 +270,7 @@ def test_emulator_commands_ask_for_no_record_and_many_streams() -> None:
     assert "--no-record" in STEP.emulator_command("py", params)
     assert "--glm-max-streams 100000" in GLM.relay_cmd
     assert GLM.model.startswith("glm")
-    assert set(PROVIDERS) == {"step", "glm"}
+    assert set(PROVIDERS) == {"step", "glm", "openai"}
 
 
 # --- pacing: no pause after the last frame --------------------------------------------
