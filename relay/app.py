@@ -22,11 +22,13 @@ from typing import TYPE_CHECKING
 import trio
 
 from protocol.errors import RelayError
-from relay import accounts, registry, routes
+from relay.accounts import connected as accounts_connected
 from relay.fetcher import UrlFetcher
 from relay.janitor import Janitor
 from relay.metrics import REFRESH_S, Metrics
 from relay.pool import UpstreamPool
+from relay.registry import ENTRIES, Parts, build
+from relay.routes import Route, dispatch, route_table
 from relay.server import Exchange, Server, bound_addresses, open_listeners
 from relay.upstream import make_pool
 
@@ -52,7 +54,7 @@ class App:
         *,
         upstream_ssl_context: ssl.SSLContext | None = None,
         trusted_file_origins: Collection[Origin] = (),
-        providers: Sequence[Entry | Entries] = registry.ENTRIES,
+        providers: Sequence[Entry | Entries] = ENTRIES,
     ) -> None:
         """
         Args:
@@ -71,11 +73,11 @@ class App:
         self.fetcher = UrlFetcher(settings, trusted_origins=trusted_file_origins)
         #: runs conversation cleanup after the answers, while serve() runs
         self.janitor = Janitor()
-        parts = registry.Parts(settings, self._pool, self.fetcher, self.janitor)
-        self.providers: Providers = registry.build(parts, providers)
+        parts = Parts(settings, self._pool, self.fetcher, self.janitor)
+        self.providers: Providers = build(parts, providers)
         #: path -> route (handlers by method, dialect), the forced /<provider>/v1/...
         #: routes included; a route added here is served from the next request on
-        self.routes: dict[str, routes.Route] = routes.route_table(self.providers)
+        self.routes: dict[str, Route] = route_table(self.providers)
         self.server = Server(settings, self.handle)
         self.metrics = Metrics(self.pool_statistics, self.statistics)
         self.addresses: list[str] = []
@@ -129,7 +131,7 @@ class App:
         pools = [runtime.pool for runtime in self.providers.values()]
         try:
             # account state (Redis, when configured) is connected around everything served
-            async with accounts.connected(pools), trio.open_nursery() as outer:
+            async with accounts_connected(pools), trio.open_nursery() as outer:
                 await outer.start(self.janitor.run)
                 refreshing = trio.CancelScope()
                 if self.metrics.directory is not None:  # --workers: see relay.metrics
@@ -185,4 +187,4 @@ class App:
 
     async def handle(self, ex: Exchange) -> None:
         """Entry point for every request."""
-        await routes.dispatch(self, ex)
+        await dispatch(self, ex)

@@ -58,7 +58,7 @@ import trio
 from protocol.deltas import Finish, UpstreamError
 from protocol.errors import AuthError, RelayError, ServerShuttingDown
 from protocol.openai import ChatRequest, check_file_count, parse_chat_request
-from relay import accounts, config, registry
+from relay.accounts import connected as accounts_connected
 from relay.app import App
 from relay.chat import (
     Outcome,
@@ -68,6 +68,8 @@ from relay.chat import (
     open_answer,
     with_account,
 )
+from relay.config import load as load_settings
+from relay.registry import ENTRIES, start_emulators
 
 if TYPE_CHECKING:
     import ssl
@@ -118,7 +120,7 @@ def settings(
     """
     merged = {**(values or {}), **more}
     environ: Mapping[str, str] = os.environ if from_environ else {}
-    return config.load(merged, config_file=config_file, environ=environ)
+    return load_settings(merged, config_file=config_file, environ=environ)
 
 
 # --- the app, with the demo's emulators ------------------------------------------------------
@@ -128,7 +130,7 @@ async def start_app(
     settings: Settings,
     nursery: trio.Nursery,
     *,
-    providers: Sequence[Entry | Entries] = registry.ENTRIES,
+    providers: Sequence[Entry | Entries] = ENTRIES,
     upstream_ssl_context: ssl.SSLContext | None = None,
 ) -> App:
     """The :class:`~relay.app.App` for ``settings``; in demo mode, its emulators first.
@@ -147,7 +149,7 @@ async def start_app(
     """
     trusted: frozenset[Origin] = frozenset()
     if settings.demo:
-        settings, trusted = await registry.start_emulators(settings, nursery, providers)
+        settings, trusted = await start_emulators(settings, nursery, providers)
     return App(settings, upstream_ssl_context=upstream_ssl_context,
                trusted_file_origins=trusted, providers=providers)
 
@@ -584,7 +586,7 @@ class Relay:
                 app = await start_app(self._settings, services,
                                       upstream_ssl_context=self._ssl_context)
                 pools = [runtime.pool for runtime in app.providers.values()]
-                async with app, accounts.connected(pools):
+                async with app, accounts_connected(pools):
                     await services.start(app.janitor.run)
                     try:
                         async with trio.open_nursery() as chats:
