@@ -376,13 +376,28 @@ async def _serve_stream(
     outcome: Outcome,
     started_at: float,
 ) -> None:
+    await _write_stream(ex, encoder, settings, outcome,
+                        lambda writer: _pump(answer, encoder, writer, outcome, started_at))
+
+
+async def _write_stream(
+    ex: Exchange,
+    encoder: StreamEncoder,
+    settings: Settings,
+    outcome: Outcome,
+    pump: Callable[[SSEWriter], Awaitable[None]],
+) -> None:
+    """Run ``pump`` with an :class:`SSEWriter`: its clock running, its hook on the reads.
+
+    A failure of the pump is raised as it is, outside the writer's nursery.
+    """
     writer = SSEWriter(ex, encoder, settings, outcome.gap_observer)
     failure: BaseException | None = None
     async with trio.open_nursery() as nursery:
         writer.start_clock(nursery)
         hook = before_read.set(writer.before_read)
         try:
-            await _pump(answer, encoder, writer, outcome, started_at)
+            await pump(writer)
         except (RelayError, _Retry, ClientGone) as exc:
             failure = exc  # raised outside the nursery, unwrapped
         finally:
@@ -688,21 +703,8 @@ async def _serve_raw(
 ) -> None:
     """The upstream's events to the client: :func:`_serve_stream` without encoding."""
     encoder = PassthroughStream()
-    writer = SSEWriter(ex, encoder, settings, outcome.gap_observer)
-    failure: BaseException | None = None
-    async with trio.open_nursery() as nursery:
-        writer.start_clock(nursery)
-        hook = before_read.set(writer.before_read)
-        try:
-            await _pump_raw(answer, encoder, writer, outcome, started_at)
-        except (RelayError, ClientGone) as exc:
-            failure = exc  # raised outside the nursery, unwrapped
-        finally:
-            before_read.reset(hook)
-            writer.stop_clock()
-            nursery.cancel_scope.cancel()
-    if failure is not None:
-        raise failure
+    await _write_stream(ex, encoder, settings, outcome,
+                        lambda writer: _pump_raw(answer, encoder, writer, outcome, started_at))
 
 
 async def _pump_raw(
