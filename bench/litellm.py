@@ -33,7 +33,9 @@ The config gives LiteLLM nothing that adds work per request: no master key
 (so no key checks and no database, like the relay without
 ``RELAY_API_KEYS``; LiteLLM refuses to start keyless unless told
 ``dangerously_permit_weak_or_unset_master_key``, fine on loopback), no
-callbacks, spend logs and cost tracking off, logging at ERROR.
+callbacks, spend logs and cost tracking off, logging at ERROR. Its
+upstream connection pool is not capped below the bench's load
+(:data:`UNCAPPED_ENV`), as the relay's is not.
 ``--workers N`` is passed as ``--num_workers`` (uvicorn workers on one
 port); ``bench overhead`` fills it from ``{workers}``.
 """
@@ -74,6 +76,14 @@ OFFLINE_ENV = {
     "NO_REDOC": "True",
     "HF_HUB_OFFLINE": "1",
     "TOKENIZERS_PARALLELISM": "false",
+}
+#: LiteLLM's upstream connection caps raised past any scenario (its defaults are 1,000
+#: in all and 500 per host; 0 would not lift them: LiteLLM then leaves the cap to
+#: aiohttp, whose default is 100). The relay has no such cap, and with it LiteLLM held
+#: 500 of the idle scenario's 1,000 streams open and left the rest waiting.
+UNCAPPED_ENV = {
+    "AIOHTTP_CONNECTOR_LIMIT": "100000",
+    "AIOHTTP_CONNECTOR_LIMIT_PER_HOST": "100000",
 }
 
 
@@ -147,7 +157,7 @@ def serve(args: argparse.Namespace) -> int:
         return 2
     config = Path(CONFIG_NAME).resolve()
     config.write_text(render_config(args.upstream, args.token, args.model), encoding="utf-8")
-    env = {**os.environ, **OFFLINE_ENV}
+    env = {**os.environ, **OFFLINE_ENV, **UNCAPPED_ENV}
     env.pop("PYTHONPATH", None)  # the bench's checkout is none of LiteLLM's business
     argv = serve_argv(venv, args.host, args.port, config, args.workers)
     os.execve(argv[0], argv, env)  # noqa: S606 - the proxy replaces this process

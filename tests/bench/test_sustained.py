@@ -285,6 +285,8 @@ def test_litellm_relay_command_and_argv() -> None:
     assert one == ["/v/bin/litellm", "--config", "/c.yaml", "--host", "127.0.0.1", "--port", "8123"]
     assert litellm.serve_argv(venv, "h", 1, Path("/c"), 2)[-2:] == ["--num_workers", "2"]
     assert litellm.OFFLINE_ENV["LITELLM_LOCAL_MODEL_COST_MAP"] == "True"
+    # 0 would leave aiohttp's cap of 100 in place: the caps must be large numbers
+    assert all(int(value) >= 10_000 for value in litellm.UNCAPPED_ENV.values())
 
 
 def test_litellm_serve_without_install_says_how(
