@@ -18,12 +18,27 @@ from __future__ import annotations
 
 import gc
 import signal
-from typing import TYPE_CHECKING
+from functools import partial
+from typing import TYPE_CHECKING, Protocol
 
 import trio
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
+
+
+class Emulator(Protocol):
+    """What :func:`run_emulator` needs of an emulator."""
+
+    @property
+    def base_url(self) -> str: ...
+    @property
+    def serve(self) -> Callable[..., Awaitable[None]]: ...
+
+
+def run_emulator(emulator: Emulator, host: str, port: int) -> None:
+    """Serve ``emulator`` on ``host``/``port`` until SIGINT or SIGTERM (every ``main()``)."""
+    serve_until_signal(partial(emulator.serve, host=host, port=port), lambda: emulator.base_url)
 
 
 def serve_until_signal(

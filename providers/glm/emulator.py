@@ -98,7 +98,13 @@ from providers.emulator_http import (
     serve_connection,
     serve_http,
 )
-from providers.emulator_main import serve_until_signal
+from providers.emulator_main import run_emulator
+from providers.emulator_script import (
+    add_answer_flags,
+    add_pacing_flags,
+    add_record_flag,
+    behavior_options,
+)
 from providers.glm.emulator_script import (
     Pace,
     ScriptSpec,
@@ -1018,26 +1024,16 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0, help="0 picks a free port")
     parser.add_argument("--token", action="append", help="accepted refresh token (repeatable)")
-    parser.add_argument("--answer", help="the answer text (default: a demo answer)")
-    parser.add_argument("--chunk-chars", type=int, default=4)
+    add_answer_flags(parser, chunk_chars=4)
     parser.add_argument("--layout", choices=("active", "cumulative"), default="active")
-    parser.add_argument("--stamp", action="store_true", help="text = monotonic-ns stamps")
-    parser.add_argument("--frames", type=int, default=100, help="events in stamp mode")
-    parser.add_argument("--first-delay-s", type=float, default=0.0)
-    parser.add_argument("--frame-delay-s", type=float, default=0.0)
-    parser.add_argument("--stall-after", type=int)
-    parser.add_argument("--pack-all", action="store_true", help="the whole answer in one write")
+    add_pacing_flags(parser, frame="text event")
     parser.add_argument("--no-signature-check", action="store_true")
     parser.add_argument(
         "--no-stream-limit",
         action="store_true",
         help="any number of concurrent streams per account (the site allows one)",
     )
-    parser.add_argument(
-        "--no-record",
-        action="store_true",
-        help="keep only counters, not the list of every request (long benchmark runs)",
-    )
+    add_record_flag(parser)
     return parser.parse_args(argv)
 
 
@@ -1045,15 +1041,8 @@ def emulator_from_args(argv: list[str] | None = None) -> tuple[GlmEmulator, str,
     """The emulator, host and port the command line asks for."""
     args = _arguments(argv)
     behavior = GlmBehavior(
-        answer=args.answer,
-        chunk_chars=args.chunk_chars,
+        **behavior_options(args),
         layout=args.layout,
-        stamp=args.stamp,
-        stamp_frames=args.frames,
-        first_delay_s=args.first_delay_s,
-        frame_delay_s=args.frame_delay_s,
-        stall_after=args.stall_after,
-        pack_all=args.pack_all,
         check_signature=not args.no_signature_check,
         one_stream_per_account=not args.no_stream_limit,
     )
@@ -1068,10 +1057,7 @@ def main(argv: list[str] | None = None) -> None:
     signals are caught the way they are, and the ``gc.freeze()``.
     """
     emulator, host, port = emulator_from_args(argv)
-
-    serve_until_signal(
-        partial(emulator.serve, host=host, port=port), lambda: emulator.base_url
-    )
+    run_emulator(emulator, host, port)
 
 
 if __name__ == "__main__":

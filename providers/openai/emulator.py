@@ -74,11 +74,9 @@ the client leaves, even in a delay or a stall.
 from __future__ import annotations
 
 import argparse
-import enum
 import itertools
 import logging
 import math
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
@@ -98,7 +96,19 @@ from providers.emulator_http import (
     serve_connection,
     serve_http,
 )
-from providers.emulator_main import serve_until_signal
+from providers.emulator_main import run_emulator
+from providers.emulator_script import (
+    Action,
+    Outcome,
+    StreamTally,
+    add_answer_flags,
+    add_pacing_flags,
+    add_record_flag,
+    behavior_options,
+    stamp_text,
+    text_pieces,
+    write_script,
+)
 
 if TYPE_CHECKING:
     import ssl
@@ -189,21 +199,7 @@ class OpenAIRecord:
     refused: int = 0
 
 
-class _Action(enum.Enum):
-    """Non-frame steps of an answer script."""
-
-    PAUSE = "pause"  # wait frame_delay_s (before a delta frame, never after the last)
-    STALL = "stall"  # go silent until the client leaves
-    DROP = "drop"  # close the TCP connection without ending the body
-
-
-class _Outcome(enum.Enum):
-    COMPLETE = "complete"
-    DROPPED = "dropped"
-    ABORTED = "aborted"
-
-
-Script = Iterator[bytes | _Action]
+Script = Iterator[bytes | Action]
 
 
 class _Refusal(Exception):
@@ -363,10 +359,9 @@ def plan_answer(
     tools = _tool_names(body)
     last_user = _last_user_text(messages)
     results = _trailing_results(messages)
-    step = max(1, behavior.chunk_chars)
 
     def cut(text: str) -> list[str]:
-        return [text[start : start + step] for start in range(0, len(text), step)]
+        return list(text_pieces(text, behavior.chunk_chars))
 
     if tools and not results and body.get("tool_choice") != "none":
         forced = _forced_tool(body, tools)
@@ -453,78 +448,6 @@ def _prompt_tokens(body: dict[str, Any]) -> int:
         if isinstance(m, dict)
     ]
     return sum(tokens_of(text) for text in texts)
-
-
-def _stamp_text() -> str:
-    """A stamped frame's text: the monotonic time now."""
-    return f"[ts:{time.monotonic_ns()}]"
-
-
-class _StreamTally:
-    """Keeps the stream counters of an :class:`OpenAIRecord` right for one answer stream."""
-
-    def __init__(self, record: OpenAIRecord, changed: Callable[[], None]) -> None:
-        self._record = record
-        self._changed = changed
-        self._outcome: _Outcome | None = None
-        record.streams_started += 1
-        record.active_streams += 1
-        changed()
-
-    def settle(self, outcome: _Outcome) -> None:
-        """Count the stream as finished (complete or dropped) or aborted, once."""
-        if self._outcome is not None:
-            return
-        self._outcome = outcome
-        record = self._record
-        record.active_streams -= 1
-        if outcome is _Outcome.ABORTED:
-            record.streams_aborted += 1
-        else:
-            record.streams_finished += 1
-        self._changed()
-
-
-class _Writer:
-    """Applies ``write_size`` and ``pack_all`` to the bytes of one response."""
-
-    def __init__(self, conn: ClientConnection, write_size: int | None, pack_all: bool) -> None:
-        # Straight to the stream: a failed write ends the answer and the
-        # connection (conn.watched gives None), so h11 need not be told.
-        self._send = conn.stream.send_all
-        self._write_size = max(1, write_size) if write_size is not None else None
-        self._pack_all = pack_all
-        self._pending = bytearray()
-
-    async def write(self, data: bytes) -> None:
-        """Send ``data`` now, or keep it until a whole ``write_size`` piece is there."""
-        if not data:
-            return
-        if self._pack_all:
-            self._pending += data
-            return
-        size = self._write_size
-        if size is None:
-            await self._send(data)
-            return
-        pending = self._pending
-        pending += data
-        while len(pending) >= size:
-            piece = bytes(pending[:size])
-            del pending[:size]
-            await self._send(piece)
-
-    async def pause(self) -> None:
-        """Before a delay: push out a partial piece (not in ``pack_all`` mode)."""
-        if not self._pack_all:
-            await self.flush()
-
-    async def flush(self) -> None:
-        """Send everything held back, in one write."""
-        if self._pending:
-            data = bytes(self._pending)
-            self._pending.clear()
-            await self._send(data)
 
 
 class OpenAIEmulator:
@@ -720,15 +643,15 @@ class OpenAIEmulator:
             options = body.get("stream_options")
             usage = isinstance(options, dict) and options.get("include_usage") is True
             chunks = _Chunks(answer_id, body["model"], usage, conn.chunked)
-            tally = _StreamTally(self.record, self._changed)
-            outcome: _Outcome | None = None
+            tally = StreamTally(self.record, self._changed)
+            outcome: Outcome | None = None
             try:
                 script = self._script(behavior, plan, chunks, _prompt_tokens(body), usage)
                 write = partial(self._write_script, conn, behavior, tally, script)
                 outcome = await conn.watched(write)
             finally:
-                tally.settle(outcome or _Outcome.ABORTED)
-            return outcome is _Outcome.COMPLETE
+                tally.settle(outcome or Outcome.ABORTED)
+            return outcome is Outcome.COMPLETE
         await conn.reply(Reply(200, self._completion(answer_id, body, behavior, plan)))
         self.record.completions += 1
         self._changed()
@@ -739,7 +662,7 @@ class OpenAIEmulator:
     ) -> bytes:
         """A whole ``chat.completion`` object."""
         text = "".join(
-            _stamp_text() for _ in range(behavior.stamp_frames)
+            stamp_text() for _ in range(behavior.stamp_frames)
         ) if behavior.stamp else "".join(plan.texts)
         reasoning = behavior.reasoning or ""
         message: dict[str, Any] = {"role": "assistant", "content": text if not plan.calls else None}
@@ -772,7 +695,7 @@ class OpenAIEmulator:
             yield partial(chunks.delta, {"reasoning_content": piece})
         if behavior.stamp:
             for _ in range(max(0, behavior.stamp_frames)):
-                yield lambda: chunks.content(_stamp_text())
+                yield lambda: chunks.content(stamp_text())
             return
         for index, call in enumerate(plan.calls):
             opening = {"index": index, "id": call.id, "type": "function",
@@ -794,7 +717,7 @@ class OpenAIEmulator:
             if cut is not None:
                 yield cut
                 return
-            yield _Action.PAUSE
+            yield Action.PAUSE
             yield make()  # after the pause: a stamp is the time of the write
         cut = _interruption(behavior, math.inf)
         if cut is not None:
@@ -814,50 +737,23 @@ class OpenAIEmulator:
         yield chunks.done()
 
     async def _write_script(
-        self, conn: ClientConnection, behavior: OpenAIBehavior, tally: _StreamTally, script: Script
-    ) -> _Outcome:
-        """Write the head and the script; COMPLETE or DROPPED (a stall waits to be cancelled)."""
+        self, conn: ClientConnection, behavior: OpenAIBehavior, tally: StreamTally, script: Script
+    ) -> Outcome:
+        """Write the head and the script (:func:`providers.emulator_script.write_script`)."""
         head = h11.Response(
             status_code=200,
             headers=[(b"content-type", SSE_TYPE), (b"cache-control", b"no-cache")],
             reason=b"OK",
         )
-        writer = _Writer(conn, behavior.write_size, behavior.pack_all)
-        await writer.write(conn.encode(head))
-        if behavior.hold is not None:
-            await writer.pause()
-            await behavior.hold.wait()
-        if behavior.first_delay_s > 0:
-            await writer.pause()
-            await trio.sleep(behavior.first_delay_s)
-        for item in script:
-            if item is _Action.PAUSE:
-                if behavior.frame_delay_s > 0:
-                    await writer.pause()
-                    await trio.sleep(behavior.frame_delay_s)
-                continue
-            if item is _Action.STALL:
-                await writer.flush()
-                await trio.sleep_forever()
-            if item is _Action.DROP:
-                await writer.flush()
-                tally.settle(_Outcome.DROPPED)
-                return _Outcome.DROPPED
-            if isinstance(item, bytes):
-                await writer.write(item)
-        # Counted before its last bytes leave: a client that saw the end sees the record say so.
-        tally.settle(_Outcome.COMPLETE)
-        await writer.write(conn.encode(h11.EndOfMessage()))
-        await writer.flush()
-        return _Outcome.COMPLETE
+        return await write_script(conn, behavior, tally, head, script)
 
 
-def _interruption(behavior: OpenAIBehavior, sent: float) -> _Action | None:
+def _interruption(behavior: OpenAIBehavior, sent: float) -> Action | None:
     """STALL or DROP once ``sent`` delta frames are out, if a knob says so."""
     if behavior.stall_after is not None and behavior.stall_after <= sent:
-        return _Action.STALL
+        return Action.STALL
     if behavior.drop_after is not None and behavior.drop_after <= sent:
-        return _Action.DROP
+        return Action.DROP
     return None
 
 
@@ -888,38 +784,18 @@ def parse_args(argv: list[str] | None = None) -> CliOptions:
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to bind")
     parser.add_argument("--port", type=int, default=8003, help="port to bind (0: any free)")
-    parser.add_argument("--answer", help="answer text (default: a demo answer quoting the prompt)")
-    parser.add_argument("--chunk-chars", type=int, default=6, help="characters per content delta")
+    add_answer_flags(parser, chunk_help="characters per content delta")
     parser.add_argument("--reasoning", help="reasoning_content sent before the answer")
-    parser.add_argument("--stamp", action="store_true", help="frames carry [ts:<monotonic_ns>]")
-    parser.add_argument("--frames", type=int, default=100, help="number of stamped frames")
-    parser.add_argument("--frame-delay-s", type=float, default=0.0, help="delay between frames")
-    parser.add_argument("--first-delay-s", type=float, default=0.0, help="delay before frame 1")
-    parser.add_argument("--stall-after", type=int, help="go silent after N delta frames")
-    parser.add_argument("--pack-all", action="store_true", help="the whole answer in one write")
+    add_pacing_flags(parser, frame="delta frame")
     parser.add_argument(
         "--key", action="append", dest="keys", help="accepted API key (repeatable; default any)"
     )
     parser.add_argument(
         "--model", action="append", dest="models", help="a model /v1/models lists (repeatable)"
     )
-    parser.add_argument(
-        "--no-record",
-        action="store_true",
-        help="keep only counters, not the list of every request (long benchmark runs)",
-    )
+    add_record_flag(parser)
     args = parser.parse_args(argv)
-    behavior = OpenAIBehavior(
-        answer=args.answer,
-        chunk_chars=args.chunk_chars,
-        reasoning=args.reasoning,
-        stamp=args.stamp,
-        stamp_frames=args.frames,
-        frame_delay_s=args.frame_delay_s,
-        first_delay_s=args.first_delay_s,
-        stall_after=args.stall_after,
-        pack_all=args.pack_all,
-    )
+    behavior = OpenAIBehavior(reasoning=args.reasoning, **behavior_options(args))
     return CliOptions(
         host=args.host,
         port=args.port,
@@ -942,9 +818,7 @@ def main(argv: list[str] | None = None) -> None:
         models=options.models,
         keep_record=options.keep_record,
     )
-    serve_until_signal(
-        partial(emulator.serve, host=options.host, port=options.port), lambda: emulator.base_url
-    )
+    run_emulator(emulator, options.host, options.port)
 
 
 if __name__ == "__main__":

@@ -66,7 +66,6 @@ from __future__ import annotations
 
 import argparse
 import base64
-import enum
 import itertools
 import logging
 import math
@@ -101,7 +100,19 @@ from providers.emulator_http import (
     serve_connection,
     serve_http,
 )
-from providers.emulator_main import serve_until_signal
+from providers.emulator_main import run_emulator
+from providers.emulator_script import (
+    Action,
+    Outcome,
+    StreamTally,
+    add_answer_flags,
+    add_pacing_flags,
+    add_record_flag,
+    behavior_options,
+    stamp_text,
+    text_pieces,
+    write_script,
+)
 
 if TYPE_CHECKING:
     import ssl
@@ -231,21 +242,7 @@ class _Grant:
     expires_at: float  # time.monotonic() seconds
 
 
-class _Action(enum.Enum):
-    """Non-frame steps of an answer script."""
-
-    PAUSE = "pause"  # wait frame_delay_s (before a text frame, never after the last)
-    STALL = "stall"  # go silent until the client leaves
-    DROP = "drop"  # close the TCP connection without ending the body
-
-
-class _Outcome(enum.Enum):
-    COMPLETE = "complete"  # body ended normally; the connection may be reused
-    DROPPED = "dropped"  # scripted abrupt close
-    ABORTED = "aborted"  # the client went away
-
-
-Script = Iterator[bytes | _Action]
+Script = Iterator[bytes | Action]
 
 
 @dataclass(slots=True)
@@ -349,11 +346,6 @@ def demo_answer(prompt: str) -> str:
     )
 
 
-def _stamp_text() -> str:
-    """A stamped frame's text: the monotonic time now."""
-    return f"[ts:{time.monotonic_ns()}]"
-
-
 def _texts(behavior: StepBehavior, prompt: str) -> Iterator[Callable[[], str]]:
     """The texts of the ``textEvent`` frames, each as a function called at write time.
 
@@ -361,7 +353,7 @@ def _texts(behavior: StepBehavior, prompt: str) -> Iterator[Callable[[], str]]:
     that another frame follows (and pause before it) before a stamp is read.
     """
     if behavior.stamp:
-        return itertools.repeat(_stamp_text, max(0, behavior.stamp_frames))
+        return itertools.repeat(stamp_text, max(0, behavior.stamp_frames))
     if behavior.text_frames is not None:
         texts: Iterable[str] = behavior.text_frames
     else:
@@ -370,21 +362,20 @@ def _texts(behavior: StepBehavior, prompt: str) -> Iterator[Callable[[], str]]:
             answer = agent_answer(prompt)
         if answer is None:
             answer = demo_answer(prompt)
-        step = max(1, behavior.chunk_chars)
-        texts = (answer[start : start + step] for start in range(0, len(answer), step))
+        texts = text_pieces(answer, behavior.chunk_chars)
     return (partial(str, text) for text in texts)
 
 
-def _interruption(behavior: StepBehavior, sent: float, chunked: bool) -> list[bytes | _Action]:
+def _interruption(behavior: StepBehavior, sent: float, chunked: bool) -> list[bytes | Action]:
     """The steps that replace the rest of the script once ``sent`` text frames are out."""
 
     def due(count: int | None) -> bool:
         return count is not None and count <= sent
 
     if due(behavior.stall_after):
-        return [_Action.STALL]
+        return [Action.STALL]
     if due(behavior.drop_after):
-        return [_Action.DROP]
+        return [Action.DROP]
     if due(behavior.malformed_after):
         return [_frame(_MALFORMED_PAYLOAD, 0, chunked)]
     if due(behavior.oversized_after):
@@ -392,84 +383,6 @@ def _interruption(behavior: StepBehavior, sent: float, chunked: bool) -> list[by
         header = _ENVELOPE_HEADER.pack(0, OVERSIZED_LENGTH_BYTES)
         return [_raw_chunk(header + _TEXT_PREFIX, chunked)]
     return []
-
-
-class _StreamTally:
-    """Keeps the stream counters of a :class:`StepRecord` right for one answer stream.
-
-    :meth:`settle` may be called again with a different outcome (a stream
-    counted as finished just before its last write, whose write then failed).
-    """
-
-    def __init__(self, record: StepRecord, changed: Callable[[], None]) -> None:
-        self._record = record
-        self._changed = changed
-        self._outcome: _Outcome | None = None
-        record.streams_started += 1
-        record.active_streams += 1
-        changed()
-
-    def settle(self, outcome: _Outcome) -> None:
-        """Count the stream as finished (complete or dropped) or aborted."""
-        record = self._record
-        previous = self._outcome
-        if previous is not None and (previous is _Outcome.ABORTED) == (outcome is _Outcome.ABORTED):
-            return
-        if previous is None:
-            record.active_streams -= 1
-        elif previous is _Outcome.ABORTED:
-            record.streams_aborted -= 1
-        else:
-            record.streams_finished -= 1
-        if outcome is _Outcome.ABORTED:
-            record.streams_aborted += 1
-        else:
-            record.streams_finished += 1
-        self._outcome = outcome
-        self._changed()
-
-
-class _Writer:
-    """Applies ``write_size`` and ``pack_all`` to the bytes of one response."""
-
-    def __init__(self, conn: ClientConnection, write_size: int | None, pack_all: bool) -> None:
-        # Straight to the stream, one call less per frame than conn.send: a
-        # failed write ends the answer and the connection (conn.watched gives
-        # None), so h11 need not be told.
-        self._send = conn.stream.send_all
-        self._write_size = max(1, write_size) if write_size is not None else None
-        self._pack_all = pack_all
-        self._pending = bytearray()
-
-    async def write(self, data: bytes) -> None:
-        """Send ``data`` now, or keep it until a whole ``write_size`` piece is there."""
-        if not data:
-            return
-        if self._pack_all:
-            self._pending += data
-            return
-        size = self._write_size
-        if size is None:
-            await self._send(data)
-            return
-        pending = self._pending
-        pending += data
-        while len(pending) >= size:
-            piece = bytes(pending[:size])
-            del pending[:size]
-            await self._send(piece)
-
-    async def pause(self) -> None:
-        """Before a delay: push out a partial piece (not in ``pack_all`` mode)."""
-        if not self._pack_all:
-            await self.flush()
-
-    async def flush(self) -> None:
-        """Send everything held back, in one write."""
-        if self._pending:
-            data = bytes(self._pending)
-            self._pending.clear()
-            await self._send(data)
 
 
 class StepEmulator:
@@ -791,14 +704,14 @@ class StepEmulator:
         if behavior.search_results:
             results = [{"title": title, "url": url} for title, url in behavior.search_results]
             event = {"pipelineEvent": {"eventSearch": {"results": results}}}
-            yield _Action.PAUSE
+            yield Action.PAUSE
             yield _frame(orjson.dumps(event), 0, chunked)
         for sent, make_text in enumerate(_texts(behavior, prompt)):
             cut = _interruption(behavior, sent, chunked)
             if cut:
                 yield from cut
                 return
-            yield _Action.PAUSE
+            yield Action.PAUSE
             text = make_text()  # after the pause: a stamp is the time of the write
             yield _frame(_TEXT_PREFIX + orjson.dumps(text) + _TEXT_SUFFIX, 0, chunked)
         cut = _interruption(behavior, math.inf, chunked)
@@ -825,60 +738,29 @@ class StepEmulator:
         The client leaving (EOF, reset, a failed write) ends the write at once
         and counts the stream as aborted.
         """
-        tally = _StreamTally(self.record, self._changed)
-        outcome: _Outcome | None = None
+        tally = StreamTally(self.record, self._changed)
+        outcome: Outcome | None = None
         try:
             write = partial(self._write_script, conn, behavior, tally, chat_id, prompt)
             outcome = await conn.watched(write)
         finally:
-            tally.settle(outcome or _Outcome.ABORTED)
-        return outcome is _Outcome.COMPLETE
+            tally.settle(outcome or Outcome.ABORTED)
+        return outcome is Outcome.COMPLETE
 
     async def _write_script(
         self,
         conn: ClientConnection,
         behavior: StepBehavior,
-        tally: _StreamTally,
+        tally: StreamTally,
         chat_id: str,
         prompt: str,
-    ) -> _Outcome:
-        """Write the head and the script; COMPLETE or DROPPED (a stall waits to be cancelled).
-
-        Raises:
-            trio.BrokenResourceError: the client is gone.
-        """
+    ) -> Outcome:
+        """Write the head and the script (:func:`providers.emulator_script.write_script`)."""
         head = h11.Response(
             status_code=200, headers=[(b"content-type", CONNECT_JSON_TYPE.encode())], reason=b"OK"
         )
-        writer = _Writer(conn, behavior.write_size, behavior.pack_all)
         script = self._script(behavior, chat_id, prompt, conn.chunked)
-        await writer.write(conn.encode(head))
-        if behavior.hold is not None:
-            await writer.pause()
-            await behavior.hold.wait()
-        if behavior.first_delay_s > 0:
-            await writer.pause()
-            await trio.sleep(behavior.first_delay_s)
-        for item in script:  # stamps are taken in the script, after their pause
-            if item is _Action.PAUSE:
-                if behavior.frame_delay_s > 0:
-                    await writer.pause()
-                    await trio.sleep(behavior.frame_delay_s)
-                continue
-            if item is _Action.STALL:
-                await writer.flush()
-                await trio.sleep_forever()
-            if item is _Action.DROP:
-                await writer.flush()
-                return _Outcome.DROPPED
-            if isinstance(item, bytes):
-                await writer.write(item)
-        # Count the stream as finished before its last bytes leave, so that a
-        # client that has seen the end also sees the record say so.
-        tally.settle(_Outcome.COMPLETE)
-        await writer.write(conn.encode(h11.EndOfMessage()))
-        await writer.flush()
-        return _Outcome.COMPLETE
+        return await write_script(conn, behavior, tally, head, script)
 
     # --- HTTP/1.1 connection loop (providers.emulator_http) -----------------
 
@@ -967,33 +849,14 @@ def parse_args(argv: list[str] | None = None) -> CliOptions:
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to bind")
     parser.add_argument("--port", type=int, default=8001, help="port to bind (0: any free)")
-    parser.add_argument("--answer", help="answer text (default: a demo answer quoting the prompt)")
-    parser.add_argument("--chunk-chars", type=int, default=6, help="characters per textEvent")
-    parser.add_argument("--stamp", action="store_true", help="frames carry [ts:<monotonic_ns>]")
-    parser.add_argument("--frames", type=int, default=100, help="number of stamped frames")
-    parser.add_argument("--frame-delay-s", type=float, default=0.0, help="delay between frames")
-    parser.add_argument("--first-delay-s", type=float, default=0.0, help="delay before frame 1")
-    parser.add_argument("--stall-after", type=int, help="go silent after N text frames")
-    parser.add_argument("--pack-all", action="store_true", help="the whole answer in one write")
+    add_answer_flags(parser, chunk_help="characters per textEvent")
+    add_pacing_flags(parser, frame="text frame")
     parser.add_argument(
         "--token", action="append", dest="tokens", help="accepted user token (repeatable)"
     )
-    parser.add_argument(
-        "--no-record",
-        action="store_true",
-        help="keep only counters, not the list of every request (long benchmark runs)",
-    )
+    add_record_flag(parser)
     args = parser.parse_args(argv)
-    behavior = StepBehavior(
-        answer=args.answer,
-        chunk_chars=args.chunk_chars,
-        stamp=args.stamp,
-        stamp_frames=args.frames,
-        frame_delay_s=args.frame_delay_s,
-        first_delay_s=args.first_delay_s,
-        stall_after=args.stall_after,
-        pack_all=args.pack_all,
-    )
+    behavior = StepBehavior(**behavior_options(args))
     tokens = tuple(args.tokens) if args.tokens else None
     return CliOptions(
         host=args.host,
@@ -1014,10 +877,7 @@ def main(argv: list[str] | None = None) -> None:
     emulator = StepEmulator(
         tokens=options.tokens, behavior=options.behavior, keep_record=options.keep_record
     )
-
-    serve_until_signal(
-        partial(emulator.serve, host=options.host, port=options.port), lambda: emulator.base_url
-    )
+    run_emulator(emulator, options.host, options.port)
 
 
 if __name__ == "__main__":
