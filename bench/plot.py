@@ -134,6 +134,7 @@ def plot_comparison(
             axis.annotate(text, (bar.get_x() + bar.get_width() / 2, bar.get_height()),
                           ha="center", va="bottom", fontsize=8)  # fmt: skip
         axis.set_title(headline.label, fontsize=9)
+        axis.set_ylim(bottom=0)
         axis.tick_params(labelsize=8)
         axis.grid(True, axis="y", alpha=0.3)
     axis = flat[len(HEADLINES)]
