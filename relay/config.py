@@ -263,6 +263,11 @@ def _convert(name: str, value: Any, source: str) -> object:  # noqa: ANN401 - TO
             return parse_upstreams(value)
         except ValueError as exc:
             raise ConfigError(f"{source}: {name}: {exc}") from exc
+    if name == "default_provider":
+        # the web chats' names in any case, as when this was a fixed choice; an
+        # upstream's name as it is configured (checked in _validate)
+        text = str(value).strip()
+        return text.lower() if text.lower() in ("step", "glm") else text
     hint = typing.get_type_hints(Settings)[name]
     args = typing.get_args(hint)
     optional = isinstance(hint, types.UnionType) and type(None) in args

@@ -46,6 +46,7 @@ def sample(name: str) -> tuple[str, object]:
         "log_level": ("DEBUG", "DEBUG"),
         "upstream_proxy": ("http://proxy.test:3128", "http://proxy.test:3128"),
         "redis_url": ("redis://redis.test:6379/1", "redis://redis.test:6379/1"),
+        "default_provider": ("GLM", "glm"),  # any case, as when it was a fixed choice
         "openai_upstreams": (
             '[{"name": "up", "base_url": "http://up.test/v1", "api_keys": ["k"], "prefix": "up/"}]',
             (config.OpenAIUpstream("up", "http://up.test/v1", ("k",), (), "up/"),),
