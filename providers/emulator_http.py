@@ -46,6 +46,7 @@ import contextlib
 import http
 import logging
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import h11
@@ -320,3 +321,57 @@ async def serve_http(
         listeners = [trio.SSLListener(t, ssl_context, https_compatible=True) for t in tcp]
     task_status.started(tcp[0].socket.getsockname()[1])
     await trio.serve_listeners(handle, listeners)
+
+
+class Listener:
+    """What an emulator needs to listen: :meth:`serve` on a port, :attr:`base_url` once bound.
+
+    A subclass provides :meth:`handle_connection` (one accepted connection)
+    and may set :attr:`url_path`, appended to the origin in :attr:`base_url`.
+    """
+
+    #: appended to ``scheme://host:port`` in :attr:`base_url` (an SDK's base URL ends in /v1)
+    url_path = ""
+
+    def __init__(self) -> None:
+        self.port = 0
+        self._scheme = "http"
+        self._host = "127.0.0.1"
+
+    @property
+    def base_url(self) -> str:
+        """``http://127.0.0.1:<port>`` and :attr:`url_path` (``https`` when serving TLS)."""
+        host = self._host if self._host not in ("", "0.0.0.0", "::") else "127.0.0.1"  # noqa: S104
+        if ":" in host:
+            host = f"[{host}]"
+        return f"{self._scheme}://{host}:{self.port}{self.url_path}"
+
+    async def handle_connection(self, stream: trio.abc.Stream) -> None:
+        """Serve one accepted connection (the subclass's)."""
+        raise NotImplementedError
+
+    async def serve(
+        self,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        ssl_context: ssl.SSLContext | None = None,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Listen and serve until cancelled.
+
+        Args:
+            host: address to bind.
+            port: port to bind; 0 picks a free one (see :attr:`port`).
+            ssl_context: serve HTTPS with this server context.
+            task_status: reports readiness once listening (``nursery.start``).
+        """
+        async with trio.open_nursery() as nursery:
+            self.port = await nursery.start(
+                partial(serve_http, self.handle_connection, host=host, port=port,
+                        ssl_context=ssl_context)
+            )
+            self._host = host
+            if ssl_context is not None:
+                self._scheme = "https"
+            task_status.started()

@@ -90,11 +90,11 @@ from protocol.errors import PayloadTooLarge
 from providers.emulator_agent import requested_calls, results_sentence, schema_instance
 from providers.emulator_http import (
     ClientConnection,
+    Listener,
     Reply,
     Request,
     http_chunk,
     serve_connection,
-    serve_http,
 )
 from providers.emulator_main import run_emulator
 from providers.emulator_script import (
@@ -111,7 +111,6 @@ from providers.emulator_script import (
 )
 
 if TYPE_CHECKING:
-    import ssl
     from collections.abc import Iterable
 
 logger = logging.getLogger(__name__)
@@ -450,7 +449,7 @@ def _prompt_tokens(body: dict[str, Any]) -> int:
     return sum(tokens_of(text) for text in texts)
 
 
-class OpenAIEmulator:
+class OpenAIEmulator(Listener):
     """An OpenAI-compatible server on loopback that records requests and misbehaves on request.
 
     Attributes:
@@ -460,6 +459,8 @@ class OpenAIEmulator:
         models: what ``/v1/models`` lists.
         port: the bound port, once :meth:`serve` has started.
     """
+
+    url_path = "/v1"  # base_url is an SDK's base URL
 
     def __init__(
         self,
@@ -483,48 +484,13 @@ class OpenAIEmulator:
         self.record = OpenAIRecord()
         self.models = list(models)
         self._keep = keep_record
-        self.port = 0
-        self._scheme = "http"
-        self._host = "127.0.0.1"
+        super().__init__()
         self._answer_ids = itertools.count(1)
         self._call_ids = itertools.count(1)
         self._lot = trio.lowlevel.ParkingLot()
 
     # --- public API --------------------------------------------------------
 
-    @property
-    def base_url(self) -> str:
-        """``http://127.0.0.1:<port>/v1`` (``https`` when serving TLS): an SDK's base URL."""
-        host = self._host if self._host not in ("", "0.0.0.0", "::") else "127.0.0.1"  # noqa: S104
-        if ":" in host:
-            host = f"[{host}]"
-        return f"{self._scheme}://{host}:{self.port}/v1"
-
-    async def serve(
-        self,
-        *,
-        host: str = "127.0.0.1",
-        port: int = 0,
-        ssl_context: ssl.SSLContext | None = None,
-        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
-    ) -> None:
-        """Listen and serve until cancelled.
-
-        Args:
-            host: address to bind.
-            port: port to bind; 0 picks a free one (see :attr:`port`).
-            ssl_context: serve HTTPS with this server context.
-            task_status: reports readiness once listening (``nursery.start``).
-        """
-        serve = partial(
-            serve_http, self.handle_connection, host=host, port=port, ssl_context=ssl_context
-        )
-        async with trio.open_nursery() as nursery:
-            self.port = await nursery.start(serve)
-            self._host = host
-            if ssl_context is not None:
-                self._scheme = "https"
-            task_status.started()
 
     async def wait_until(
         self,

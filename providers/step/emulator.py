@@ -76,7 +76,7 @@ import urllib.parse
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import h11
 import orjson
@@ -94,11 +94,11 @@ from protocol.errors import (
 from providers.emulator_agent import agent_answer
 from providers.emulator_http import (
     ClientConnection,
+    Listener,
     Reply,
     Request,
     http_chunk,
     serve_connection,
-    serve_http,
 )
 from providers.emulator_main import run_emulator
 from providers.emulator_script import (
@@ -113,9 +113,6 @@ from providers.emulator_script import (
     text_pieces,
     write_script,
 )
-
-if TYPE_CHECKING:
-    import ssl
 
 logger = logging.getLogger(__name__)
 
@@ -385,7 +382,7 @@ def _interruption(behavior: StepBehavior, sent: float, chunked: bool) -> list[by
     return []
 
 
-class StepEmulator:
+class StepEmulator(Listener):
     """A StepChat server on loopback that records requests and misbehaves on request.
 
     Attributes:
@@ -417,9 +414,7 @@ class StepEmulator:
         self.behavior = behavior if behavior is not None else StepBehavior()
         self.record = StepRecord()
         self._keep = keep_record
-        self.port = 0
-        self._scheme = "http"
-        self._host = "127.0.0.1"
+        super().__init__()
         self._grants: dict[str, _Grant] = {}
         self._chats: dict[str, str] = {}  # live chat id -> name
         self._deleted: set[str] = set()
@@ -439,39 +434,6 @@ class StepEmulator:
 
     # --- public API --------------------------------------------------------
 
-    @property
-    def base_url(self) -> str:
-        """``http://127.0.0.1:<port>`` (``https`` when serving TLS)."""
-        host = self._host if self._host not in ("", "0.0.0.0", "::") else "127.0.0.1"  # noqa: S104
-        if ":" in host:
-            host = f"[{host}]"
-        return f"{self._scheme}://{host}:{self.port}"
-
-    async def serve(
-        self,
-        *,
-        host: str = "127.0.0.1",
-        port: int = 0,
-        ssl_context: ssl.SSLContext | None = None,
-        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
-    ) -> None:
-        """Listen and serve until cancelled.
-
-        Args:
-            host: address to bind.
-            port: port to bind; 0 picks a free one (see :attr:`port`).
-            ssl_context: serve HTTPS with this server context.
-            task_status: reports readiness once listening (``nursery.start``).
-        """
-        serve = partial(
-            serve_http, self.handle_connection, host=host, port=port, ssl_context=ssl_context
-        )
-        async with trio.open_nursery() as nursery:
-            self.port = await nursery.start(serve)
-            self._host = host
-            if ssl_context is not None:
-                self._scheme = "https"
-            task_status.started()
 
     def expire_access_tokens(self) -> None:
         """Make every access token issued so far invalid from now on."""
