@@ -4,6 +4,11 @@ Providers speak to the rest of the relay only in these events, so the OpenAI
 encoder, the non-stream accumulator and the benchmarks never know which
 upstream produced them. Events are small frozen dataclasses, compared with
 ``==`` in tests, and dispatched with ``match`` ending in ``assert_never``.
+
+Token counts: the web chats report none, so every dialect estimates its
+``usage``; an upstream that counts (an OpenAI-compatible one) hands its
+counts over on the :class:`Finish`, as a :class:`Usage`, and the dialects
+report those instead of their estimate.
 """
 
 from __future__ import annotations
@@ -73,6 +78,24 @@ class ToolCallDelta:
 
 
 @dataclass(frozen=True, slots=True)
+class Usage:
+    """The token counts the upstream reported for one answer (OpenAI's meanings).
+
+    Attributes:
+        input_tokens: the prompt's tokens, cached ones included (``prompt_tokens``).
+        output_tokens: the answer's tokens, reasoning included (``completion_tokens``).
+        reasoning_tokens: of ``output_tokens``, those of the reasoning (0: none or not told).
+        cached_tokens: of ``input_tokens``, those read from the upstream's
+            prompt cache (0: none or not told).
+    """
+
+    input_tokens: int
+    output_tokens: int
+    reasoning_tokens: int = 0
+    cached_tokens: int = 0
+
+
+@dataclass(frozen=True, slots=True)
 class Finish:
     """The answer is complete. Always the last event of a successful stream."""
 
@@ -82,6 +105,8 @@ class Finish:
     #: With ``reason="stop"``: the client's stop sequence that ended the
     #: answer (``""``: the model ended it).
     stop_sequence: str = ""
+    #: The upstream's own token counts (None: it reported none; the dialects estimate).
+    usage: Usage | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,8 +14,10 @@ Two ways to answer:
 
 - :meth:`OpenAIProvider.chat` (every dialect): the neutral request as the
   upstream's chat body, always streamed; the SSE events become neutral
-  deltas. The upstream does tools, JSON formats, ``stop`` and
-  ``max_tokens`` natively (:attr:`OpenAIProvider.native_agents`).
+  deltas (a whole ``chat.completion``, from an upstream that ignored
+  ``stream``, becomes the same deltas at once), the last a Finish with the
+  upstream's token counts. The upstream does tools, JSON formats, ``stop``
+  and ``max_tokens`` natively (:attr:`OpenAIProvider.native_agents`).
 - :meth:`OpenAIProvider.passthrough` (OpenAI chat completions in and out):
   the client's body goes up with the upstream's model name, and the answer
   comes back as the upstream's bytes, cut at event boundaries, the model name
@@ -69,11 +71,29 @@ def _media_type(response: StreamedResponse) -> bytes:
     return (response.header(b"content-type") or b"").split(b";")[0].strip().lower()
 
 
-class OpenAIAnswer:
-    """One streamed upstream answer as lists of deltas (providers.contract.ChatStream)."""
+async def _whole_body(response: StreamedResponse) -> bytes:
+    """A whole answer's body.
 
-    def __init__(self, response: StreamedResponse) -> None:
+    Raises:
+        UpstreamFailed: it is over :data:`WHOLE_BODY_LIMIT_BYTES`.
+    """
+    data = await response.read(WHOLE_BODY_LIMIT_BYTES + 1)
+    if len(data) > WHOLE_BODY_LIMIT_BYTES:
+        raise UpstreamFailed("the upstream's answer is over the size limit",
+                             code="answer_too_large")
+    return data
+
+
+class OpenAIAnswer:
+    """One upstream answer as lists of deltas (providers.contract.ChatStream).
+
+    Streamed (an event stream), or one whole ``chat.completion`` when the
+    upstream ignored ``stream: true`` (``whole``): then one batch.
+    """
+
+    def __init__(self, response: StreamedResponse, *, whole: bool = False) -> None:
         self._response = response
+        self._whole = whole
 
     @property
     def conversation_id(self) -> str:
@@ -81,8 +101,11 @@ class OpenAIAnswer:
         return ""
 
     async def __aiter__(self) -> AsyncGenerator[list[Delta], None]:
-        decoder = SSEDecoder()
         translator = ChunkStream()
+        if self._whole:
+            yield translator.completion(await _whole_body(self._response))
+            return
+        decoder = SSEDecoder()
         async with aclosing(self._response.chunks()) as chunks:
             async for chunk in chunks:
                 deltas: list[Delta] = []
@@ -131,11 +154,7 @@ class OpenAIRawAnswer:
         yield DONE_EVENT  # the upstream ended cleanly but left [DONE] out
 
     async def body(self) -> bytes:
-        data = await self._response.read(WHOLE_BODY_LIMIT_BYTES + 1)
-        if len(data) > WHOLE_BODY_LIMIT_BYTES:
-            raise UpstreamFailed("the upstream's answer is over the size limit",
-                                 code="answer_too_large")
-        return rewrite_model(data, self._member)
+        return rewrite_model(await _whole_body(self._response), self._member)
 
 
 class OpenAIProvider:
@@ -211,11 +230,12 @@ class OpenAIProvider:
         ) as response:
             if response.status != 200:
                 raise error_from_response(response.status, await response.read(), self.name)
-            if _media_type(response) != SSE_TYPE:
+            media = _media_type(response)
+            if media not in (SSE_TYPE, prompt.JSON_CONTENT_TYPE):
                 raise UpstreamFailed(
-                    f"{self.name} answered {_media_type(response).decode('latin-1') or 'a body'}"
+                    f"{self.name} answered {media.decode('latin-1') or 'a body'}"
                     " instead of an event stream", code="not_a_stream")
-            yield OpenAIAnswer(response)
+            yield OpenAIAnswer(response, whole=media == prompt.JSON_CONTENT_TYPE)
 
     @asynccontextmanager
     async def passthrough(

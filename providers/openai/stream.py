@@ -33,7 +33,16 @@ Theory of operation (:class:`ChunkStream`). Each ``data:`` event is one
 came). EOF (:meth:`ChunkStream.close`) after a finish reason but without
 ``[DONE]`` is a Finish too (some servers leave it out); EOF before one is
 UpstreamError("truncated"). Reasons outside OpenAI's four become ``stop``
-(``function_call``, the legacy name, becomes ``tool_calls``).
+(``function_call``, the legacy name, becomes ``tool_calls``). The Finish
+carries the upstream's token counts (:attr:`~protocol.deltas.Finish.usage`,
+:func:`usage_from`) when a chunk before it had a ``usage`` object with
+``prompt_tokens`` and ``completion_tokens``; that is why the Finish waits for
+``[DONE]``: the usage chunk comes after the finish reason.
+
+An upstream that answers ``stream: true`` with one whole ``chat.completion``
+object anyway (some servers ignore the flag) is read by
+:meth:`ChunkStream.completion`: the same deltas, in the same order, and a Finish
+with its usage.
 
 Invariants (h11's): any event gives deltas or RemoteProtocolError, never
 anything else; every answer ends with exactly one Finish or UpstreamError and
@@ -61,7 +70,14 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from protocol.deltas import Finish, ReasoningDelta, TextDelta, ToolCallDelta, UpstreamError
+from protocol.deltas import (
+    Finish,
+    ReasoningDelta,
+    TextDelta,
+    ToolCallDelta,
+    UpstreamError,
+    Usage,
+)
 from protocol.errors import (
     AuthError,
     NoAccountFree,
@@ -181,6 +197,37 @@ def _in_band_error(error: object) -> UpstreamError:
                          message or "the upstream reported an error", status)
 
 
+def _count(value: object) -> int | None:
+    """A token count: a non-negative integer (a bool is not one), else None."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    return None
+
+
+def _detail(usage: dict[str, Any], details: str, name: str) -> int:
+    """``usage[details][name]`` as a count, 0 if it is absent or not one."""
+    inner = usage.get(details)
+    count = _count(inner.get(name)) if isinstance(inner, dict) else None
+    return count or 0
+
+
+def usage_from(usage: object) -> Usage | None:
+    """An OpenAI ``usage`` object as neutral counts (None: it has no usable counts).
+
+    ``prompt_tokens`` and ``completion_tokens`` must both be counts;
+    ``completion_tokens_details.reasoning_tokens`` and
+    ``prompt_tokens_details.cached_tokens`` are read when present (0 if not).
+    """
+    if not isinstance(usage, dict):
+        return None
+    prompt, completion = _count(usage.get("prompt_tokens")), _count(usage.get("completion_tokens"))
+    if prompt is None or completion is None:
+        return None
+    return Usage(prompt, completion,
+                 _detail(usage, "completion_tokens_details", "reasoning_tokens"),
+                 _detail(usage, "prompt_tokens_details", "cached_tokens"))
+
+
 class _State(enum.Enum):
     """Where one answer is."""
 
@@ -225,7 +272,7 @@ class ChunkStream:
         data = event.data
         if data == DONE_DATA:
             self._state = _State.ENDED
-            return [Finish(self.finish_reason or "stop")]
+            return [Finish(self.finish_reason or "stop", usage=usage_from(self.usage))]
         if event.event == "error" and not data.startswith("{"):
             self._state = _State.ENDED
             return [UpstreamError("upstream_error", _clip(data, MAX_MESSAGE_CHARS))]
@@ -254,6 +301,46 @@ class ChunkStream:
         reason = choice.get("finish_reason")
         if isinstance(reason, str) and reason:
             self.finish_reason = _REASONS.get(reason, "stop")
+        return out
+
+    def completion(self, body: bytes) -> list[Delta]:
+        """Translate a whole ``chat.completion`` object (module docstring), ending the answer.
+
+        Returns:
+            The message's deltas (reasoning, content, tool calls) and a
+            Finish with the finish reason and the usage; an UpstreamError
+            for an ``error`` object.
+
+        Raises:
+            RemoteProtocolError: the body is not a JSON object with a choice,
+                or the answer already ended.
+        """
+        if self._state is _State.ENDED:
+            raise RemoteProtocolError("upstream answer after the answer ended")
+        self._state = _State.ENDED
+        try:
+            value = orjson.loads(body)
+        except orjson.JSONDecodeError as exc:
+            raise RemoteProtocolError("upstream answer is not JSON") from exc
+        if not isinstance(value, dict):
+            raise RemoteProtocolError("upstream answer is not a JSON object")
+        if value.get("error") is not None:
+            return [_in_band_error(value["error"])]
+        choices = value.get("choices")
+        if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
+            raise RemoteProtocolError("upstream answer has no choice")
+        choice = choices[0]
+        out: list[Delta] = []
+        message = choice.get("message")
+        if isinstance(message, dict):
+            self._delta(message, out)
+        reason = choice.get("finish_reason")
+        if isinstance(reason, str) and reason:
+            self.finish_reason = _REASONS.get(reason, "stop")
+        usage = value.get("usage")
+        if isinstance(usage, dict):
+            self.usage = usage
+        out.append(Finish(self.finish_reason or "stop", usage=usage_from(usage)))
         return out
 
     def _delta(self, delta: dict[str, Any], out: list[Delta]) -> None:
@@ -300,7 +387,7 @@ class ChunkStream:
             return []
         self._state = _State.ENDED
         if self.finish_reason is not None:
-            return [Finish(self.finish_reason)]
+            return [Finish(self.finish_reason, usage=usage_from(self.usage))]
         return [UpstreamError("truncated", "upstream stream ended before the answer was complete")]
 
 

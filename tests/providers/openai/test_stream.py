@@ -17,6 +17,7 @@ from protocol.deltas import (
     TextDelta,
     ToolCallDelta,
     UpstreamError,
+    Usage,
 )
 from protocol.errors import (
     AuthError,
@@ -33,6 +34,7 @@ from providers.openai.stream import (
     error_from_response,
     model_member,
     rewrite_model,
+    usage_from,
 )
 
 
@@ -64,7 +66,7 @@ WIRE = b"".join([
 EXPECTED: list[Delta] = [
     ReasoningDelta("Hmm"), TextDelta("Hel"), TextDelta("lo ✓"),
     ToolCallDelta(0, "call_a", "f", ""), ToolCallDelta(0, "", "", '{"a":'),
-    ToolCallDelta(0, "", "", "1}"), Finish("tool_calls"),
+    ToolCallDelta(0, "", "", "1}"), Finish("tool_calls", usage=Usage(3, 4)),
 ]
 
 
@@ -84,7 +86,8 @@ def translate(wire: bytes, cuts: list[int]) -> tuple[list[Delta], ChunkStream]:
 @given(st.data())
 def test_any_split_gives_the_same_deltas(data: st.DataObject) -> None:
     """However the bytes are cut, the deltas are the same: reasoning, text, a tool call
-    whose id and name come first, then the finish reason the upstream gave; usage is kept."""
+    whose id and name come first, then the finish reason the upstream gave, with the
+    usage chunk's counts that came after it; usage is kept."""
     cuts = data.draw(st.lists(st.integers(0, len(WIRE))), label="cuts")
     deltas, stream = translate(WIRE, cuts)
     assert deltas == EXPECTED
@@ -126,6 +129,99 @@ def test_endings(wire: bytes, expected: list[Delta]) -> None:
     in-band error object ends the answer; unknown reasons are stop; a call without an id
     gets one."""
     assert translate(wire, [])[0] == expected
+
+
+USAGE = {"prompt_tokens": 12, "completion_tokens": 30, "total_tokens": 42,
+         "completion_tokens_details": {"reasoning_tokens": 9},
+         "prompt_tokens_details": {"cached_tokens": 8}}
+
+
+@pytest.mark.parametrize(
+    ("usage", "expected"),
+    [
+        (USAGE, Usage(12, 30, 9, 8)),
+        ({"prompt_tokens": 1, "completion_tokens": 0}, Usage(1, 0)),
+        ({"prompt_tokens": 1, "completion_tokens": 2, "completion_tokens_details": None,
+          "prompt_tokens_details": {"cached_tokens": "3"}}, Usage(1, 2)),
+        ({"prompt_tokens": 1}, None),
+        ({"prompt_tokens": -1, "completion_tokens": 2}, None),
+        ({"prompt_tokens": True, "completion_tokens": 2}, None),
+        ({"prompt_tokens": 1.5, "completion_tokens": 2}, None),
+        ([1, 2], None),
+        (None, None),
+    ],
+)
+def test_usage_from(usage: object, expected: Usage | None) -> None:
+    """Both counts are needed, as non-negative integers; the details are read when they
+    are counts, 0 otherwise."""
+    assert usage_from(usage) == expected
+
+
+@pytest.mark.parametrize(
+    "wire",
+    [
+        chunk({"content": "a"}) + chunk({}, "stop") + chunk(None, usage=USAGE) + DONE,
+        chunk({"content": "a"}) + chunk({}, "stop", usage=USAGE) + DONE,  # in the finish chunk
+        chunk({"content": "a"}) + chunk({}, "stop") + chunk(None, usage=USAGE),  # no [DONE]
+    ],
+)
+def test_finish_carries_the_upstream_usage(wire: bytes) -> None:
+    """The usage chunk after the finish reason (or in its chunk) is on the Finish,
+    [DONE] or not."""
+    assert translate(wire, [])[0] == [TextDelta("a"), Finish("stop", usage=Usage(12, 30, 9, 8))]
+
+
+def test_finish_without_usage() -> None:
+    """No usage chunk (include_usage not honoured), or one without counts: no usage."""
+    assert translate(chunk({"content": "a"}, "stop") + DONE, [])[0][-1] == Finish("stop")
+    bare = chunk({}, "stop") + chunk(None, usage={"total_tokens": 3}) + DONE
+    assert translate(bare, [])[0] == [Finish("stop")]
+
+
+def completion(message: dict[str, Any], finish: str | None = "stop", **extra: Any) -> bytes:
+    return orjson.dumps({"id": "c1", "object": "chat.completion", "created": 1, "model": "x",
+                         "choices": [{"index": 0, "message": message,
+                                      "finish_reason": finish}], **extra})
+
+
+def test_whole_completion_gives_the_same_deltas() -> None:
+    """A whole chat.completion (stream ignored upstream): reasoning, text, the tool calls
+    (ids kept, or made from their position), the finish reason and the usage."""
+    body = completion({"role": "assistant", "reasoning_content": "Hmm", "content": "Hi",
+                       "tool_calls": [
+                           {"id": "call_a", "type": "function",
+                            "function": {"name": "f", "arguments": '{"a":1}'}},
+                           {"type": "function", "function": {"name": "g", "arguments": ""}}]},
+                      "tool_calls", usage=USAGE)
+    stream = ChunkStream()
+    assert stream.completion(body) == [
+        ReasoningDelta("Hmm"), TextDelta("Hi"), ToolCallDelta(0, "call_a", "f", '{"a":1}'),
+        ToolCallDelta(1, "call_1", "g", ""), Finish("tool_calls", usage=Usage(12, 30, 9, 8))]
+    assert stream.finished
+    assert stream.usage == USAGE
+    with pytest.raises(RemoteProtocolError):
+        stream.completion(body)
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        (completion({"content": "x"}, None), [TextDelta("x"), Finish("stop")]),
+        (completion({"content": None}, "length"), [Finish("length")]),
+        (b'{"error": {"message": "no", "type": "server_error"}}',
+         [UpstreamError("server_error", "no")]),
+    ],
+)
+def test_whole_completion_endings(body: bytes, expected: list[Delta]) -> None:
+    """No reason is stop, no usage is none; an error object is an UpstreamError."""
+    assert ChunkStream().completion(body) == expected
+
+
+@pytest.mark.parametrize("body", [b"nope", b"[]", b'{"choices": []}', b'{"choices": [1]}'])
+def test_whole_completion_that_is_none(body: bytes) -> None:
+    """Not JSON, not an object, no choice: a protocol error."""
+    with pytest.raises(RemoteProtocolError):
+        ChunkStream().completion(body)
 
 
 def test_event_after_the_end_is_a_protocol_error() -> None:
