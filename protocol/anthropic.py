@@ -102,7 +102,15 @@ Token counts are estimates (:func:`protocol.chunks.estimate_tokens`'s rule,
 kept as running character counts): ``input_tokens`` is
 :func:`protocol.openai.prompt_tokens`, ``output_tokens`` counts the text,
 thinking and tool input sent, and is at least 1, as Anthropic's is even for
-an empty answer.
+an empty answer. An upstream that counts puts its counts on the ``Finish``
+(:class:`~protocol.deltas.Usage`, OpenAI's meanings); they replace the
+estimates in Anthropic's meanings (:func:`counted_usage`): ``input_tokens``
+without the cached tokens, which are ``cache_read_input_tokens``, and the
+reasoning's share as ``output_tokens_details.thinking_tokens``. The stream's
+``message_start`` comes before any count, so it keeps the estimate; its
+``message_delta`` carries ``input_tokens`` as well as ``output_tokens``
+(the SDK's accumulator copies both into the final message, as Anthropic's
+own cumulative counts).
 """
 
 from __future__ import annotations
@@ -158,7 +166,7 @@ from protocol.request_fields import (
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Sequence
 
-    from protocol.deltas import Delta
+    from protocol.deltas import Delta, Usage
 
 __all__ = [
     "KEEPALIVE",
@@ -167,6 +175,7 @@ __all__ = [
     "MessageEncoder",
     "StopReason",
     "count_tokens_body",
+    "counted_usage",
     "error_body",
     "error_event",
     "error_type",
@@ -289,6 +298,23 @@ def stop_reason(finish: Finish) -> tuple[StopReason, str | None]:
 def _tokens(ascii_chars: int, other_chars: int) -> int:
     """:func:`protocol.chunks.estimate_tokens`'s rule over running counts, at least 1."""
     return max(1, counts_to_tokens(ascii_chars, other_chars))
+
+
+def counted_usage(counted: Usage) -> dict[str, Any]:
+    """The upstream's counts as Anthropic's ``usage`` (module docstring).
+
+    Anthropic counts cache reads apart from ``input_tokens``, where OpenAI's
+    ``prompt_tokens`` include them: the total input stays the upstream's.
+    """
+    usage: dict[str, Any] = {
+        "input_tokens": max(0, counted.input_tokens - counted.cached_tokens),
+        "output_tokens": counted.output_tokens,
+    }
+    if counted.cached_tokens:
+        usage["cache_read_input_tokens"] = counted.cached_tokens
+    if counted.reasoning_tokens:
+        usage["output_tokens_details"] = {"thinking_tokens": counted.reasoning_tokens}
+    return usage
 
 
 # ---------------------------------------------------------------------------
@@ -721,6 +747,7 @@ class MessageEncoder:
         "_state",
         "_text_sent",
         "_tool_index",
+        "_usage",
         "citations",
     )
 
@@ -757,6 +784,7 @@ class MessageEncoder:
         self._line_open = False  # the last text did not end with a newline
         self._ascii_chars = 0
         self._other_chars = 0
+        self._usage: Usage | None = None  # the upstream's counts, from its Finish
         self.citations: list[Citation] = []
 
     @property
@@ -787,7 +815,10 @@ class MessageEncoder:
 
     @property
     def output_tokens(self) -> int:
-        """The estimate over the text, thinking and tool input encoded so far (at least 1)."""
+        """The upstream's count once its ``Finish`` gave one; until then the estimate
+        over the text, thinking and tool input encoded so far (at least 1)."""
+        if self._usage is not None:
+            return self._usage.output_tokens
         return _tokens(self._ascii_chars, self._other_chars)
 
     def start(self) -> bytes:
@@ -868,15 +899,17 @@ class MessageEncoder:
                         )
                     if part:
                         self._pending.append(part)
-                case Finish(text=text):
+                case Finish(text=text, usage=counted):
                     if text:
                         self._text(out, finish_text(text, self._text_sent))
                     self._close(out)
                     reason, sequence = stop_reason(delta)
+                    self._usage = counted
                     out.append(_event(b"message_delta", orjson.dumps({
                         "type": "message_delta",
                         "delta": {"stop_reason": reason, "stop_sequence": sequence},
-                        "usage": {"output_tokens": self.output_tokens},
+                        "usage": ({"output_tokens": self.output_tokens} if counted is None
+                                  else counted_usage(counted)),
                     })))
                     out.append(_event(b"message_stop", b'{"type":"message_stop"}'))
                     self._state = _State.FINISHED
@@ -1001,7 +1034,9 @@ class MessageAccumulator(AnswerCollector):
         of citations, as the OpenAI non-stream answer has it) if there was
         text, and one ``tool_use`` block per call, its ``input`` the
         arguments' JSON object. An answer with none of these has one empty
-        text block: clients read ``content[0].text``.
+        text block: clients read ``content[0].text``. ``usage`` is the
+        upstream's (:func:`counted_usage`) when its ``Finish`` carried counts;
+        else ``input_tokens`` and the estimate of the output.
 
         Raises:
             LocalProtocolError: no ``Finish`` was added, or an
@@ -1038,6 +1073,7 @@ class MessageAccumulator(AnswerCollector):
             "content": content,
             "stop_reason": reason,
             "stop_sequence": sequence,
-            "usage": {"input_tokens": input_tokens,
-                      "output_tokens": _tokens(ascii_chars, other_chars)},
+            "usage": ({"input_tokens": input_tokens,
+                       "output_tokens": _tokens(ascii_chars, other_chars)}
+                      if finish.usage is None else counted_usage(finish.usage)),
         })

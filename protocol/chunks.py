@@ -69,17 +69,21 @@ results from:"), duplicates dropped (:func:`~protocol.answer_text.citation_list`
 Tool calls are gathered by index into ``message.tool_calls``, and
 ``content`` is ``null`` when they came without any text, as OpenAI sends it.
 
-Token counts are estimates (:func:`estimate_tokens`): neither upstream
-reports them. The encoder keeps two running integers (ASCII and other
-characters emitted: content, reasoning, tool names and arguments), never the
-text itself, so counting is linear and free of extra memory.
+Token counts are estimates (:func:`estimate_tokens`): the web chats report
+none. The encoder keeps two running integers (ASCII and other characters
+emitted: content, reasoning, tool names and arguments), never the text
+itself, so counting is linear and free of extra memory. An upstream that
+counts puts its counts on the ``Finish`` (:class:`~protocol.deltas.Usage`):
+then the usage chunk and the whole completion's ``usage`` are the
+upstream's, with ``completion_tokens_details.reasoning_tokens`` and
+``prompt_tokens_details.cached_tokens`` when it told them.
 """
 
 from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, assert_never
+from typing import TYPE_CHECKING, Any, Literal, assert_never
 
 import orjson
 
@@ -107,7 +111,7 @@ from protocol.errors import LocalProtocolError
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
-    from protocol.deltas import Delta, FinishReason
+    from protocol.deltas import Delta, FinishReason, Usage
 
 ReasoningMode = Literal["field", "tags"]
 
@@ -179,12 +183,24 @@ def estimate_tokens(text: str) -> int:
     return counts_to_tokens(ascii_chars, other_chars)
 
 
-def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "total_tokens": prompt_tokens + completion_tokens,
+def _usage(prompt_tokens: int, completion_tokens: int, counted: Usage | None) -> dict[str, Any]:
+    """The ``usage`` object: the upstream's counts if it gave them, else the estimates."""
+    if counted is None:
+        return {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        }
+    usage: dict[str, Any] = {
+        "prompt_tokens": counted.input_tokens,
+        "completion_tokens": counted.output_tokens,
+        "total_tokens": counted.input_tokens + counted.output_tokens,
     }
+    if counted.reasoning_tokens:
+        usage["completion_tokens_details"] = {"reasoning_tokens": counted.reasoning_tokens}
+    if counted.cached_tokens:
+        usage["prompt_tokens_details"] = {"cached_tokens": counted.cached_tokens}
+    return usage
 
 
 def error_body(
@@ -245,6 +261,7 @@ class ChunkEncoder:
         "_tool_field",
         "_tool_index",
         "_top",
+        "_usage",
         "citations",
     )
 
@@ -298,6 +315,7 @@ class ChunkEncoder:
         self._line_open = False  # the last content did not end with a newline
         self._ascii_chars = 0
         self._other_chars = 0
+        self._usage: Usage | None = None  # the upstream's counts, from its Finish
         self.citations: list[Citation] = []
         self._completion_id = completion_id
         self._build_prefixes()
@@ -343,7 +361,10 @@ class ChunkEncoder:
 
     @property
     def completion_tokens(self) -> int:
-        """The estimate over all content, reasoning and tool calls encoded so far."""
+        """The upstream's count once its ``Finish`` gave one; until then the estimate
+        over all content, reasoning and tool calls encoded so far."""
+        if self._usage is not None:
+            return self._usage.output_tokens
         return counts_to_tokens(self._ascii_chars, self._other_chars)
 
     def start(self) -> bytes:
@@ -414,7 +435,8 @@ class ChunkEncoder:
                     self._content(out, media_text(delta, self._line_open))
                 case ToolCallDelta():
                     self._tool_call(out, delta)
-                case Finish(reason=reason, text=text):
+                case Finish(reason=reason, text=text, usage=usage):
+                    self._usage = usage
                     self._finish(out, reason, text)
                     return b"".join(out)
                 case UpstreamError(code=code, message=message):
@@ -519,7 +541,7 @@ class ChunkEncoder:
             self._head + b'{},"logprobs":null,"finish_reason":' + orjson.dumps(reason) + b"}]}\n\n"
         )
         if self._include_usage:
-            usage = _usage(self._prompt_tokens, self.completion_tokens)
+            usage = _usage(self._prompt_tokens, self.completion_tokens, self._usage)
             out.append(self._top + b'"choices":[],"usage":' + orjson.dumps(usage) + b"}\n\n")
         out.append(DONE)
         self._state = _State.FINISHED
@@ -578,7 +600,8 @@ class CompletionAccumulator(AnswerCollector):
         Tool calls are ``message.tool_calls`` (``{"id", "type": "function",
         "function": {"name", "arguments"}}`` in index order; absent without
         any), and with calls an empty content is ``null``, as OpenAI sends it.
-        The finish reason is the ``Finish``'s.
+        The finish reason is the ``Finish``'s; so is ``usage`` when the
+        upstream counted (:func:`_usage`), else it is estimated.
 
         Raises:
             LocalProtocolError: no ``Finish`` was added, or an
@@ -631,6 +654,6 @@ class CompletionAccumulator(AnswerCollector):
                         "finish_reason": finish.reason,
                     }
                 ],
-                "usage": _usage(prompt_tokens, completion_tokens),
+                "usage": _usage(prompt_tokens, completion_tokens, finish.usage),
             }
         )

@@ -30,7 +30,8 @@ numbers from 2). Then each output item is *added*, filled, and *done*:
 
 An item ends when an item of another kind (or another call) starts, or at
 the end. The end is ``response.completed`` with the whole response object
-(every item, the estimated ``usage``); ``Finish("length")`` (and
+(every item, the ``usage``: the upstream's counts when its ``Finish``
+carried them, :class:`~protocol.deltas.Usage`, else estimated); ``Finish("length")`` (and
 ``"content_filter"``) ends it with ``response.incomplete`` instead, status
 ``incomplete`` and ``incomplete_details.reason`` ``max_output_tokens`` (or
 ``content_filter``). An in-band ``UpstreamError`` closes the open item as
@@ -86,7 +87,7 @@ from protocol.responses import ResponsesRequest
 if TYPE_CHECKING:
     from collections.abc import Iterable, Sequence
 
-    from protocol.deltas import Delta
+    from protocol.deltas import Delta, Usage
     from protocol.openai import ChatRequest, ResponseFormat, ToolChoice
 
 __all__ = ["ResponseAccumulator", "ResponseEncoder", "response_echo", "response_id"]
@@ -250,17 +251,24 @@ class _Item:
 _INCOMPLETE = {"length": "max_output_tokens", "content_filter": "content_filter"}
 
 
-def _usage(input_tokens: int, items: Iterable[_Item]) -> dict[str, Any]:
-    """The ``usage`` object, estimated (:func:`protocol.chunks.estimate_tokens`)."""
-    reasoning = output = 0
-    for item in items:
-        tokens = estimate_tokens(item.text) + estimate_tokens(item.name)
-        output += tokens
-        if item.kind is _Kind.REASONING:
-            reasoning += tokens
+def _usage(input_tokens: int, items: Iterable[_Item], counted: Usage | None) -> dict[str, Any]:
+    """The ``usage`` object: the upstream's counts (``counted``) if it gave them, else
+    estimated (:func:`protocol.chunks.estimate_tokens`)."""
+    cached = 0
+    if counted is not None:
+        input_tokens, output, reasoning = (counted.input_tokens, counted.output_tokens,
+                                           counted.reasoning_tokens)
+        cached = counted.cached_tokens
+    else:
+        reasoning = output = 0
+        for item in items:
+            tokens = estimate_tokens(item.text) + estimate_tokens(item.name)
+            output += tokens
+            if item.kind is _Kind.REASONING:
+                reasoning += tokens
     return {
         "input_tokens": input_tokens,
-        "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
+        "input_tokens_details": {"cached_tokens": cached, "cache_write_tokens": 0},
         "output_tokens": output,
         "output_tokens_details": {"reasoning_tokens": reasoning},
         "total_tokens": input_tokens + output,
@@ -595,7 +603,8 @@ class ResponseEncoder(_Output):
                              status)
         return _response(self._response_id, self._created_at, self._model, self._echo, status,
                          output=[item.json() for item in self.items],
-                         usage=_usage(self._prompt_tokens, self.items),
+                         usage=_usage(self._prompt_tokens, self.items,
+                                      None if self.finish is None else self.finish.usage),
                          error=error, incomplete=incomplete)
 
     def _flush(self) -> None:
@@ -753,6 +762,6 @@ class ResponseAccumulator(_Output):
             response_id, created_at, model, response_echo(request),
             "completed" if reason is None else "incomplete",
             output=[item.json() for item in self.items],
-            usage=_usage(prompt_tokens(request), self.items),
+            usage=_usage(prompt_tokens(request), self.items, finish.usage),
             incomplete=reason,
         ))
