@@ -19,7 +19,7 @@ from protocol.chunks import ChunkEncoder, CompletionAccumulator
 from protocol.deltas import Delta, Finish, ReasoningDelta, TextDelta, Usage
 from tests.protocol import test_anthropic as anthropic_wire
 from tests.protocol import test_responses as responses_wire
-from tests.protocol.wire import data_events
+from tests.protocol.wire import data_events, named_events
 
 #: What the upstream counted: 50 prompt tokens (8 of them cached), 20 answer tokens
 #: (5 of them reasoning). The estimates of ANSWER are far from these.
@@ -148,7 +148,7 @@ def test_anthropic_stream_usage_is_the_upstreams() -> None:
     final message."""
     enc = MessageEncoder(message_id="msg_x", model="m", input_tokens=12)
     wire = enc.start() + b"".join(enc.encode(batch) for batch in counted())
-    events = anthropic_wire.named_events(wire)
+    events = named_events(wire)
     assert events[0][1]["message"]["usage"] == {"input_tokens": 12, "output_tokens": 1}
     [delta] = [data for name, data in events if name == "message_delta"]
     assert delta["usage"] == ANTHROPIC_COUNTED
@@ -174,7 +174,7 @@ def test_anthropic_without_counts_estimates() -> None:
     """No counts: message_delta has the output estimate only, the whole message the
     prompt's estimate and the same output estimate."""
     wire = anthropic_wire.stream(estimated())
-    [delta] = [data for name, data in anthropic_wire.named_events(wire)
+    [delta] = [data for name, data in named_events(wire)
                if name == "message_delta"]
     estimate = delta["usage"]["output_tokens"]
     assert delta["usage"] == {"output_tokens": estimate}
