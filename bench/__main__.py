@@ -3,7 +3,8 @@
 ``compare`` puts the headline figures of several ``overhead`` reports side by side.
 
 Exit status: 0 when every stream succeeded (``overhead``: and no scenario
-failed), 1 when some did not, 2 for bad options, 130 on Ctrl-C (child
+failed and no frame was lost, for the relay and every ``--gateway``), 1
+when some did not, 2 for bad options, 130 on Ctrl-C (child
 processes are stopped first).
 """
 
@@ -17,7 +18,7 @@ from typing import Any
 import orjson
 import trio
 
-from bench.overhead import OverheadOptions, run_overhead
+from bench.overhead import OverheadOptions, parse_gateway, run_overhead
 from bench.progress import NoProgress, Progress
 from bench.scenarios import GROUPS, OPTIONAL_GROUPS
 from bench.stream import DEFAULT_PROMPT, StreamOptions, report_of, run_streams
@@ -33,6 +34,15 @@ concurrent streams of 64 deltas 20 ms apart with every frame and no gap over
 --relay-cmd placeholders: {python} {host} {port} {upstream} {token} {workers}
 (sustained runs a command holding {workers} with 1 and with 2 workers, every
 other scenario with 1); LiteLLM's proxy: python -m bench.litellm --help.
+--gateway NAME=CMD (repeatable; split at the first '=', CMD as --relay-cmd)
+measures another gateway beside the relay in the same run: per scenario and
+repeat the relay and each gateway take turns in an order that rotates with
+the repeat (relay, g1, g2; then g1, g2, relay; ...), each with a fresh
+emulator and its own direct run right before it. The report is the relay's,
+plus "gateways" (each NAME's scenarios) and "order" (who ran when); the text
+ends with bench compare's table, and bench compare REPORT.json splits the
+file into its gateways. Beside LiteLLM:
+  --gateway litellm="$(python -m bench.litellm relay-cmd)"
 The default relay command per provider:
 %s
 """
@@ -99,6 +109,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     overhead.add_argument("--settle", type=float, default=0.3, help="pause between runs (s)")
     overhead.add_argument("--relay-cmd", help="start this relay instead of ours (placeholders)")
+    overhead.add_argument(
+        "--gateway",
+        action="append",
+        metavar="NAME=CMD",
+        help="also measure this gateway beside the relay, in the same run (repeatable;"
+        " NAME: letters, digits, '.', '_', '-', not relay or direct)",
+    )
     overhead.add_argument("--api-key", help="Bearer key for the relay ({token}: the credential)")
     overhead.add_argument("--relay-path", default="/v1/chat/completions")
     overhead.add_argument("--log-dir", help="keep the child processes' logs here")
@@ -109,11 +126,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="headline figures of several overhead reports side by side",
         description="Reads bench overhead --json reports (the relay's, another gateway's) and"
         " prints added TTFT, added inter-chunk p50/p99, CPU per chunk, memory per idle stream,"
-        " frames lost and the sustained levels of each; --plot draws them.",
+        " frames lost and the sustained levels of each; --plot draws them. A report of a run"
+        " with --gateway gives one column per gateway (relay, then each NAME).",
     )
     compare.add_argument("reports", nargs="+", metavar="REPORT.json")
     compare.add_argument(
-        "--label", action="append", help="a name per report, in order (default: from its command)"
+        "--label",
+        action="append",
+        help="a name per column, in order (default: relay or NAME in a report with gateways,"
+        " else from its command)",
     )
     compare.add_argument("--plot", metavar="FILE.png", help="bar charts (matplotlib)")
     return parser
@@ -121,14 +142,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _run_compare(args: argparse.Namespace) -> int:
     from bench import report as out
-    from bench.compare import gateway_label
+    from bench.compare import gateway_reports, unique_labels
 
     reports = [orjson.loads(Path(path).read_bytes()) for path in args.reports]
+    expanded = [pair for report in reports for pair in gateway_reports(report)]
     labels = list(args.label or [])
-    if len(labels) > len(reports):
-        raise RequestError("more --label than reports", param="label")
-    labels += [gateway_label(report) for report in reports[len(labels) :]]
-    pairs = list(zip(labels, reports, strict=True))
+    if len(labels) > len(expanded):
+        raise RequestError("more --label than reports (and their gateways)", param="label")
+    labels = unique_labels([*labels, *(label for label, _ in expanded[len(labels) :])])
+    pairs = [(label, report) for label, (_, report) in zip(labels, expanded, strict=True)]
     if args.plot:
         from bench.plot import load_pyplot
 
@@ -201,6 +223,7 @@ def _run_overhead(args: argparse.Namespace) -> int:
         api_key=args.api_key,
         relay_path=args.relay_path,
         log_dir=args.log_dir,
+        gateways=tuple(parse_gateway(text) for text in args.gateway or ()),
     )
     console = out.console()
     progress: Progress
@@ -212,15 +235,20 @@ def _run_overhead(args: argparse.Namespace) -> int:
     out.print_overhead_report(report, console)
     if args.json:
         _write_json(args.json, report)
-    clean = all(
+    return 0 if overhead_clean(report) else 1
+
+
+def overhead_clean(report: dict[str, Any]) -> bool:
+    """No scenario of the relay or of any gateway failed, saw an error or lost a frame."""
+    every = [*report["scenarios"], *(s for g in report.get("gateways", ()) for s in g["scenarios"])]
+    return all(
         s["failure"] is None
         and not s["direct_errors"]
         and not s["relay_errors"]
         and not s["relay"].get("frames_lost")
         and not s["direct"].get("frames_lost")
-        for s in report["scenarios"]
+        for s in every
     )
-    return 0 if clean else 1
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,20 +2,30 @@
 
 Theory of operation
 -------------------
-The gateway benchmark runs ``bench overhead --provider openai`` twice, once
-with the relay and once with another gateway (``--relay-cmd``), each run
-with its own direct floor. This module reads those JSON reports and takes
-from each the figures the issue names (:data:`HEADLINES`): what the gateway
-*adds* over its own run's direct floor (time to first token, per-chunk
-latency p50 and p99), its CPU per chunk, its memory per idle stream, the
-frames it lost, and the sustained levels. "Added" is always against the
-floor of the same report, so two runs an hour apart still compare fairly
-as long as each had a quiet machine; the machine and time of each report
-are printed beside the figures.
+The gateway benchmark measures the relay and other gateways on the same
+emulator. Best in one run: ``bench overhead --provider openai --gateway
+NAME=CMD`` measures each gateway beside the relay, turn by turn within
+every repeat, and writes one report holding the relay's scenarios at the
+top level and each gateway's under ``gateways``; :func:`gateway_reports`
+splits such a report into one plain report per gateway, labelled
+``relay`` and NAME, so one file gives the whole comparison. Reports of
+separate runs (``--relay-cmd`` for the other gateway) are read as they
+are, labelled by :func:`gateway_label`.
+
+From each report this module takes the figures the issue names
+(:data:`HEADLINES`): what the gateway *adds* over its own direct floor
+(time to first token, per-chunk latency p50 and p99), its CPU per chunk,
+its memory per idle stream, the frames it lost, and the sustained levels.
+"Added" is always against the floor measured with the same gateway (in a
+run with gateways, each gateway's direct runs come right before its own),
+so two runs an hour apart still compare fairly as long as each had a quiet
+machine; the machine and time of each report are printed beside the
+figures, and in a run with gateways they are one and the same.
 
 Everything here is pure: :func:`headlines` maps a report to named values,
 :func:`sustained_levels` its sustained levels by mode; the table and the
-plot (:func:`bench.plot.plot_comparison`) only draw them.
+plot (:func:`bench.plot.plot_comparison`) only draw them. Labels are made
+unique (:func:`unique_labels`): the plot's bars are keyed by them.
 """
 
 from __future__ import annotations
@@ -111,6 +121,42 @@ def gateway_label(report: dict[str, Any]) -> str:
     """A name for the gateway a report measured: ``LiteLLM`` for bench.litellm, else ``relay``."""
     command = str(report.get("relay_cmd", ""))
     return "LiteLLM" if "bench.litellm" in command or "litellm" in command.split()[0:1] else "relay"
+
+
+def gateway_reports(report: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """A report as ``(label, plain report)`` pairs, one per gateway it measured.
+
+    A report of ``bench overhead --gateway`` gives ``("relay", its top
+    level)`` and then ``(NAME, ...)`` per gateway: the top level with that
+    gateway's ``relay_cmd`` and ``scenarios`` (same machine and options);
+    neither has ``gateways`` or ``order``. Any other report gives itself,
+    labelled by :func:`gateway_label`.
+    """
+    gateways = report.get("gateways")
+    if not gateways:
+        return [(gateway_label(report), report)]
+    top = {key: value for key, value in report.items() if key not in ("gateways", "order")}
+    pairs = [("relay", top)]
+    for gateway in gateways:
+        name = str(gateway["name"])
+        pairs.append(
+            (name, {**top, "relay_cmd": gateway["relay_cmd"], "scenarios": gateway["scenarios"]})
+        )
+    return pairs
+
+
+def unique_labels(labels: list[str]) -> list[str]:
+    """``labels`` with a repeated one numbered from its second use: ``relay``, ``relay (2)``."""
+    used: set[str] = set()
+    out: list[str] = []
+    for label in labels:
+        candidate, count = label, 1
+        while candidate in used:
+            count += 1
+            candidate = f"{label} ({count})"
+        used.add(candidate)
+        out.append(candidate)
+    return out
 
 
 def mode_label(gateway: str, mode: str) -> str:

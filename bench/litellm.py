@@ -4,7 +4,10 @@ Theory of operation
 -------------------
 The gateway benchmark compares the relay with LiteLLM's proxy on the same
 OpenAI-compatible emulator, in the same run: ``python -m bench overhead
---provider openai --relay-cmd "$(python -m bench.litellm relay-cmd)"``.
+--provider openai --gateway litellm="$(python -m bench.litellm relay-cmd)"``
+(or ``--gateway "$(python -m bench.litellm gateway)"``, which prints that
+``NAME=CMD`` whole) measures it beside the relay, turn by turn;
+``--relay-cmd "$(python -m bench.litellm relay-cmd)"`` measures it alone.
 
 - ``python -m bench.litellm install`` makes a virtual environment of its own
   (:data:`DEFAULT_VENV`, ``.bench-venvs/litellm`` in the checkout, ignored
@@ -64,6 +67,8 @@ RELAY_CMD = (
     "{python} -m bench.litellm serve --host {host} --port {port} --upstream {upstream}"
     " --token {token} --workers {workers}"
 )
+#: The name ``python -m bench.litellm gateway`` gives it in ``--gateway NAME=CMD``.
+GATEWAY_NAME = "litellm"
 #: LiteLLM's switches that keep the proxy from reaching the internet or doing extra work.
 OFFLINE_ENV = {
     "LITELLM_LOCAL_MODEL_COST_MAP": "True",
@@ -182,6 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--model", default=DEFAULT_MODEL)
     run.add_argument("--workers", type=int, default=1, help="uvicorn workers (--num_workers)")
     sub.add_parser("relay-cmd", help="print the --relay-cmd of bench overhead")
+    sub.add_parser("gateway", help=f"print the --gateway of bench overhead ({GATEWAY_NAME}=...)")
     return parser
 
 
@@ -192,6 +198,9 @@ def main(argv: list[str] | None = None) -> int:
         return install(Path(args.venv), args.requirement)
     if args.command == "serve":
         return serve(args)
+    if args.command == "gateway":
+        print(f"{GATEWAY_NAME}={RELAY_CMD}")
+        return 0
     print(RELAY_CMD)
     return 0
 

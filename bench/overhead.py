@@ -55,6 +55,31 @@ scale them down):
   descendants (the default relay is one process), and follows the first
   stream of the run (``long`` has one).
 
+Gateways side by side (``--gateway NAME=CMD``, repeatable; issue 16): each
+named command is measured beside the relay (ours, or ``--relay-cmd``'s) in
+the same invocation, so that a comparison is not two runs minutes apart on
+a machine whose load drifted. Per scenario and repeat, the relay and each
+gateway run one after the other in an order that rotates with the repeat
+(repeat 0: relay, g1, g2; repeat 1: g1, g2, relay; ...), so none always
+runs first or last. Each turn is the single-gateway machinery with one
+repeat (:func:`run_scenario` with ``gateway`` and ``repeats``): a fresh
+emulator, the gateway's own direct run right before it, then its runs (for
+``sustained``, its own level search: direct and each of its variants, a
+command without ``{workers}`` being one). So every gateway's figures are
+against its own floor, exactly as in a run of its own; the price is an
+emulator and a relay restarted per repeat. A gateway's turns are merged
+with :func:`merge_results`, which gives what one run of that many repeats
+gives (runs concatenated; counts summed, medians, verdicts, warnings and
+sustained levels worked out again by :func:`finish_result` and
+:func:`finish_sustained`); a gateway that failed a repeat sits out that
+scenario's later repeats, as one run stops at its failure. Each turn logs
+to ``<log dir>/<NAME>/<repeat>/`` (the relay's name is ``relay``). The
+report stays the relay's at the top level, so every reader of a single run
+still works, with ``"gateways": [{"name", "relay_cmd", "scenarios"}, ...]``
+(the same shape per scenario) and ``"order"``: per scenario key, per
+repeat, the names in the order their turns ran. ``--api-key`` and
+``--relay-path`` apply to every gateway alike.
+
 Bounds: every run is inside ``trio.move_on_after`` (a run that overruns
 marks its unfinished streams ``timeout``), every stream has the same bound,
 start-up waits are bounded, and the processes are stopped in ``finally``
@@ -65,6 +90,7 @@ from __future__ import annotations
 
 import os
 import platform
+import re
 import shlex
 import signal
 import sys
@@ -90,7 +116,7 @@ from protocol.errors import RelayError, RequestError, UpstreamFailed
 from relay.cli import raise_open_files_limit
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable
+    from collections.abc import Awaitable, Callable, Sequence
 
 #: The checkout this bench runs from: the default relay command imports its ``relay``.
 SOURCE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -98,6 +124,75 @@ SOURCE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SETTLE_S = 0.3
 #: Fewest distinct reads in a quarter for its chunk rate (fewer: a burst, not a rate).
 QUARTER_MIN_READS = 4
+#: What a ``--gateway`` name may be: it labels report columns and names a log directory.
+GATEWAY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+#: Names a ``--gateway`` may not take: the relay's column and the floor's.
+RESERVED_NAMES = frozenset({"relay", "direct"})
+
+
+@dataclass(frozen=True, slots=True)
+class Gateway:
+    """A gateway measured beside the relay in the same run (``--gateway NAME=CMD``).
+
+    Attributes:
+        name: its label in the report and the comparison.
+        relay_cmd: its command template, with ``--relay-cmd``'s placeholders.
+    """
+
+    name: str
+    relay_cmd: str
+
+
+def parse_gateway(text: str) -> Gateway:
+    """A ``--gateway`` value, ``NAME=CMD``, split at the first ``=`` (CMD may hold more).
+
+    Raises:
+        RequestError: no ``=``, an empty command, or a name that is not
+            letters, digits, ``.``, ``_`` and ``-`` (first a letter or digit),
+            or is ``relay`` or ``direct`` (checked in :func:`check_gateways`).
+    """
+    name, sep, command = text.partition("=")
+    if not sep or not command.strip():
+        raise RequestError(
+            f"--gateway {text!r}: expected NAME=CMD (a name, '=', a command)", param="gateway"
+        )
+    gateway = Gateway(name.strip(), command.strip())
+    check_gateways([gateway])
+    return gateway
+
+
+def check_gateways(gateways: Sequence[Gateway]) -> None:
+    """Refuse gateways the report could not tell apart, or whose command cannot be filled.
+
+    Raises:
+        RequestError: a name that is empty, not :data:`GATEWAY_NAME`, one of
+            :data:`RESERVED_NAMES` or given twice (case-insensitive), or a
+            command with an unknown placeholder (as ``--relay-cmd``).
+    """
+    seen: set[str] = set()
+    for gateway in gateways:
+        name = gateway.name
+        if not GATEWAY_NAME.fullmatch(name):
+            raise RequestError(
+                f"--gateway name {name!r}: use letters, digits, '.', '_' and '-',"
+                " starting with a letter or digit",
+                param="gateway",
+            )
+        if name.casefold() in RESERVED_NAMES:
+            raise RequestError(
+                f"--gateway name {name!r} is taken: {' and '.join(sorted(RESERVED_NAMES))}"
+                " name the relay's and the direct floor's columns",
+                param="gateway",
+            )
+        if name.casefold() in seen:
+            raise RequestError(f"--gateway name {name!r} is given twice", param="gateway")
+        seen.add(name.casefold())
+        try:
+            relay_argv(
+                gateway.relay_cmd, python="", host="", port=0, upstream="", token="", workers=1
+            )
+        except RequestError as exc:
+            raise RequestError(f"--gateway {name}: {exc.message}", param="gateway") from exc
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,6 +213,7 @@ class OverheadOptions:
     python: str = sys.executable
     settle_s: float = SETTLE_S
     log_dir: str | None = None
+    gateways: tuple[Gateway, ...] = ()
 
 
 @dataclass(slots=True)
@@ -184,12 +280,15 @@ def relay_argv(template: str, **values: object) -> list[str]:
 
 
 class _Harness:
-    """The processes and clients of one scenario."""
+    """The processes and clients of one scenario, for one relay command."""
 
-    def __init__(self, options: OverheadOptions, provider: Provider, log_dir: str) -> None:
+    def __init__(
+        self, options: OverheadOptions, provider: Provider, log_dir: str, relay_cmd: str
+    ) -> None:
         self.options = options
         self.provider = provider
         self.log_dir = log_dir
+        self.relay_cmd = relay_cmd
         self.emulator: procs.Child | None = None
         self.relay: procs.Child | None = None
         self.upstream = ""
@@ -221,9 +320,8 @@ class _Harness:
     async def start_relay(self, scenario: Scenario, workers: int = 1) -> None:
         await self.stop_relay()
         port = procs.free_port()
-        template = self.options.relay_cmd or self.provider.relay_cmd
         argv = relay_argv(
-            template,
+            self.relay_cmd,
             python=self.options.python,
             host="127.0.0.1",
             port=port,
@@ -536,23 +634,46 @@ async def _search_levels(
             await trio.sleep(options.settle_s)
 
 
+def _relay_cmd(options: OverheadOptions, provider: Provider, gateway: Gateway | None) -> str:
+    """The command template of ``gateway``, or of the relay (``--relay-cmd``, else ours)."""
+    if gateway is not None:
+        return gateway.relay_cmd
+    return options.relay_cmd or provider.relay_cmd
+
+
+def _new_result(scenario: Scenario) -> ScenarioResult:
+    return ScenarioResult(scenario.key, scenario.label, asdict(scenario.params), scenario.streams)
+
+
 async def run_sustained(
-    options: OverheadOptions, provider: Provider, scenario: Scenario, progress: Progress
+    options: OverheadOptions,
+    provider: Provider,
+    scenario: Scenario,
+    progress: Progress,
+    *,
+    gateway: Gateway | None = None,
+    repeats: range | None = None,
 ) -> ScenarioResult:
-    """The ``sustained`` scenario: one level search per mode and repeat (see the module doc)."""
-    result = ScenarioResult(scenario.key, scenario.label, asdict(scenario.params), scenario.streams)
+    """The ``sustained`` scenario: one level search per mode and repeat (see the module doc).
+
+    ``gateway`` and ``repeats`` are :func:`run_scenario`'s.
+    """
+    result = _new_result(scenario)
     log_dir = options.log_dir or tempfile.mkdtemp(prefix="bench-overhead-")
     os.makedirs(log_dir, exist_ok=True)
-    harness = _Harness(options, provider, log_dir)
-    if options.relay_cmd:
-        variants = relay_variants(options.relay_cmd, "relay-cmd")
+    command = _relay_cmd(options, provider, gateway)
+    harness = _Harness(options, provider, log_dir, command)
+    if gateway is not None:
+        variants = relay_variants(command, gateway.name)
+    elif options.relay_cmd:
+        variants = relay_variants(command, "relay-cmd")
     else:
-        variants = relay_variants(provider.relay_cmd)
+        variants = relay_variants(command)
     labels = {"direct": "direct", **{v.key: v.label for v in variants}}
     runs: dict[str, list[dict[str, Any]]] = {key: [] for key in labels}
     aborted: list[str] = []
     try:
-        for repeat in range(options.repeats):
+        for _ in repeats if repeats is not None else range(options.repeats):
             searches = {key: LevelSearch(scenario.levels) for key in labels}
             try:
                 await _search_levels(
@@ -561,13 +682,36 @@ async def run_sustained(
             finally:
                 for key, search in searches.items():
                     runs[key].append(search.as_dict())
-            result.repeats = repeat + 1
+            result.repeats += 1
     except RelayError as exc:
         result.failure = exc.message
     finally:
         await harness.stop()
     if aborted and result.failure is None:
         result.failure = "; ".join(aborted)
+    return finish_sustained(result, scenario, labels, runs)
+
+
+def finish_sustained(
+    result: ScenarioResult,
+    scenario: Scenario,
+    labels: dict[str, str],
+    runs: dict[str, list[dict[str, Any]]],
+) -> ScenarioResult:
+    """Fill a ``sustained`` result's levels, figures and verdicts from its searches.
+
+    Args:
+        result: the result to fill (its repeats and failure are left as they are).
+        scenario: the ``sustained`` scenario.
+        labels: each mode's report key and label, ``direct`` first, then the
+            relay's variants in order (``relay_w1``, ...: :func:`relay_variants`).
+        runs: per mode key, every repeat's :meth:`LevelSearch.as_dict`, in order.
+
+    Returns:
+        ``result``, with ``sustained`` (each mode's median level and its runs),
+        ``direct``/``relay`` and their runs as figures, and one verdict per
+        relay variant (at least half of direct's level).
+    """
     levels = {key: median_or_none([run["sustained"] for run in got]) for key, got in runs.items()}
     result.sustained = {
         "frames": scenario.params.frames,
@@ -581,7 +725,8 @@ async def run_sustained(
     }
     result.direct_runs = [{"sustained_streams": run["sustained"]} for run in runs["direct"]]
     result.direct = {"sustained_streams": levels["direct"]}
-    relay_keys = [v.key for v in variants]
+    relay_keys = [key for key in labels if key != "direct"]
+    result.relay_runs = []
     for index in range(len(runs["direct"])):
         result.relay_runs.append(
             {
@@ -591,16 +736,17 @@ async def run_sustained(
             }
         )
     result.relay = {_sustained_figure(key, relay_keys): levels[key] for key in relay_keys}
+    result.verdicts = []
     direct_level = levels["direct"]
-    for variant in variants:
-        value = levels[variant.key]
+    for key in relay_keys:
+        value = levels[key]
         if direct_level is None or value is None:
             continue
         limit = direct_level / 2
         result.verdicts.append(
             {
-                "target": f"{variant.label} sustains at least half of direct's level",
-                "figure": _sustained_figure(variant.key, relay_keys),
+                "target": f"{labels[key]} sustains at least half of direct's level",
+                "figure": _sustained_figure(key, relay_keys),
                 "basis": "relay",
                 "limit": limit,
                 "value": value,
@@ -616,21 +762,48 @@ def _sustained_figure(key: str, relay_keys: list[str]) -> str:
 
 
 async def run_scenario(
-    options: OverheadOptions, provider: Provider, scenario: Scenario, progress: Progress
+    options: OverheadOptions,
+    provider: Provider,
+    scenario: Scenario,
+    progress: Progress,
+    *,
+    gateway: Gateway | None = None,
+    repeats: range | None = None,
 ) -> ScenarioResult:
-    """Start the processes, run every repeat in both modes, stop the processes."""
+    """Start the processes, run the repeats in both modes, stop the processes.
+
+    Args:
+        options: what was asked; ``options.repeats`` is the count the
+            progress labels show (``2/3``).
+        provider: whose emulator and credential.
+        scenario: what to run.
+        progress: where runs are shown.
+        gateway: measure this ``--gateway`` instead of the relay; None: the
+            relay (``--relay-cmd``'s command, else ours).
+        repeats: the repeat numbers to run (default ``range(options.repeats)``);
+            ``--gateway`` runs one repeat per call (:func:`run_beside`).
+
+    Returns:
+        The scenario's result (:func:`finish_result`); a failure of the
+        harness or the relay ends the repeats and is the result's ``failure``.
+    """
     if scenario.levels:
-        return await run_sustained(options, provider, scenario, progress)
-    result = ScenarioResult(scenario.key, scenario.label, asdict(scenario.params), scenario.streams)
+        return await run_sustained(
+            options, provider, scenario, progress, gateway=gateway, repeats=repeats
+        )
+    result = _new_result(scenario)
     log_dir = options.log_dir or tempfile.mkdtemp(prefix="bench-overhead-")
     os.makedirs(log_dir, exist_ok=True)
-    harness = _Harness(options, provider, log_dir)
+    harness = _Harness(options, provider, log_dir, _relay_cmd(options, provider, gateway))
+    names = {"direct": "direct", "relay": "relay"}
+    if gateway is not None:
+        names = {"direct": f"direct ({gateway.name})", "relay": gateway.name}
     direct_errors: list[dict[str, int]] = []
     relay_errors: list[dict[str, int]] = []
     try:
         await harness.start_emulator(scenario)
-        for repeat in range(options.repeats):
-            if scenario.idle and repeat:
+        for count, repeat in enumerate(repeats if repeats is not None else range(options.repeats)):
+            if scenario.idle and count:
                 # memory is measured as growth from a fresh process, on both sides:
                 # a second run in the same emulator reuses the heap the first grew
                 await harness.start_emulator(scenario)
@@ -638,7 +811,8 @@ async def run_scenario(
                 await harness.start_relay(scenario)
             for mode in ("direct", "relay"):
                 progress.begin(
-                    f"{scenario.key} {mode} {repeat + 1}/{options.repeats}", scenario.streams
+                    f"{scenario.key} {names[mode]} {repeat + 1}/{options.repeats}",
+                    scenario.streams,
                 )
                 try:
                     figures, errors, samples = await _run_mode(harness, scenario, mode, progress)
@@ -648,15 +822,27 @@ async def run_scenario(
                 (direct_errors if mode == "direct" else relay_errors).append(errors)
                 result.error_samples.extend(samples[: 3 - len(result.error_samples)])
                 await trio.sleep(options.settle_s)
-            result.repeats = repeat + 1
+            result.repeats += 1
     except RelayError as exc:
         result.failure = exc.message
     finally:
         await harness.stop()
-    result.direct = combine_runs(result.direct_runs)
-    result.relay = combine_runs(result.relay_runs)
     result.direct_errors = merge_errors(direct_errors)
     result.relay_errors = merge_errors(relay_errors)
+    return finish_result(result, scenario)
+
+
+def finish_result(result: ScenarioResult, scenario: Scenario) -> ScenarioResult:
+    """Work out a (non-``sustained``) result's figures, verdicts and warnings from its runs.
+
+    Returns:
+        ``result``, with ``direct`` and ``relay`` the :func:`combine_runs` of
+        their runs and, if the relay ran at all, the issue's verdicts and the
+        floor warnings; everything else is left as it is.
+    """
+    result.direct = combine_runs(result.direct_runs)
+    result.relay = combine_runs(result.relay_runs)
+    result.verdicts, result.warnings = [], []
     if result.relay_runs:
         result.verdicts = [
             {
@@ -671,6 +857,107 @@ async def run_scenario(
         ]
         result.warnings = floor_warnings(scenario.key, scenario.group, result.direct, result.relay)
     return result
+
+
+def merge_results(scenario: Scenario, parts: Sequence[ScenarioResult]) -> ScenarioResult:
+    """One result from the results of consecutive repeats of one relay (or gateway).
+
+    The same as one run of all those repeats gives: runs concatenated in
+    order, errors added up, the first three error samples, the repeats
+    counted, and the figures, verdicts, warnings (and ``sustained`` levels)
+    worked out again from the runs. Failure: a run stops at a failure that
+    ends its repeats (a part with no repeat done), so that part is the last
+    one and its failure is the result's; otherwise the parts' failures (the
+    sustained searches a relay that did not start cut short) joined by
+    ``"; "``.
+
+    Args:
+        scenario: the scenario every part ran.
+        parts: one-or-more-repeat results of :func:`run_scenario` for that
+            scenario and one relay command, in the order they ran.
+    """
+    merged = _new_result(scenario)
+    merged.repeats = sum(part.repeats for part in parts)
+    if parts and parts[-1].repeats < 1:
+        merged.failure = parts[-1].failure
+    else:
+        merged.failure = "; ".join(part.failure for part in parts if part.failure) or None
+    if scenario.levels:
+        modes: dict[str, Any] = parts[0].sustained.get("modes", {}) if parts else {}
+        labels = {"direct": "direct", **{key: mode["label"] for key, mode in modes.items()}}
+        runs = {
+            key: [run for part in parts for run in part.sustained["modes"][key]["runs"]]
+            for key in labels
+            if key in modes
+        }
+        runs.setdefault("direct", [])
+        return finish_sustained(merged, scenario, labels, runs)
+    for part in parts:
+        merged.direct_runs.extend(part.direct_runs)
+        merged.relay_runs.extend(part.relay_runs)
+        merged.error_samples.extend(part.error_samples[: 3 - len(merged.error_samples)])
+    merged.direct_errors = merge_errors(part.direct_errors for part in parts)
+    merged.relay_errors = merge_errors(part.relay_errors for part in parts)
+    return finish_result(merged, scenario)
+
+
+@dataclass(frozen=True, slots=True)
+class BesideResult:
+    """One scenario for the relay and every ``--gateway``, each merged over the repeats.
+
+    Attributes:
+        relay: the relay's result.
+        gateways: each gateway's, in the order of ``--gateway``.
+        order: per repeat, the names in the order their turns ran.
+    """
+
+    relay: ScenarioResult
+    gateways: list[ScenarioResult]
+    order: list[list[str]]
+
+
+async def run_beside(
+    options: OverheadOptions,
+    provider: Provider,
+    scenario: Scenario,
+    progress: Progress,
+    log_dir: str,
+) -> BesideResult:
+    """The relay and every ``options.gateways`` on one scenario, one repeat at a time.
+
+    Repeat ``r`` runs the line-up (the relay, then the gateways in order)
+    rotated left by ``r``: each turn is :func:`run_scenario` for that one
+    repeat, with its own emulator and direct run, logging to
+    ``log_dir/<name>/<r + 1>``. A gateway whose turn failed (no repeat
+    done) sits out the later repeats. Turns are merged per gateway with
+    :func:`merge_results`.
+    """
+    lineup: list[Gateway | None] = [None, *options.gateways]
+    names = ["relay", *(gateway.name for gateway in options.gateways)]
+    parts: list[list[ScenarioResult]] = [[] for _ in lineup]
+    order: list[list[str]] = []
+    for repeat in range(options.repeats):
+        shift = repeat % len(lineup)
+        ran: list[str] = []
+        order.append(ran)
+        for index in [*range(shift, len(lineup)), *range(shift)]:
+            done = parts[index]
+            if done and done[-1].repeats < 1:
+                continue  # failed: one run of its own would have stopped there too
+            ran.append(names[index])
+            turn = replace(options, log_dir=os.path.join(log_dir, names[index], str(repeat + 1)))
+            done.append(
+                await run_scenario(
+                    turn,
+                    provider,
+                    scenario,
+                    progress,
+                    gateway=lineup[index],
+                    repeats=range(repeat, repeat + 1),
+                )
+            )
+    merged = [merge_results(scenario, done) for done in parts]
+    return BesideResult(merged[0], merged[1:], order)
 
 
 async def _cancel_on_sigterm(scope: trio.CancelScope) -> None:
@@ -702,8 +989,16 @@ async def run_overhead(
 ) -> dict[str, Any]:
     """Run the selected scenarios; the report as a JSON-ready mapping.
 
+    With ``options.gateways``, each scenario runs the relay and every gateway
+    side by side (:func:`run_beside`); the report is the relay's as without
+    them, plus ``gateways`` (per gateway: ``name``, ``relay_cmd``,
+    ``scenarios`` of the same shape) and ``order`` (per scenario key, per
+    repeat, the names in the order their turns ran). Without gateways the
+    report has neither key, and its ``options`` no ``gateways``.
+
     Raises:
-        RequestError: an unknown provider or scenario, or a bad relay command.
+        RequestError: an unknown provider or scenario, a bad relay command,
+            or a bad ``--gateway`` (:func:`check_gateways`).
     """
     provider = PROVIDERS.get(options.provider)
     if provider is None:
@@ -717,6 +1012,7 @@ async def run_overhead(
         relay_argv(
             options.relay_cmd, python="", host="", port=0, upstream="", token="", workers=1
         )
+    check_gateways(options.gateways)
     chosen = select(
         scenarios(
             quick=options.quick,
@@ -730,14 +1026,26 @@ async def run_overhead(
     )
     limits = raise_open_files_limit()
     results: list[ScenarioResult] = []
+    beside: list[list[ScenarioResult]] = [[] for _ in options.gateways]
+    order: dict[str, list[list[str]]] = {}
     failure: Exception | None = None  # raised outside the nursery: no exception group
     async with trio.open_nursery() as nursery:
         if threading.current_thread() is threading.main_thread():
             nursery.start_soon(_cancel_on_sigterm, nursery.cancel_scope)
         try:
+            log_dir = options.log_dir
+            if options.gateways and log_dir is None:
+                log_dir = tempfile.mkdtemp(prefix="bench-overhead-")
             for scenario in chosen:
-                result = await run_scenario(options, provider, scenario, progress or NoProgress())
-                results.append(result)
+                shown = progress or NoProgress()
+                if log_dir is None or not options.gateways:
+                    results.append(await run_scenario(options, provider, scenario, shown))
+                    continue
+                both = await run_beside(options, provider, scenario, shown, log_dir)
+                for got, result in zip(beside, both.gateways, strict=True):
+                    got.append(result)
+                order[scenario.key] = both.order
+                results.append(both.relay)
         except Exception as exc:
             failure = exc
         nursery.cancel_scope.cancel()
@@ -746,10 +1054,24 @@ async def run_overhead(
     terminated = len(results) < len(chosen)
     if terminated:
         raise UpstreamFailed("terminated by SIGTERM; the child processes were stopped")
-    return {
+    shown_options = asdict(replace(options, api_key="***" if options.api_key else None))
+    if not options.gateways:
+        del shown_options["gateways"]  # the report of a single run is as it always was
+    report: dict[str, Any] = {
         "tool": "bench overhead",
-        "options": asdict(replace(options, api_key="***" if options.api_key else None)),
+        "options": shown_options,
         "machine": {**machine_info(), "fd_limit": list(limits)},
         "relay_cmd": options.relay_cmd or provider.relay_cmd,
         "scenarios": [asdict(r) for r in results],
     }
+    if options.gateways:
+        report["gateways"] = [
+            {
+                "name": gateway.name,
+                "relay_cmd": gateway.relay_cmd,
+                "scenarios": [asdict(r) for r in got],
+            }
+            for gateway, got in zip(options.gateways, beside, strict=True)
+        ]
+        report["order"] = order
+    return report

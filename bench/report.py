@@ -279,7 +279,12 @@ def _print_sustained(scenario: dict[str, Any], out: Console) -> int:
 
 
 def print_overhead_report(report: dict[str, Any], out: Console) -> None:
-    """One table per scenario: direct, relay, added, ratio, target and verdict."""
+    """One table per scenario: direct, relay, added, ratio, target and verdict.
+
+    A report with ``gateways`` (``--gateway``) then gets each gateway's
+    tables under a heading, and :func:`print_comparison` of the relay and
+    every gateway.
+    """
     machine = report["machine"]
     out.print(
         f"[bold]bench overhead[/bold]: {machine['cpus']} CPUs, Python {machine['python']},"
@@ -293,19 +298,41 @@ def print_overhead_report(report: dict[str, Any], out: Console) -> None:
     quick = report["options"]["quick"]
     if quick:
         out.print("[yellow]--quick: smaller counts than the targets assume[/yellow]")
+    _print_scenarios(report["scenarios"], out)
+    gateways = report.get("gateways") or []
+    for gateway in gateways:
+        name = gateway["name"]
+        out.print()
+        out.print(f"[bold]gateway {_escape(name)}[/bold], measured beside the relay in this run")
+        out.print(f"{name} command: {gateway['relay_cmd']}", markup=False)
+        _print_scenarios(gateway["scenarios"], out, name)
+    if gateways:
+        from bench.compare import gateway_reports
+
+        order = "; ".join(
+            f"{key}: " + " | ".join(", ".join(turns) for turns in repeats)
+            for key, repeats in report.get("order", {}).items()
+        )
+        out.print()
+        out.print(f"[dim]order of the turns, per repeat: {_escape(order)}[/dim]")
+        print_comparison(gateway_reports(report), out)
+
+
+def _print_scenarios(scenarios: list[dict[str, Any]], out: Console, name: str = "relay") -> None:
+    """The tables of one relay's (or gateway's, ``name``) scenarios and its targets."""
     misses = 0
-    for scenario in report["scenarios"]:
+    for scenario in scenarios:
         group = scenario["key"].split("-")[0]
         if scenario.get("sustained"):
             misses += _print_sustained(scenario, out)
             continue
         title = f"{scenario['key']}: {scenario['label']}, median of {scenario['repeats']}"
         table = _table(title)
-        for name in ("figure", "direct", "relay", "added", "ratio", "target", "verdict"):
+        for column in ("figure", "direct", name, "added", "ratio", "target", "verdict"):
             table.add_column(
-                name,
-                justify="left" if name in ("figure", "target") else "right",
-                no_wrap=name in ("figure", "verdict"),
+                _escape(column),
+                justify="left" if column in ("figure", "target") else "right",
+                no_wrap=column in ("figure", "verdict"),
             )
         direct, relay = scenario["direct"], scenario["relay"]
         for figure, label, spec in OVERHEAD_ROWS.get(group, ()):
@@ -325,12 +352,13 @@ def print_overhead_report(report: dict[str, Any], out: Console) -> None:
                 verdict,
             )
         load = ", ".join(
-            f"{name} {_fmt(relay.get(f'{key}_cpu_pct'), '{:.0f}')}%" for key, name in _HARNESS
+            f"{name if key == 'relay' else who} {_fmt(relay.get(f'{key}_cpu_pct'), '{:.0f}')}%"
+            for key, who in _HARNESS
         )
-        table.caption = (
-            f"CPU busy during the relay run (100% = one core): {load};"
+        table.caption = _escape(
+            f"CPU busy during the {name} run (100% = one core): {load};"
             f" errors direct: {_errors_text(scenario['direct_errors'])},"
-            f" relay: {_errors_text(scenario['relay_errors'])}"
+            f" {name}: {_errors_text(scenario['relay_errors'])}"
         )
         out.print(table)
         if scenario["failure"]:
@@ -339,12 +367,12 @@ def print_overhead_report(report: dict[str, Any], out: Console) -> None:
             out.print(f"  [dim]{_escape(sample)}[/dim]")
         for warning in scenario["warnings"]:
             out.print(f"  [yellow]note:[/yellow] {_escape(warning)}")
-    if any(s["key"] == "idle" for s in report["scenarios"]):
+    if any(s["key"] == "idle" for s in scenarios):
         out.print("[dim]idle, direct column: the emulator's RSS per open stream, for scale[/dim]")
-    verdicts = [(s["key"], v) for s in report["scenarios"] for v in s["verdicts"]]
-    summary = _table("targets (from the issue)")
-    for name in ("scenario", "target", "value", "verdict"):
-        summary.add_column(name, justify="right" if name in ("value", "verdict") else "left")
+    verdicts = [(s["key"], v) for s in scenarios for v in s["verdicts"]]
+    summary = _table("targets (from the issue)" + ("" if name == "relay" else f", {name}"))
+    for column in ("scenario", "target", "value", "verdict"):
+        summary.add_column(column, justify="right" if column in ("value", "verdict") else "left")
     for key, verdict in verdicts:
         colour = {"PASS": "green", "MISS": "red"}.get(verdict["result"], "yellow")
         summary.add_row(
@@ -354,7 +382,8 @@ def print_overhead_report(report: dict[str, Any], out: Console) -> None:
     if verdicts:
         out.print(summary)
     passed = sum(1 for _, v in verdicts if v["result"] == "PASS")
-    out.print(f"targets: {passed} PASS, {misses} MISS of {len(verdicts)}")
+    who = "" if name == "relay" else f" ({_escape(name)})"
+    out.print(f"targets{who}: {passed} PASS, {misses} MISS of {len(verdicts)}")
 
 
 # --- bench compare -------------------------------------------------------------

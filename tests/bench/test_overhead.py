@@ -68,6 +68,13 @@ def test_tiny_run_covers_every_scenario(tiny_report: dict[str, Any]) -> None:
         assert set(result["relay"]) >= FIGURES
 
 
+def test_run_without_gateways_keeps_the_single_report(tiny_report: dict[str, Any]) -> None:
+    """Without --gateway the report has no gateways, no order and no gateways option."""
+    assert "gateways" not in tiny_report
+    assert "order" not in tiny_report
+    assert "gateways" not in tiny_report["options"]
+
+
 def test_sustained_scenario_searches_every_mode(tiny_report: dict[str, Any]) -> None:
     """Sustained: direct and the relay with 1 and 2 workers each searched from level 1.
 
