@@ -22,7 +22,15 @@ instance; :class:`ConversationKeeper` says which answers leave their upstream
 conversation for the client to continue, so that the relay can send the
 follow-up to the account that owns it; :class:`Passthrough` answers a
 client's OpenAI chat completions body with the upstream's own bytes (an
-OpenAI-compatible upstream: no decode and re-encode per chunk).
+OpenAI-compatible upstream: no decode and re-encode per chunk), and
+:class:`ModelLister` asks the upstream which models it serves.
+
+Model lists: :meth:`Provider.models` is plain ``def`` and answers from what
+the provider knows by itself (its own names, an operator's configured list),
+because the relay reads it per request (the metrics' model label). What only
+the upstream knows, the models behind a configured prefix, comes from
+:meth:`ModelLister.upstream_models`, an upstream call the relay caches
+(``relay/catalog.py``) and bounds; StepChat and ChatGLM do not offer it.
 
 A provider whose upstream calls tools, follows a JSON format, stops at stop
 sequences and counts tokens itself says so with
@@ -416,5 +424,31 @@ class Passthrough(Protocol[SessionT_contra]):
             AuthError, NoAccountFree: the upstream refused the key (401, 403)
                 or it is rate-limited (429): the relay tries another key.
             UpstreamFailed, UpstreamTimeout: the upstream could not be reached.
+        """
+        ...
+
+
+@runtime_checkable
+class ModelLister(Protocol):
+    """A provider whose upstream says which models it serves (an OpenAI ``GET /models``).
+
+    The relay lists them in ``/v1/models`` beside :meth:`Provider.models`,
+    through a cache of its own (``relay/catalog.py``: a time to live, one
+    call in flight, a time limit, the last good list kept on failure).
+    """
+
+    async def upstream_models(self, credential: str) -> list[str]:
+        """The served names of the models the upstream lists now: one call with ``credential``.
+
+        Returns:
+            The names a client would use (an upstream's prefix put in front);
+            ``[]`` without a call when the provider serves nothing the
+            upstream would have to tell.
+
+        Raises:
+            RelayError: the call failed, the upstream answered an error
+                (its status kept: 401 and 403 for a refused key), or its
+                answer held no model list. Unbounded in time: the caller
+                bounds it.
         """
         ...

@@ -21,6 +21,13 @@ first whose credential form fits. The OpenAI-compatible upstreams come
 first: a model the operator configured explicitly wins over the web chats'
 name patterns.
 
+A provider whose upstream lists its models (:class:`~providers.contract.ModelLister`:
+an OpenAI-compatible upstream with a prefix) gets a
+:class:`~relay.catalog.ModelCatalog` on its runtime, asking with its
+server-side keys; :meth:`ProviderRuntime.every_model` and
+:meth:`ProviderRuntime.knows` answer ``/v1/models`` and ``/v1/models/{id}``
+from the configured names and that list.
+
 Providers differ in their session type (``Provider[SessionT]``), so the
 mixed collection here is the one place where it is ``Any``: each
 :class:`ProviderRuntime` pairs a provider with an account pool of the same
@@ -36,12 +43,13 @@ from typing import TYPE_CHECKING, Any, Generic
 
 from protocol.errors import RelayError
 from protocol.urls import origin_of
-from providers.contract import SessionT
+from providers.contract import ModelLister, SessionT
 from providers.glm.client import GlmProvider
 from providers.openai.client import OpenAIProvider
 from providers.openai.prompt import ModelNames
 from providers.step.client import StepProvider
 from relay.accounts import AccountPool
+from relay.catalog import ModelCatalog
 from relay.config import ConfigError
 from relay.upstream import HttpTransport
 
@@ -126,6 +134,42 @@ class ProviderRuntime(Generic[SessionT]):
     server_credentials: tuple[str, ...]
     #: only the server-side credentials are ever used (:attr:`Entry.server_only`)
     server_only: bool = False
+    #: what the upstream lists besides the provider's own names (a ModelLister's)
+    catalog: ModelCatalog | None = None
+
+    async def every_model(self) -> list[str]:
+        """The ids ``/v1/models`` lists: the provider's own, then the upstream's, each once.
+
+        The upstream's come from the catalog (cached; a stale list, or none,
+        when asking fails): this never raises for the upstream's sake.
+        """
+        models = self.provider.models()
+        if self.catalog is None:
+            return models
+        listed = await self.catalog.models()
+        return list(dict.fromkeys([*models, *(listed or ())]))
+
+    async def knows(self, model: str) -> bool:
+        """Whether ``/v1/models/{model}`` answers the model (not 404) for this provider.
+
+        A name the provider lists is known. Another name it owns is known
+        too, unless the upstream's list (the catalog's) is known and does not
+        have it: then the upstream has no such model, though a chat naming
+        it still goes there.
+        """
+        if model in self.provider.models():
+            return True
+        if not self.provider.owns_model(model):
+            return False
+        if self.catalog is None:
+            return True
+        listed = await self.catalog.models()
+        return listed is None or model in listed
+
+    def lists(self, model: str) -> bool:
+        """Whether ``model`` is listed now (the metrics' label: no upstream call)."""
+        return model in self.provider.models() or (
+            self.catalog is not None and model in self.catalog.known())
 
 
 class Providers(Mapping[str, "ProviderRuntime[Any]"]):
@@ -200,7 +244,11 @@ def _runtime(provider: Provider[SessionT], entry: Entry, settings: Settings
 
         state = RedisState(provider, settings)
     pool = AccountPool(provider, settings, entry.max_streams(settings), state)
-    return ProviderRuntime(provider, pool, tuple(entry.credentials(settings)), entry.server_only)
+    credentials = tuple(entry.credentials(settings))
+    catalog = None
+    if isinstance(provider, ModelLister) and credentials:
+        catalog = ModelCatalog(provider.name, provider.upstream_models, credentials)
+    return ProviderRuntime(provider, pool, credentials, entry.server_only, catalog)
 
 
 def build(parts: Parts, entries: Sequence[Entry | Entries]) -> Providers:

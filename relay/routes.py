@@ -131,13 +131,25 @@ async def index(app: Relay, ex: Exchange, body: bytes) -> None:
 
 
 async def models(app: Relay, ex: Exchange, body: bytes) -> None:
-    """``GET /v1/models``: every model id of every provider."""
+    """``GET /v1/models``: every model id of every provider, owned by the provider's name.
+
+    An upstream with a prefix adds what it lists itself (the prefix put in
+    front; :class:`relay.catalog.ModelCatalog`: cached, asked at most once
+    at a time, bounded, its last good list when asking fails). The upstreams
+    are asked side by side, so the answer waits for the slowest, not the sum.
+    """
     check_api_key(app.settings, ex)
-    pairs = [
-        (model, rt.provider.name)
-        for rt in app.providers.values()
-        for model in rt.provider.models()
-    ]
+    runtimes = list(app.providers.values())
+    listed: list[list[str]] = [[] for _ in runtimes]
+
+    async def collect(index: int, runtime: ProviderRuntime[Any]) -> None:
+        listed[index] = await runtime.every_model()
+
+    async with trio.open_nursery() as nursery:
+        for index, runtime in enumerate(runtimes):
+            nursery.start_soon(collect, index, runtime)
+    pairs = [(model, rt.provider.name) for rt, ids in zip(runtimes, listed, strict=True)
+             for model in ids]
     await ex.respond(200, models_body(pairs, created=int(time.time())))
 
 
@@ -150,12 +162,14 @@ async def model(app: Relay, ex: Exchange, body: bytes) -> None:
     """``GET /v1/models/{id}``: one model (the SDK's ``models.retrieve``).
 
     A model is known if a provider lists it or owns its name (agent ids,
-    versioned names); else 404 ``model_not_found``.
+    versioned names), except a name under an upstream's prefix that the
+    upstream's own list lacks (:meth:`relay.registry.ProviderRuntime.knows`);
+    else 404 ``model_not_found``.
     """
     check_api_key(app.settings, ex)
     model_id = unquote(ex.request.path.split("?", 1)[0][len(MODEL_PREFIX):])
     for rt in app.providers.values():
-        if model_id in rt.provider.models() or rt.provider.owns_model(model_id):
+        if await rt.knows(model_id):
             entry = {"id": model_id, "object": "model", "created": int(time.time()),
                      "owned_by": rt.provider.name}
             await ex.respond(200, orjson.dumps(entry))
@@ -464,4 +478,4 @@ def _model_label(app: Relay, note: Outcome | None) -> str:
     runtime = app.providers.get(note.provider)
     if runtime is None:
         return "other"
-    return note.model if note.model in runtime.provider.models() else "other"
+    return note.model if runtime.lists(note.model) else "other"

@@ -28,6 +28,10 @@ Errors keep the upstream's status and OpenAI error fields
 raised before any byte of the answer, as AuthError or NoAccountFree: the
 relay then tries another key. There is no conversation to delete: leaving
 ``chat`` only closes the response.
+
+Model list: :meth:`OpenAIProvider.models` is the configured names;
+:meth:`OpenAIProvider.upstream_models` asks an upstream with a prefix what
+is under it (``GET /models``), which the relay caches.
 """
 
 from __future__ import annotations
@@ -36,7 +40,9 @@ import logging
 from contextlib import aclosing, asynccontextmanager
 from typing import TYPE_CHECKING
 
-from protocol.errors import UpstreamFailed
+import orjson
+
+from protocol.errors import RemoteProtocolError, UpstreamFailed
 from protocol.sse import SSEDecoder
 from providers.openai import prompt
 from providers.openai.stream import (
@@ -65,6 +71,25 @@ KEY_STATUSES = (401, 403, 429)
 WHOLE_BODY_LIMIT_BYTES = 16 * 1024 * 1024
 SSE_TYPE = b"text/event-stream"
 DONE_EVENT = b"data: [DONE]\n\n"
+
+
+def model_ids(body: bytes) -> list[str]:
+    """The ids of an OpenAI model list (``{"data": [{"id": ...}, ...]}``), each once, in order.
+
+    Items without a non-empty string id are left out.
+
+    Raises:
+        RemoteProtocolError: the body is not a JSON object with a ``data`` list.
+    """
+    try:
+        value = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise RemoteProtocolError("the upstream's model list is not JSON") from exc
+    data = value.get("data") if isinstance(value, dict) else None
+    if not isinstance(data, list):
+        raise RemoteProtocolError("the upstream's model list has no data list")
+    ids = (item.get("id") for item in data if isinstance(item, dict))
+    return list(dict.fromkeys(i for i in ids if isinstance(i, str) and i))
 
 
 def _media_type(response: StreamedResponse) -> bytes:
@@ -215,6 +240,24 @@ class OpenAIProvider:
         if response.status in (401, 403):
             return False
         raise error_from_response(response.status, response.body, self.name)
+
+    async def upstream_models(self, credential: str) -> list[str]:
+        """What ``GET /models`` lists now, each id under the prefix (contract.ModelLister).
+
+        ``[]`` without a call for an upstream served under listed names only.
+
+        Raises:
+            RelayError: the call failed, the upstream answered an error (its
+                status kept), or a body without a ``data`` list.
+        """
+        prefix = self._names.prefix
+        if not prefix:
+            return []
+        response = await self._transport.request(
+            b"GET", self._base + prompt.MODELS_PATH, prompt.headers(credential, streamed=False))
+        if response.status != 200:
+            raise error_from_response(response.status, response.body, self.name)
+        return [prefix + model for model in model_ids(response.body)]
 
     def _upstream_model(self, request: ChatRequest) -> tuple[str, str]:
         """The served name of the request's model and its name upstream."""

@@ -10,7 +10,10 @@ Zhipu's open platforms) offers the relay:
 - ``POST /v1/chat/completions``, streamed (``"stream": true``: HTTP 200
   ``text/event-stream``, one ``data: {chunk}`` event per delta, then
   ``data: [DONE]``) or whole (one ``chat.completion`` JSON object);
-- ``GET /v1/models``: ``{"object": "list", "data": [{"id", "object": "model", ...}]}``.
+- ``GET /v1/models``: ``{"object": "list", "data": [{"id", "object": "model", ...}]}``
+  listing :attr:`OpenAIEmulator.models`; ``behavior.models_error`` answers it
+  with that status and error body instead, and ``behavior.models_hold``
+  makes it wait for that event first (a hung upstream).
 
 Its base URL (:attr:`OpenAIEmulator.base_url`) ends in ``/v1``, as an
 OpenAI SDK's ``base_url`` does. Every call must carry ``Authorization:
@@ -161,6 +164,10 @@ class OpenAIBehavior:
     end_error: tuple[str, str] | None = None
     #: keys answered 429 ``rate_limit_exceeded``
     busy_keys: set[str] = field(default_factory=set)
+    #: (status, type, message): ``GET /v1/models`` is answered so
+    models_error: tuple[int, str, str] | None = None
+    #: when set, ``GET /v1/models`` waits for it before it answers
+    models_hold: trio.Event | None = None
     #: the finish reason of a text answer
     finish_reason: str = "stop"
     #: when set, each answer stream waits for it after its response head
@@ -183,11 +190,13 @@ class OpenAIRecord:
     scripted ``drop_after`` included); ``streams_aborted`` those the client
     left first. ``completions`` counts whole (non-streamed) answers.
     ``keys`` has the key of every chat request, refused ones included;
-    ``chats`` the accepted ones (their key and body).
+    ``chats`` the accepted ones (their key and body); ``model_keys`` the key
+    of every ``GET /v1/models``, refused ones included.
     """
 
     chats: list[ChatCall] = field(default_factory=list)
     keys: list[str] = field(default_factory=list)
+    model_keys: list[str] = field(default_factory=list)
     paths: list[str] = field(default_factory=list)
     completions: int = 0
     streams_started: int = 0
@@ -518,8 +527,9 @@ class OpenAIEmulator(Listener):
     def _changed(self) -> None:
         self._lot.unpark_all()
 
-    def _key(self, request: Request, *, chat: bool = False) -> str:
-        """The request's API key; a chat's is recorded in ``keys``, refused or not.
+    def _key(self, request: Request, *, chat: bool = False, listing: bool = False) -> str:
+        """The request's API key; a chat's is recorded in ``keys``, a model list's in
+        ``model_keys``, refused or not.
 
         Raises:
             _Refusal: 401 ``invalid_api_key`` (counted in ``auth_failures``).
@@ -533,6 +543,8 @@ class OpenAIEmulator(Listener):
                 break
         if chat and self._keep:
             self.record.keys.append(key)
+        if listing and self._keep:
+            self.record.model_keys.append(key)
         if not key or (self._keys is not None and key not in self._keys):
             self.record.auth_failures += 1
             self._changed()
@@ -550,7 +562,13 @@ class OpenAIEmulator(Listener):
             if path == MODELS_PATH:
                 if request.method != b"GET":
                     raise _Refusal(405, "invalid_request_error", "use GET")
-                self._key(request)
+                self._key(request, listing=True)
+                self._changed()
+                behavior = self.behavior
+                if behavior.models_hold is not None:
+                    await behavior.models_hold.wait()
+                if behavior.models_error is not None:
+                    raise _Refusal(*behavior.models_error)
                 await conn.reply(Reply(200, self._models_body()))
                 return True
             if path != CHAT_PATH:
