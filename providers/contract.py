@@ -62,6 +62,7 @@ if TYPE_CHECKING:
     from contextlib import AbstractAsyncContextManager
 
     from protocol.deltas import Delta
+    from protocol.errors import RelayError
     from protocol.openai import ChatRequest
 
 Headers = Sequence[tuple[bytes, bytes]]
@@ -386,6 +387,17 @@ class RawAnswer(Protocol):
     content_type: bytes
     streamed: bool
     done: bool
+
+    def leading_error(self, data: bytes) -> RelayError | None:
+        """The error the upstream reported in-band as the first event of ``data``, or None.
+
+        ``data`` is the first block :meth:`events` gave. The relay asks before
+        it has sent anything to the client: such an error then becomes an HTTP
+        error with its status (and another key is tried for a 401, 403 or
+        429), instead of a 200 whose stream holds only the error. Pure (no
+        I/O); the block is still the caller's to send when this says None.
+        """
+        ...
 
     def events(self) -> AsyncGenerator[bytes, None]:
         """The stream's whole events, as each upstream read completes some, ready to send.

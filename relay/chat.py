@@ -80,8 +80,15 @@ per read, commit timeout, keep-alives, send timeout, shutdown's last words),
 with no JSON decoded or encoded per chunk here. Leasing and failover are
 :func:`with_account`'s, as for every chat: the provider raises 401, 403 and
 429 before any byte, and another key is tried; any other upstream status
-reaches the client with the upstream's own body. A stream that breaks after
-it started ends with an in-band error and ``[DONE]``, as on the neutral path.
+reaches the client with the upstream's own body. An error the upstream sends
+in-band as its stream's first event, under its 200, is taken as it would be
+in the response head while nothing was sent yet
+(:meth:`~providers.contract.RawAnswer.leading_error`): an HTTP error with its
+status and fields, another key for a 401, 403 or 429; the neutral path does
+the same with its first UpstreamError (:func:`_leading_error`), in the
+dialect's shape. A stream that breaks after it started (the commit timeout's
+head counts) ends with an in-band error and ``[DONE]``, as on the neutral
+path.
 """
 
 from __future__ import annotations
@@ -721,6 +728,11 @@ async def _pump_raw(
             async for data in events:
                 if outcome.first_event_s is None:
                     outcome.first_event_s = trio.current_time() - started_at
+                if not writer.committed:
+                    error = answer.leading_error(data)
+                    if error is not None:  # nothing sent yet: it can have its own status
+                        outcome.end = _failure_end(error)
+                        raise error
                 outcome.chunks += 1
                 if answer.done:
                     break  # the end goes out in the same write as these events

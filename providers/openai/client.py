@@ -26,8 +26,10 @@ Two ways to answer:
 Errors keep the upstream's status and OpenAI error fields
 (:func:`~providers.openai.stream.error_from_response`). 401, 403 and 429 are
 raised before any byte of the answer, as AuthError or NoAccountFree: the
-relay then tries another key. There is no conversation to delete: leaving
-``chat`` only closes the response.
+relay then tries another key. An error the upstream sends in-band as its
+stream's first event stands for a status too
+(:func:`~providers.openai.stream.in_band_status`), on both paths. There is
+no conversation to delete: leaving ``chat`` only closes the response.
 
 Model list: :meth:`OpenAIProvider.models` is the configured names;
 :meth:`OpenAIProvider.upstream_models` asks an upstream with a prefix what
@@ -49,6 +51,7 @@ from providers.openai.stream import (
     ChunkStream,
     EventFramer,
     error_from_response,
+    leading_error,
     model_member,
     rewrite_model,
 )
@@ -57,6 +60,7 @@ if TYPE_CHECKING:
     from collections.abc import AsyncGenerator, AsyncIterator
 
     from protocol.deltas import Delta
+    from protocol.errors import RelayError
     from protocol.openai import ChatRequest
     from providers.contract import StreamedResponse, Transport
     from providers.openai.prompt import ModelNames
@@ -151,9 +155,11 @@ class OpenAIAnswer:
 class OpenAIRawAnswer:
     """The upstream's answer as bytes for the client (providers.contract.RawAnswer)."""
 
-    def __init__(self, response: StreamedResponse, member: bytes | None) -> None:
+    def __init__(self, response: StreamedResponse, member: bytes | None,
+                 upstream: str = "the upstream") -> None:
         self._response = response
         self._member = member
+        self._upstream = upstream
         self.status = response.status
         self.content_type = response.header(b"content-type") or b"application/json"
         self.streamed = response.status == 200 and _media_type(response) == SSE_TYPE
@@ -164,6 +170,10 @@ class OpenAIRawAnswer:
     def done(self) -> bool:
         """The last event went out: ``[DONE]``, or the one added when it was left out."""
         return self._framer.done or self._ended
+
+    def leading_error(self, data: bytes) -> RelayError | None:
+        """The in-band error ``data`` opens with (:func:`providers.openai.stream.leading_error`)."""
+        return leading_error(data, self._upstream)
 
     async def events(self) -> AsyncGenerator[bytes, None]:
         framer = self._framer
@@ -293,4 +303,4 @@ class OpenAIProvider:
         ) as response:
             if response.status in KEY_STATUSES:
                 raise error_from_response(response.status, await response.read(), self.name)
-            yield OpenAIRawAnswer(response, member)
+            yield OpenAIRawAnswer(response, member, self.name)

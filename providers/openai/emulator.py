@@ -56,7 +56,11 @@ the last: the finish chunk follows at once. Knobs
 (reasoning, content, tool-call deltas; not the opening role chunk).
 ``end_error`` replaces the finish chunk with an in-band error event
 ``data: {"error": {...}}`` (then ``[DONE]``), as some platforms do when a
-stream fails after it started. With ``stream_options.include_usage`` every
+stream fails after it started; ``first_error`` (an error object, sent as
+it is) makes such an event the stream's first and only one, before any
+role or content chunk (then ``[DONE]``), for the keys in
+``first_error_keys`` (every key when None), as a platform does that fails
+the request after its 200 head. With ``stream_options.include_usage`` every
 chunk carries ``"usage": null`` and a last chunk with ``"choices": []``
 carries the usage, as OpenAI does; a whole completion always carries it.
 Token counts are rough: a token per four characters (at least one).
@@ -164,6 +168,10 @@ class OpenAIBehavior:
     end_error: tuple[str, str] | None = None
     #: keys answered 429 ``rate_limit_exceeded``
     busy_keys: set[str] = field(default_factory=set)
+    #: an error object sent in-band as a stream's first event (then ``[DONE]``)
+    first_error: dict[str, Any] | None = None
+    #: the keys whose streams get ``first_error`` (None: every key)
+    first_error_keys: set[str] | None = None
     #: (status, type, message): ``GET /v1/models`` is answered so
     models_error: tuple[int, str, str] | None = None
     #: when set, ``GET /v1/models`` waits for it before it answers
@@ -433,6 +441,10 @@ class _Chunks:
     def error(self, kind: str, message: str) -> bytes:
         return self._wrap(b"data: " + error_body(kind, message) + b"\n\n")
 
+    def error_event(self, error: dict[str, Any]) -> bytes:
+        """``data: {"error": error}``, the error object as it was given."""
+        return self._wrap(b"data: " + orjson.dumps({"error": error}) + b"\n\n")
+
     def done(self) -> bytes:
         return self._wrap(DONE_EVENT)
 
@@ -629,8 +641,12 @@ class OpenAIEmulator(Listener):
             chunks = _Chunks(answer_id, body["model"], usage, conn.chunked)
             tally = StreamTally(self.record, self._changed)
             outcome: Outcome | None = None
+            first_error = behavior.first_error
+            if behavior.first_error_keys is not None and key not in behavior.first_error_keys:
+                first_error = None
             try:
-                script = self._script(behavior, plan, chunks, _prompt_tokens(body), usage)
+                script = self._script(behavior, plan, chunks, _prompt_tokens(body), usage,
+                                      first_error)
                 write = partial(self._write_script, conn, behavior, tally, script)
                 outcome = await conn.watched(write)
             finally:
@@ -693,8 +709,14 @@ class OpenAIEmulator(Listener):
             yield partial(chunks.content, text)
 
     def _script(self, behavior: OpenAIBehavior, plan: AnswerPlan, chunks: _Chunks,
-                prompt_tokens: int, usage: bool) -> Script:
-        """The answer stream: role chunk, deltas, finish (or error), usage, ``[DONE]``."""
+                prompt_tokens: int, usage: bool, first_error: dict[str, Any] | None = None,
+                ) -> Script:
+        """The answer stream: role chunk, deltas, finish (or error), usage, ``[DONE]``;
+        or ``first_error``'s event and ``[DONE]`` alone."""
+        if first_error is not None:
+            yield chunks.error_event(first_error)
+            yield chunks.done()
+            return
         yield chunks.delta({"role": "assistant", "content": ""})
         for sent, make in enumerate(self._deltas(behavior, plan, chunks)):
             cut = _interruption(behavior, sent)

@@ -13,7 +13,12 @@ Two readers of the same wire, one per path through the relay:
 
 And :func:`error_from_response`: a non-2xx upstream answer as the
 :class:`~protocol.errors.RelayError` the relay raises, with the upstream's
-status and the fields of its OpenAI error object.
+status and the fields of its OpenAI error object. An error the upstream
+sends in-band (``data: {"error": {...}}`` under its 200) stands for the
+status :func:`in_band_status` reads from it, on both paths: ChunkStream's
+UpstreamError carries it, and :func:`leading_error` gives the fast path the
+same exception :func:`error_from_response` would when such an error is the
+stream's first event (before the relay has sent anything).
 
 Theory of operation (:class:`ChunkStream`). Each ``data:`` event is one
 ``chat.completion.chunk`` JSON object, or ``[DONE]``. Per chunk, in order:
@@ -87,6 +92,7 @@ from protocol.errors import (
     UpstreamFailed,
     UpstreamTimeout,
 )
+from protocol.sse import SSEDecoder
 
 if TYPE_CHECKING:
     from protocol.deltas import Delta, FinishReason
@@ -188,13 +194,8 @@ def error_from_response(status: int, body: bytes, upstream: str) -> RelayError:
 def _in_band_error(error: object) -> UpstreamError:
     """The UpstreamError an in-band ``error`` member describes."""
     message, kind, _param, code = error_fields(orjson.dumps({"error": error}))
-    status = 502
-    if isinstance(error, dict):
-        number = error.get("code", error.get("status"))
-        if isinstance(number, int) and not isinstance(number, bool) and 400 <= number < 600:
-            status = number
     return UpstreamError(code or kind or "upstream_error",
-                         message or "the upstream reported an error", status)
+                         message or "the upstream reported an error", in_band_status(error))
 
 
 def _count(value: object) -> int | None:
@@ -495,3 +496,102 @@ class EventFramer:
         """
         if self._pending.strip():
             raise RemoteProtocolError("upstream stream ended inside an event")
+
+
+# --- in-band errors (both paths) ------------------------------------------------------------
+
+#: In-band error codes and types that say the key is at fault, and the HTTP status each
+#: stands for: OpenAI's codes (401 ``invalid_api_key``; 429 ``rate_limit_exceeded`` and
+#: ``insufficient_quota``) and the ``*_error`` types Anthropic's API and some gateways use.
+KEY_FAULTS: dict[str, int] = {
+    "invalid_api_key": 401,
+    "authentication_error": 401,
+    "permission_error": 403,
+    "rate_limit_exceeded": 429,
+    "insufficient_quota": 429,
+    "rate_limit_error": 429,
+}
+
+
+def _http_status(value: object) -> int | None:
+    """``value`` as an HTTP error status (400-599): an int or a string of ASCII digits."""
+    if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) == 3:
+        value = int(value)
+    if isinstance(value, int) and not isinstance(value, bool) and 400 <= value < 600:
+        return value
+    return None
+
+
+def in_band_status(error: object) -> int:
+    """The HTTP status an in-band ``error`` object stands for.
+
+    Its own ``status``, else its ``code``, when that is an HTTP error status
+    (``429`` or ``"429"``; a platform's own numbers, such as Zhipu's
+    ``"1301"``, are not); else the status of a key-fault ``code`` or ``type``
+    (:data:`KEY_FAULTS`); else 502. As for an error in a response head
+    (:func:`error_from_response`), 401 and 403 say the key was refused and
+    429 that it is busy: the relay tries another key while it has sent
+    nothing.
+    """
+    if not isinstance(error, dict):
+        return 502
+    for name in ("status", "code"):
+        status = _http_status(error.get(name))
+        if status is not None:
+            return status
+    for name in ("code", "type"):
+        value = error.get(name)
+        if isinstance(value, str) and value in KEY_FAULTS:
+            return KEY_FAULTS[value]
+    return 502
+
+
+def in_band_exception(error: object, upstream: str) -> RelayError:
+    """The exception an in-band ``error`` object becomes before anything was sent.
+
+    :func:`error_from_response`'s, for the status :func:`in_band_status`
+    reads: the upstream's message, type, param and code kept, so the client
+    sees the error the upstream reported, under its own status.
+    """
+    body = orjson.dumps({"error": error})
+    if not error_fields(body)[0]:
+        fields = error if isinstance(error, dict) else {}
+        body = orjson.dumps({"error": {**fields,
+                                       "message": f"{upstream} reported an error in its stream"}})
+    return error_from_response(in_band_status(error), body, upstream)
+
+
+def leading_error(block: bytes, upstream: str) -> RelayError | None:
+    """The error the first event of ``block`` reports in-band, as :func:`in_band_exception`.
+
+    ``block`` is the first block of whole events the fast path would send
+    (:class:`EventFramer`); it is decoded only when it holds the word
+    ``error`` at all, so an ordinary stream costs one scan of its first
+    read. The first event counts as ChunkStream reads it: a chunk with an
+    ``error`` member, or an ``event: error`` whose data is not JSON.
+
+    Returns:
+        The exception, or None when the first event reports no error (a
+        block that cannot be decoded is None too: it goes out as it is).
+    """
+    if b"error" not in block:
+        return None
+    try:
+        events = SSEDecoder().feed(block)
+    except RemoteProtocolError:
+        return None
+    if not events:
+        return None
+    first = events[0]
+    data = first.data
+    if first.event == "error" and not data.startswith("{"):
+        return UpstreamFailed(_clip(data, MAX_MESSAGE_CHARS)
+                              or f"{upstream} reported an error in its stream",
+                              code="upstream_error")
+    try:
+        chunk = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(chunk, dict) or chunk.get("error") is None:
+        return None
+    return in_band_exception(chunk["error"], upstream)
