@@ -15,7 +15,10 @@ emulator's native stream itself (the floor: loopback plus parsing), and
 emulator's ``monotonic_ns`` at write time, so each chunk's delivery latency
 is exact (:mod:`bench.measure`). Around each run the CPU time of the relay,
 the emulator and the client itself is read (:mod:`bench.procs`), so the
-report can say which process was busy. The median of the repeats is
+report can say which process was busy, and so is the time each spent
+runnable but waiting for a CPU (``<process>_runq_pct``, from the kernel's
+``schedstat``): busy plus waiting plus asleep is the whole run, so a relay
+that is neither busy nor waiting had nothing to do. The median of the repeats is
 reported, with the difference, the ratio, the issue's targets and warnings
 where the harness rather than the relay decides a figure.
 
@@ -401,6 +404,13 @@ def _cpu(pids: dict[str, int]) -> dict[str, float | None]:
     return sample
 
 
+def _run_queue(pids: dict[str, int]) -> dict[str, float | None]:
+    """Seconds each process (and the client) has waited for a CPU so far."""
+    sample = {name: procs.run_queue_seconds(pid) for name, pid in pids.items()}
+    sample["client"] = procs.own_run_queue_seconds()
+    return sample
+
+
 @dataclass(frozen=True, slots=True)
 class _CpuMark:
     """CPU clocks read when the stamps received reached ``count``."""
@@ -530,6 +540,7 @@ async def _run_mode(
         finally:
             progress.advance()
 
+    waited_before = _run_queue(pids)
     cpu_before = _cpu(pids)
     started = time.perf_counter()
     with trio.move_on_after(bound):
@@ -545,6 +556,7 @@ async def _run_mode(
                 nursery.cancel_scope.cancel()
     wall_s = time.perf_counter() - started
     cpu_after = _cpu(pids)
+    waited_after = _run_queue(pids)
     now = time.monotonic_ns()
     for record in records:  # what the bound cut short
         unfinished = not record.stamps if scenario.idle else not record.done
@@ -557,6 +569,9 @@ async def _run_mode(
         before, after = cpu_before[name], cpu_after.get(name)
         if before is not None and after is not None and wall_s > 0:
             figures[f"{name}_cpu_pct"] = (after - before) / wall_s * 100
+            waited, waited_then = waited_after.get(name), waited_before.get(name)
+            if waited is not None and waited_then is not None:
+                figures[f"{name}_runq_pct"] = (waited - waited_then) / wall_s * 100
             if name == "relay" and figures["frames_received"]:
                 received = figures["frames_received"] or 1.0
                 figures["cpu_us_per_chunk"] = (after - before) * 1e6 / received

@@ -286,6 +286,43 @@ def cpu_seconds(pid: int) -> float | None:
     return own + sum(value for value in others if value is not None)
 
 
+def _run_delay_ns(pid: int) -> int | None:
+    """Nanoseconds the threads of one process spent runnable, waiting for a CPU.
+
+    The second field of ``/proc/<pid>/task/<tid>/schedstat`` (``run_delay``),
+    summed over the threads; None if the process is gone or the kernel keeps
+    no scheduler statistics.
+    """
+    try:
+        threads = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return None
+    total, found = 0, False
+    for tid in threads:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat", "rb") as stat:
+                total += int(stat.read().split()[1])
+                found = True
+        except (OSError, IndexError, ValueError):
+            continue
+    return total if found else None
+
+
+def run_queue_seconds(pid: int) -> float | None:
+    """Seconds ``pid`` and its live descendants spent runnable but not running.
+
+    What CPU time does not show: a process that had work and waited for a
+    core (the machine's other processes had them). With :func:`cpu_seconds`
+    it splits a run's wall time into on a CPU, waiting for one, and asleep
+    (nothing to do: every socket empty). None if ``pid`` is gone or the
+    kernel has no ``schedstat``.
+    """
+    delays = [_run_delay_ns(member) for member in process_tree(pid)]
+    if delays[0] is None:
+        return None
+    return sum(value for value in delays if value is not None) / 1e9
+
+
 def rss_kib(pid: int) -> int | None:
     """Resident set size (``VmRSS``, KiB) of ``pid`` and its descendants; None if gone."""
     total = 0
@@ -306,3 +343,8 @@ def rss_kib(pid: int) -> int | None:
 def own_cpu_seconds() -> float:
     """CPU seconds (user + system) used by this process so far (all its threads)."""
     return time.process_time()
+
+
+def own_run_queue_seconds() -> float | None:
+    """:func:`run_queue_seconds` of this process (all its threads)."""
+    return run_queue_seconds(os.getpid())

@@ -355,8 +355,13 @@ def _print_scenarios(scenarios: list[dict[str, Any]], out: Console, name: str = 
             f"{name if key == 'relay' else who} {_fmt(relay.get(f'{key}_cpu_pct'), '{:.0f}')}%"
             for key, who in _HARNESS
         )
+        waiting = ", ".join(
+            f"{name if key == 'relay' else who} {_fmt(relay.get(f'{key}_runq_pct'), '{:.0f}')}%"
+            for key, who in _HARNESS
+        )
         table.caption = _escape(
             f"CPU busy during the {name} run (100% = one core): {load};"
+            f" waiting for a CPU: {waiting};"
             f" errors direct: {_errors_text(scenario['direct_errors'])},"
             f" {name}: {_errors_text(scenario['relay_errors'])}"
         )

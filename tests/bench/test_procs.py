@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import sys
+import time
 from typing import TYPE_CHECKING
 
 import pytest
@@ -42,6 +44,38 @@ def test_readings_of_this_process() -> None:
     assert rss > 1000
     assert procs.process_tree(pid)[0] == pid
     assert procs.own_cpu_seconds() > 0
+
+
+def test_waiting_for_a_cpu_is_counted() -> None:
+    """Two busy processes sharing one core: each waits for it, and run_queue_seconds says so."""
+    if procs.own_run_queue_seconds() is None:
+        pytest.skip("this kernel keeps no schedstat")
+    cpu = min(os.sched_getaffinity(0))
+    allowed = os.sched_getaffinity(0)
+    child = subprocess.Popen(
+        [sys.executable, "-c", "import time\nt = time.time()\nwhile time.time() - t < 5: pass"]
+    )
+    try:
+        os.sched_setaffinity(child.pid, {cpu})
+        os.sched_setaffinity(0, {cpu})
+        before = procs.own_run_queue_seconds()
+        child_before = procs.run_queue_seconds(child.pid)
+        busy_until = time.process_time() + 0.2  # 0.2 s of our own CPU on the shared core
+        while time.process_time() < busy_until:
+            pass
+        after = procs.own_run_queue_seconds()
+        child_after = procs.run_queue_seconds(child.pid)
+    finally:
+        os.sched_setaffinity(0, allowed)
+        child.kill()
+        child.wait()
+    assert before is not None
+    assert after is not None
+    assert child_before is not None
+    assert child_after is not None
+    assert after > before  # we waited while the child ran
+    assert child_after > child_before  # and it while we ran
+    assert procs.run_queue_seconds(child.pid) is None  # reaped: gone
 
 
 async def test_child_cpu_is_measured_and_child_is_stopped(tmp_path: Path) -> None:
