@@ -198,6 +198,20 @@ def _ending(batch: Sequence[Delta]) -> str:
     return "done"
 
 
+def _count_usage(outcome: Outcome, batch: Sequence[Delta]) -> bool:
+    """Take the upstream's own token counts from the batch's Finish, if it has them.
+
+    Returns:
+        Whether it had them (else the outcome keeps the relay's estimates).
+    """
+    for delta in reversed(batch):
+        if isinstance(delta, Finish) and delta.usage is not None:
+            outcome.prompt_tokens = delta.usage.input_tokens
+            outcome.completion_tokens = delta.usage.output_tokens
+            return True
+    return False
+
+
 def _failure_end(exc: RelayError) -> str:
     return "timeout" if exc.status == 504 else "upstream_error"
 
@@ -424,6 +438,7 @@ async def _pump(
 ) -> None:
     """Upstream batches -> SSE bytes -> client, one write per upstream read."""
     data = b""
+    counted = False  # the upstream's own token counts are in the outcome
     request_id = writer.request_id
     try:
         async with aclosing(answer.__aiter__()) as batches:
@@ -446,6 +461,7 @@ async def _pump(
                 outcome.chunks += 1
                 if encoder.finished:
                     outcome.end = _ending(batch)
+                    counted = _count_usage(outcome, batch)
                     break
                 await writer.send(data)
             else:
@@ -459,7 +475,8 @@ async def _pump(
         log.warning("upstream failed mid-stream: %s", exc)
         outcome.end = _failure_end(exc)
         data = encoder.encode([_with_request_id(delta_from_error(exc), request_id)])
-    outcome.completion_tokens = _completion_tokens(encoder)
+    if not counted:
+        outcome.completion_tokens = _completion_tokens(encoder)
     await writer.end(data)
 
 
@@ -507,7 +524,8 @@ async def _serve_whole(
         else:
             outcome.end = "upstream_error"
             raise UpstreamFailed("upstream stream ended without an answer", code="truncated")
-    outcome.completion_tokens = estimate_tokens(acc.text)
+    if not _count_usage(outcome, batch):
+        outcome.completion_tokens = estimate_tokens(acc.text)
     if response_format is not None:
         problem = json_output_error(acc.text, response_format)
         if problem is not None:

@@ -12,7 +12,8 @@ The fixtures and helpers are :mod:`tests.relay.test_openai_upstream`'s.
 
 from __future__ import annotations
 
-from typing import Any
+import logging
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
@@ -30,6 +31,9 @@ from tests.relay.test_openai_upstream import (  # noqa: F401  (relay, upstream: 
     upstream,
     upstreams,
 )
+
+if TYPE_CHECKING:
+    import pytest
 
 ANSWER = "你好，这是上游自己数过的回答。"
 REASONING = "Let me think it over."
@@ -159,3 +163,29 @@ async def test_embedded_relay_finish_carries_the_counts(upstream: OpenAIEmulator
             {"model": "deepseek-chat", "messages": HI})]
     assert events[-1] == Finish("stop", usage=Usage(PROMPT_TOKENS, OUTPUT_TOKENS,
                                                     REASONING_TOKENS))
+
+
+# --- the access log --------------------------------------------------------------------------
+
+
+async def test_access_log_counts_are_the_upstreams(
+    relay: Running, upstream: OpenAIEmulator, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The access record's prompt and completion tokens are the upstream's on the neutral
+    path, streamed and whole (they were the relay's estimates)."""
+    answer_counted(upstream)
+    caplog.set_level(logging.INFO, logger="relay.access")
+    for path, body in (
+        ("/v1/responses", {"model": "deepseek-chat", "input": "hi"}),
+        ("/v1/messages", {"model": "deepseek-chat", "max_tokens": 100, "messages": HI}),
+    ):
+        for stream in (False, True):
+            caplog.clear()
+            response = await post(relay.base_url, path, orjson.dumps({**body, "stream": stream}),
+                                  headers=[(b"authorization", b"Bearer k")])
+            await relay.settled()
+            assert response.status == 200, response.content
+            [record] = [r for r in caplog.records if r.name == "relay.access"]
+            access = record.__dict__["access"]
+            assert (access["prompt_tokens"], access["completion_tokens"]) == (
+                PROMPT_TOKENS, OUTPUT_TOKENS), (path, stream)
