@@ -236,6 +236,21 @@ class _State(enum.Enum):
     ENDED = enum.auto()  #: a Finish or an UpstreamError was produced
 
 
+def _json_object(data: str | bytes, what: str) -> dict[str, Any]:
+    """``data`` parsed as a JSON object.
+
+    Raises:
+        RemoteProtocolError: it is not JSON, or not an object (``what`` names it).
+    """
+    try:
+        value = orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        raise RemoteProtocolError(f"{what} is not JSON") from exc
+    if not isinstance(value, dict):
+        raise RemoteProtocolError(f"{what} is not a JSON object")
+    return value
+
+
 class ChunkStream:
     """One per upstream response: SSE events in, deltas out.
 
@@ -277,12 +292,7 @@ class ChunkStream:
         if event.event == "error" and not data.startswith("{"):
             self._state = _State.ENDED
             return [UpstreamError("upstream_error", _clip(data, MAX_MESSAGE_CHARS))]
-        try:
-            chunk = orjson.loads(data)
-        except orjson.JSONDecodeError as exc:
-            raise RemoteProtocolError("upstream chunk is not JSON") from exc
-        if not isinstance(chunk, dict):
-            raise RemoteProtocolError("upstream chunk is not a JSON object")
+        chunk = _json_object(data, "upstream chunk")
         if chunk.get("error") is not None:
             self._state = _State.ENDED
             return [_in_band_error(chunk["error"])]
@@ -319,12 +329,7 @@ class ChunkStream:
         if self._state is _State.ENDED:
             raise RemoteProtocolError("upstream answer after the answer ended")
         self._state = _State.ENDED
-        try:
-            value = orjson.loads(body)
-        except orjson.JSONDecodeError as exc:
-            raise RemoteProtocolError("upstream answer is not JSON") from exc
-        if not isinstance(value, dict):
-            raise RemoteProtocolError("upstream answer is not a JSON object")
+        value = _json_object(body, "upstream answer")
         if value.get("error") is not None:
             return [_in_band_error(value["error"])]
         choices = value.get("choices")
