@@ -411,6 +411,61 @@ def _run_queue(pids: dict[str, int]) -> dict[str, float | None]:
     return sample
 
 
+#: How often :func:`_sample_steady` reads the clocks during a paced run.
+STEADY_SAMPLE_S = 0.05
+
+
+@dataclass(frozen=True, slots=True)
+class _ClockSample:
+    """One reading of every process's CPU clock and run-queue wait, and when."""
+
+    at_ns: int
+    cpu_s: dict[str, float | None]
+    waited_s: dict[str, float | None]
+
+
+async def _sample_steady(pids: dict[str, int], out: list[_ClockSample]) -> None:
+    """Read the clocks every :data:`STEADY_SAMPLE_S` until cancelled (see steady_figures)."""
+    while True:
+        out.append(_ClockSample(time.monotonic_ns(), _cpu_now(pids), _run_queue(pids)))
+        await trio.sleep(STEADY_SAMPLE_S)
+
+
+def steady_figures(records: list[StreamRecord], samples: list[_ClockSample]) -> Figures:
+    """CPU busy and run-queue wait per process while *every* stream was streaming.
+
+    The window runs from the moment the last stream got its first stamp to
+    the moment the first stream got its last one, so stream setup (the
+    emulator's first delay) and the tail are left out: what a relay does
+    with all its streams flowing. Its bounds are the first sample at or
+    after the start and the last at or before the end.
+
+    Returns:
+        ``<process>_cpu_pct_steady`` and ``<process>_runq_pct_steady`` (100
+        = one core) and ``steady_s``; nothing when the window holds fewer
+        than two samples.
+    """
+    firsts = [r.stamp_ns[0] for r in records if r.stamp_ns]
+    lasts = [r.stamp_ns[-1] for r in records if r.stamp_ns]
+    if not firsts or len(firsts) < len(records):
+        return {}
+    start, end = max(firsts), min(lasts)
+    inside = [sample for sample in samples if start <= sample.at_ns <= end]
+    if len(inside) < 2:
+        return {}
+    low, high = inside[0], inside[-1]
+    span_s = (high.at_ns - low.at_ns) / 1e9
+    figures: Figures = {"steady_s": span_s}
+    for name, before in low.cpu_s.items():
+        after = high.cpu_s.get(name)
+        if before is not None and after is not None:
+            figures[f"{name}_cpu_pct_steady"] = (after - before) / span_s * 100
+        waited, waited_then = high.waited_s.get(name), low.waited_s.get(name)
+        if waited is not None and waited_then is not None:
+            figures[f"{name}_runq_pct_steady"] = (waited - waited_then) / span_s * 100
+    return figures
+
+
 @dataclass(frozen=True, slots=True)
 class _CpuMark:
     """CPU clocks read when the stamps received reached ``count``."""
@@ -542,18 +597,23 @@ async def _run_mode(
 
     waited_before = _run_queue(pids)
     cpu_before = _cpu(pids)
+    clocks: list[_ClockSample] = []
     started = time.perf_counter()
     with trio.move_on_after(bound):
-        async with trio.open_nursery() as nursery:
-            spacing = scenario.start_spacing_s
-            for index, record in enumerate(records):
-                nursery.start_soon(one, record, index * spacing)
-            if scenario.idle:
-                await all_in.wait()
-                await trio.sleep(min(harness.options.settle_s, 0.1))
-                if measured_pid:
-                    rss_open = procs.rss_kib(measured_pid)
-                nursery.cancel_scope.cancel()
+        async with trio.open_nursery() as sampling:
+            if scenario.group == "concurrency":  # paced streams: the steady state's clocks
+                sampling.start_soon(_sample_steady, pids, clocks)
+            async with trio.open_nursery() as nursery:
+                spacing = scenario.start_spacing_s
+                for index, record in enumerate(records):
+                    nursery.start_soon(one, record, index * spacing)
+                if scenario.idle:
+                    await all_in.wait()
+                    await trio.sleep(min(harness.options.settle_s, 0.1))
+                    if measured_pid:
+                        rss_open = procs.rss_kib(measured_pid)
+                    nursery.cancel_scope.cancel()
+            sampling.cancel_scope.cancel()
     wall_s = time.perf_counter() - started
     cpu_after = _cpu(pids)
     waited_after = _run_queue(pids)
@@ -575,6 +635,7 @@ async def _run_mode(
             if name == "relay" and figures["frames_received"]:
                 received = figures["frames_received"] or 1.0
                 figures["cpu_us_per_chunk"] = (after - before) * 1e6 / received
+    figures.update(steady_figures(records, clocks))
     if scenario.quarters:
         figures["answer_chars"] = float(max((r.chars for r in records), default=0))
         first = records[0] if records else None

@@ -359,9 +359,18 @@ def _print_scenarios(scenarios: list[dict[str, Any]], out: Console, name: str = 
             f"{name if key == 'relay' else who} {_fmt(relay.get(f'{key}_runq_pct'), '{:.0f}')}%"
             for key, who in _HARNESS
         )
+        steady = ""
+        if relay.get("steady_s"):
+            shares = ", ".join(
+                f"{name if key == 'relay' else who} busy "
+                f"{_fmt(relay.get(f'{key}_cpu_pct_steady'), '{:.0f}')}%, waiting "
+                f"{_fmt(relay.get(f'{key}_runq_pct_steady'), '{:.0f}')}%"
+                for key, who in _HARNESS
+            )
+            steady = f" with every stream flowing ({relay['steady_s']:.1f} s): {shares};"
         table.caption = _escape(
             f"CPU busy during the {name} run (100% = one core): {load};"
-            f" waiting for a CPU: {waiting};"
+            f" waiting for a CPU: {waiting};{steady}"
             f" errors direct: {_errors_text(scenario['direct_errors'])},"
             f" {name}: {_errors_text(scenario['relay_errors'])}"
         )

@@ -15,7 +15,8 @@ import orjson
 import pytest
 
 from bench.__main__ import main
-from bench.overhead import relay_argv
+from bench.overhead import _ClockSample, relay_argv, steady_figures
+from bench.readers import StreamRecord
 from bench.scenarios import scenarios, select
 from protocol.errors import RequestError
 
@@ -275,3 +276,32 @@ def test_relay_argv_fills_placeholders() -> None:
                     "--step-base-url", "http://127.0.0.1:9"]  # fmt: skip
     with pytest.raises(RequestError, match="placeholder"):
         relay_argv("{python} --x {nope}", python=sys.executable)
+
+
+def test_steady_figures_cover_only_the_window_where_every_stream_flows() -> None:
+    """Busy and waiting shares come from the samples between the last first stamp and the
+    first last stamp; too few samples there give nothing."""
+    ms = 1_000_000
+
+    def record(first_ms: int, last_ms: int) -> StreamRecord:
+        got = StreamRecord()
+        got.stamp_ns = [first_ms * ms, last_ms * ms]
+        return got
+
+    def sample(at_ms: int, cpu: float, waited: float) -> _ClockSample:
+        return _ClockSample(at_ms * ms, {"relay": cpu, "client": None}, {"relay": waited})
+
+    records = [record(100, 900), record(150, 800)]  # all flowing from 150 to 800 ms
+    clocks = [
+        sample(0, 0.0, 0.0),  # setup: left out
+        sample(200, 1.0, 0.1),
+        sample(700, 1.25, 0.15),  # 0.5 s later: 0.25 s busy, 0.05 s waiting
+        sample(850, 9.0, 9.0),  # after the first stream ended: left out
+    ]
+    figures = steady_figures(records, clocks)
+    assert figures["steady_s"] == pytest.approx(0.5)
+    assert figures["relay_cpu_pct_steady"] == pytest.approx(50.0)
+    assert figures["relay_runq_pct_steady"] == pytest.approx(10.0)
+    assert "client_cpu_pct_steady" not in figures  # its clock could not be read
+    assert steady_figures(records, clocks[:2]) == {}  # one sample in the window
+    assert steady_figures([*records, StreamRecord()], clocks) == {}  # a stream never flowed
