@@ -94,7 +94,7 @@ path.
 from __future__ import annotations
 
 import logging
-from contextlib import AsyncExitStack, aclosing, asynccontextmanager
+from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, TypeVar
 
@@ -118,6 +118,7 @@ from relay.dialects.openai_chat import OPENAI_CHAT, PassthroughStream
 from relay.netio import before_read
 from relay.server import ClientGone
 from relay.timers import SLACK_S, coarse_timers
+from relay.upstream import Entered
 
 if TYPE_CHECKING:
     from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
@@ -811,16 +812,17 @@ async def with_account(
     relogged: set[Account] = set()
     last_error: RelayError | None = None
     while True:
-        # the stack enters the lease apart from the work, so that only the
-        # lease's own NoAccountFree is taken for "no account left"; leaving
-        # it releases the account with whatever the work raised
-        async with AsyncExitStack() as stack:
-            try:
-                account = await stack.enter_async_context(runtime.pool.lease(accounts, tried))
-            except NoAccountFree:
-                if last_error is not None:
-                    raise last_error from None
-                raise
+        # the lease is entered apart from the work, so that only the lease's
+        # own NoAccountFree is taken for "no account left"; leaving the block
+        # releases the account with whatever the work raised
+        lease = runtime.pool.lease(accounts, tried)
+        try:
+            account = await lease.__aenter__()
+        except NoAccountFree:
+            if last_error is not None:
+                raise last_error from None
+            raise
+        async with Entered(lease):
             outcome.account = account.id
             outcome.attempts += 1
             try:
