@@ -146,6 +146,8 @@ SLICE_BATCHES = 32
 SLICE_BYTES = 64 * 1024
 
 T = TypeVar("T")
+AnswerT = TypeVar("AnswerT")
+EncoderT = TypeVar("EncoderT", bound="StreamEncoder")
 
 
 def error_from_delta(delta: UpstreamError) -> RelayError:
@@ -390,28 +392,35 @@ class SSEWriter:
             self._arm()
 
 
-async def _serve_stream(
+def _serve_stream(
     ex: Exchange,
     answer: ChatStream,
     encoder: StreamEncoder,
     settings: Settings,
     outcome: Outcome,
     started_at: float,
-) -> None:
-    await _write_stream(ex, encoder, settings, outcome,
-                        lambda writer: _pump(answer, encoder, writer, outcome, started_at))
+) -> Awaitable[None]:
+    """``answer`` to the client as ``encoder``'s SSE (:func:`_write_stream` with :func:`_pump`).
+
+    Not a coroutine function itself: an idle stream holds one frame less (issue 13).
+    """
+    return _write_stream(ex, answer, encoder, settings, outcome, started_at, _pump)
 
 
 async def _write_stream(
     ex: Exchange,
-    encoder: StreamEncoder,
+    answer: AnswerT,
+    encoder: EncoderT,
     settings: Settings,
     outcome: Outcome,
-    pump: Callable[[SSEWriter], Awaitable[None]],
+    started_at: float,
+    pump: Callable[[AnswerT, EncoderT, SSEWriter, Outcome, float], Awaitable[None]],
 ) -> None:
     """Run ``pump`` with an :class:`SSEWriter`: its clock running, its hook on the reads.
 
-    A failure of the pump is raised as it is, outside the writer's nursery.
+    The pump gets its arguments here rather than in a closure (which an idle
+    stream would hold, issue 13). A failure of the pump is raised as it is,
+    outside the writer's nursery.
     """
     writer = SSEWriter(ex, encoder, settings, outcome.gap_observer)
     failure: BaseException | None = None
@@ -419,7 +428,7 @@ async def _write_stream(
         writer.start_clock(nursery)
         hook = before_read.set(writer.before_read)
         try:
-            await pump(writer)
+            await pump(answer, encoder, writer, outcome, started_at)
         except (RelayError, _Retry, ClientGone) as exc:
             failure = exc  # raised outside the nursery, unwrapped
         finally:
@@ -724,13 +733,11 @@ async def _pass_through(
         await ex.respond(answer.status, data, answer.content_type)
 
 
-async def _serve_raw(
+def _serve_raw(
     ex: Exchange, answer: RawAnswer, settings: Settings, outcome: Outcome, started_at: float
-) -> None:
+) -> Awaitable[None]:
     """The upstream's events to the client: :func:`_serve_stream` without encoding."""
-    encoder = PassthroughStream()
-    await _write_stream(ex, encoder, settings, outcome,
-                        lambda writer: _pump_raw(answer, encoder, writer, outcome, started_at))
+    return _write_stream(ex, answer, PassthroughStream(), settings, outcome, started_at, _pump_raw)
 
 
 async def _pump_raw(
