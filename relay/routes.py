@@ -29,6 +29,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 from urllib.parse import unquote
 
@@ -240,8 +241,10 @@ async def token_check(app: Relay, ex: Exchange, body: bytes) -> None:
 
 
 async def _chat(
-    app: Relay, ex: Exchange, body: bytes, dialect: Dialect, runtime: ProviderRuntime[Any] | None
+    app: Relay, ex: Exchange, body: bytes, *, dialect: Dialect, provider: str | None
 ) -> None:
+    """``POST``: a chat answer in ``dialect``, from ``provider`` or the model's provider."""
+    runtime = None if provider is None else app.providers[provider]
     request = dialect.parse(body)
     check_file_count(request, app.settings.max_files)
     if runtime is None:
@@ -283,14 +286,8 @@ def chat_route(dialect: Dialect, provider: str | None = None) -> Route:
         provider: the provider that answers whatever the model (the
             ``/<provider>/v1/...`` routes); None: the one that owns the model.
     """
-
-    async def chat(app: Relay, ex: Exchange, body: bytes) -> None:
-        runtime = None if provider is None else app.providers[provider]
-        await _chat(app, ex, body, dialect, runtime)
-
-    whom = "the model's provider" if provider is None else f"{provider} whatever the model"
-    chat.__doc__ = f"``POST``: a chat answer in the {dialect.name} dialect, from {whom}."
-    return Route({"POST": chat}, dialect)
+    # a partial, not a closure: no coroutine frame of its own per stream (issue 13)
+    return Route({"POST": partial(_chat, dialect=dialect, provider=provider)}, dialect)
 
 
 def _media(app: Relay) -> tuple[ProviderRuntime[Any], Media[Any]]:
