@@ -645,6 +645,7 @@ async def _attempt(
     async with open_answer(runtime, session, request, outcome) as answer:
         await _answer(ex, dialect, runtime, request, model, answer, settings, outcome,
                       started_at)
+        outcome.conversation = answer.conversation_id
 
 
 @asynccontextmanager
@@ -683,7 +684,7 @@ async def open_answer(
                     upstream_request, answer.conversation_id, outcome.account)
 
 
-async def _answer(
+def _answer(
     ex: Exchange,
     dialect: Dialect,
     runtime: ProviderRuntime[SessionT],
@@ -693,8 +694,11 @@ async def _answer(
     settings: Settings,
     outcome: Outcome,
     started_at: float,
-) -> None:
-    """Serve ``answer`` in ``dialect``, streamed or whole."""
+) -> Awaitable[None]:
+    """Serve ``answer`` in ``dialect``, streamed or whole.
+
+    Not a coroutine function itself: an idle stream holds one frame less (issue 13).
+    """
     if request.stream:
         encoder = dialect.stream(
             request,
@@ -703,11 +707,9 @@ async def _answer(
             reasoning=settings.reasoning,
             citation_line=runtime.provider.citation_line,
         )
-        await _serve_stream(ex, answer, encoder, settings, outcome, started_at)
-    else:
-        whole = dialect.whole(request, model=model, reasoning=settings.reasoning)
-        await _serve_whole(ex, answer, whole, outcome, started_at, request.response_format)
-    outcome.conversation = answer.conversation_id
+        return _serve_stream(ex, answer, encoder, settings, outcome, started_at)
+    whole = dialect.whole(request, model=model, reasoning=settings.reasoning)
+    return _serve_whole(ex, answer, whole, outcome, started_at, request.response_format)
 
 
 async def _pass_through(
