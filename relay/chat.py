@@ -118,7 +118,6 @@ from relay.dialects.openai_chat import OPENAI_CHAT, PassthroughStream
 from relay.netio import before_read
 from relay.server import ClientGone
 from relay.timers import SLACK_S, coarse_timers
-from relay.upstream import Entered
 
 if TYPE_CHECKING:
     from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
@@ -821,38 +820,39 @@ async def with_account(
     relogged: set[Account] = set()
     last_error: RelayError | None = None
     while True:
-        # the lease is entered apart from the work, so that only the lease's
-        # own NoAccountFree is taken for "no account left"; leaving the block
-        # releases the account with whatever the work raised
-        lease = runtime.pool.lease(accounts, tried)
+        # only the lease's own NoAccountFree (no account left) ends the search
+        # here; one the work raises once leased is the work's failure
+        leased = False
         try:
-            account = await lease.__aenter__()
+            async with runtime.pool.lease(accounts, tried) as account:
+                leased = True
+                outcome.account = account.id
+                outcome.attempts += 1
+                try:
+                    session = await runtime.pool.session(account)
+                except AuthError as exc:  # login refused: the pool rested the account
+                    tried.add(account)
+                    last_error = exc
+                    continue
+                try:
+                    return await call(session)
+                except RelayError as exc:
+                    if exc.status not in RETRY_STATUSES or not retryable():
+                        raise
+                    last_error = exc
+                    if exc.status in (401, 403):
+                        await runtime.pool.evict(account, session)
+                        if account not in relogged:
+                            relogged.add(account)  # same account, fresh login
+                            continue
+                        await runtime.pool.rest(account, exc.message)
+                    else:
+                        log.info("%s account %s is busy: %s", runtime.provider.name,
+                                 account.id, exc.message)
+                    tried.add(account)
         except NoAccountFree:
+            if leased:
+                raise
             if last_error is not None:
                 raise last_error from None
             raise
-        async with Entered(lease):
-            outcome.account = account.id
-            outcome.attempts += 1
-            try:
-                session = await runtime.pool.session(account)
-            except AuthError as exc:  # login refused: the pool rested the account
-                tried.add(account)
-                last_error = exc
-                continue
-            try:
-                return await call(session)
-            except RelayError as exc:
-                if exc.status not in RETRY_STATUSES or not retryable():
-                    raise
-                last_error = exc
-                if exc.status in (401, 403):
-                    await runtime.pool.evict(account, session)
-                    if account not in relogged:
-                        relogged.add(account)  # same account, fresh login
-                        continue
-                    await runtime.pool.rest(account, exc.message)
-                else:
-                    log.info("%s account %s is busy: %s", runtime.provider.name,
-                             account.id, exc.message)
-                tried.add(account)

@@ -30,8 +30,8 @@ from __future__ import annotations
 
 import logging
 import zlib
-from contextlib import aclosing, asynccontextmanager
-from typing import TYPE_CHECKING, Any, cast
+from contextlib import AsyncExitStack, aclosing, asynccontextmanager
+from typing import TYPE_CHECKING, cast
 
 import httpcore
 import trio
@@ -44,7 +44,6 @@ from relay.pool import TCP_NODELAY, UpstreamPool
 if TYPE_CHECKING:
     import ssl
     from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Iterable
-    from contextlib import AbstractAsyncContextManager
     from types import TracebackType
 
     from relay.config import Settings
@@ -91,29 +90,6 @@ class map_errors:
             ) from exc
         if isinstance(exc, httpcore.UnsupportedProtocol):
             raise UpstreamFailed(f"{what}: unsupported URL: {exc}") from exc
-
-
-class Entered:
-    """``async with Entered(cm)``: the block leaves ``cm``, entered before it.
-
-    For a context entered apart from the block that holds it (under a
-    deadline of its own, or with its entering's failures caught apart): what
-    an ``AsyncExitStack`` of one context does, without the stack's deque
-    (three quarters of a KiB per stream while it lasts, issue 13).
-    """
-
-    __slots__ = ("_cm",)
-
-    def __init__(self, cm: AbstractAsyncContextManager[Any]) -> None:
-        self._cm = cm
-
-    async def __aenter__(self) -> None:
-        return None
-
-    async def __aexit__(
-        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> bool | None:
-        return await self._cm.__aexit__(kind, exc, tb)
 
 
 def _decoder(headers: Iterable[tuple[bytes, bytes]]) -> zlib._Decompress | None:
@@ -286,21 +262,22 @@ class HttpTransport:
         # (module docstring); a shorter stall timeout needs a deadline per read
         read_timeout = max(s.first_byte_timeout, s.stall_timeout)
         stall_timeout = s.stall_timeout if s.stall_timeout < read_timeout else None
-        # The pool's stream is held open past the deadline, which covers only
-        # its opening (connect, send, the response head); on the way out the
-        # pool's __aexit__ sees whatever exception ends the block.
+        # The exit stack holds the pool's stream open past the deadline, which
+        # covers only its opening (connect, send, the response head); on the
+        # way out the pool's __aexit__ sees whatever exception ends the block.
         with map_errors(what):
-            opening = self._pool.stream(
-                method,
-                url,
-                headers=list(headers),
-                content=body,
-                extensions={"timeout": self._timeouts(read_timeout)},
-            )
-            with trio.fail_at(first_deadline + s.connect_timeout):
-                response = await opening.__aenter__()
-            async with Entered(opening):
-                # an encoding we cannot decode raises here: leaving closes the stream
+            async with AsyncExitStack() as stack:
+                with trio.fail_at(first_deadline + s.connect_timeout):
+                    response = await stack.enter_async_context(
+                        self._pool.stream(
+                            method,
+                            url,
+                            headers=list(headers),
+                            content=body,
+                            extensions={"timeout": self._timeouts(read_timeout)},
+                        )
+                    )
+                # an encoding we cannot decode raises here: the stack closes the stream
                 streamed = _Streamed(response, what, first_deadline, stall_timeout)
                 try:
                     yield streamed
