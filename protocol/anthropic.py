@@ -53,9 +53,15 @@ other parsers' (:mod:`protocol.request_fields`). What maps to what:
   ``auto`` / ``required`` / ``function`` / ``none``;
 - ``stop_sequences`` become ``stop``; ``max_tokens`` (required, as Anthropic
   requires it, except for ``count_tokens``) becomes ``max_tokens``;
-- ``temperature``, ``top_p``, ``top_k``, ``metadata``, ``thinking`` and
-  ``service_tier`` are type-checked and ignored (the web upstreams have no
-  such knobs); other fields are ignored.
+- ``temperature`` and ``top_p`` (numbers from 0 to 1, Anthropic's ranges:
+  :data:`SAMPLING_RANGES`) become the neutral request's, so an
+  OpenAI-compatible upstream gets them (the web chats ignore them); a wrong
+  type is ``temperature: Input should be a valid number``, a number out of
+  range ``temperature: range: 0..1``, as Anthropic's API words it.
+  ``top_k`` (a non-negative integer) has no OpenAI counterpart: it is
+  type-checked and ignored, whatever the upstream. ``metadata``,
+  ``thinking`` and ``service_tier`` are type-checked and ignored (the
+  upstreams have no such knobs); other fields are ignored.
 
 Theory of operation, stream (:class:`MessageEncoder`)
 -----------------------------------------------------
@@ -170,6 +176,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "KEEPALIVE",
+    "SAMPLING_RANGES",
     "TOOL_NAME",
     "MessageAccumulator",
     "MessageEncoder",
@@ -196,6 +203,10 @@ KEEPALIVE: Final = b'event: ping\ndata: {"type": "ping"}\n\n'
 #: letters, digits, underscores, and hyphens"). The name goes into the prompt and back
 #: out in tool_use blocks, so a control character or a newline in it is refused here.
 TOOL_NAME: Final = re.compile(r"[a-zA-Z0-9_-]{1,128}")
+
+#: Anthropic's ranges of the sampling parameters that OpenAI-compatible upstreams take too
+#: (API reference, "Create a Message": temperature and top_p, 0.0 to 1.0).
+SAMPLING_RANGES: Final[dict[str, tuple[float, float]]] = {"temperature": (0, 1), "top_p": (0, 1)}
 
 #: Image media types Anthropic accepts in a base64 image source.
 IMAGE_MEDIA_TYPES: Final = frozenset({"image/jpeg", "image/png", "image/gif", "image/webp"})
@@ -609,10 +620,21 @@ def _check(body: dict[str, Any], key: str, ok: Callable[[object], bool], expecte
         raise _invalid(key, expected)
 
 
+def _sampling(body: dict[str, Any], key: str) -> float | None:
+    """The sampling parameter ``key`` of :data:`SAMPLING_RANGES`, ``None`` if absent."""
+    value = body.get(key)
+    if value is None:
+        return None
+    if not is_number(value):
+        raise _invalid(key, "a valid number")
+    low, high = SAMPLING_RANGES[key]
+    if not low <= value <= high:
+        raise RequestError(f"{key}: range: {low}..{high}", param=key)
+    return float(value)
+
+
 def _check_ignored(body: dict[str, Any]) -> None:
     """The sampling and account fields the upstreams cannot honour, type-checked."""
-    _check(body, "temperature", is_number, "a valid number")
-    _check(body, "top_p", is_number, "a valid number")
     _check(body, "top_k", lambda v: type(v) is int and v >= 0, "a non-negative integer")
     _check(body, "metadata", lambda v: isinstance(v, dict), "a valid dictionary")
     metadata = body.get("metadata")
@@ -635,7 +657,10 @@ def parse_messages_request(body: bytes, *, require_max_tokens: bool = True) -> C
     Returns:
         The neutral request: the system message first, tool results as
         ``tool`` messages, ``include_usage`` false (Anthropic's stream always
-        carries usage), no ``conversation_id`` or ``use_search``.
+        carries usage), no ``conversation_id`` or ``use_search``;
+        ``temperature`` and ``top_p`` as sent (floats). ``top_k`` is checked
+        (a non-negative integer) and dropped: OpenAI's API has no such
+        parameter, so no upstream gets it.
 
     Raises:
         RequestError: (400) the body is not a JSON object (``param`` None), or
@@ -672,6 +697,8 @@ def parse_messages_request(body: bytes, *, require_max_tokens: bool = True) -> C
     tools = _tools(data.get("tools"))
     tool_choice = _tool_choice(data.get("tool_choice"), tools)
     stop = _stop_sequences(data.get("stop_sequences"))
+    temperature = _sampling(data, "temperature")
+    top_p = _sampling(data, "top_p")
     _check_ignored(data)
     return ChatRequest(
         model=model,
@@ -684,6 +711,8 @@ def parse_messages_request(body: bytes, *, require_max_tokens: bool = True) -> C
         tool_choice=tool_choice,
         stop=stop,
         max_tokens=max_tokens,
+        temperature=temperature,
+        top_p=top_p,
     )
 
 

@@ -67,9 +67,15 @@ What is accepted, and why:
     client sent; a ``tool`` message's ``tool_call_id`` (required, as OpenAI
     requires it) and optional ``name``; a ``function`` message's ``name``
     (required);
-- sampling parameters and ``user`` are type-checked and then ignored: the
-  web upstreams have no such knobs, but a wrong type is a client bug worth
-  reporting. ``n`` must be 1: the upstreams give one answer.
+- the sampling parameters ``temperature`` (0 to 2), ``top_p`` (0 to 1),
+  ``presence_penalty`` and ``frequency_penalty`` (-2 to 2) and ``seed`` (a
+  64-bit integer) are checked as OpenAI checks them (a wrong type is
+  ``Invalid type for ...``, a number out of range OpenAI's
+  ``decimal_above_max_value`` and the like, :data:`SAMPLING_RANGES`) and
+  kept in :class:`ChatRequest`: an OpenAI-compatible upstream gets them
+  (:mod:`providers.openai.prompt`), the web chats have no such knobs and
+  ignore them. ``user`` is type-checked and ignored. ``n`` must be 1: the
+  upstreams give one answer.
 
 JSON is parsed by orjson, which refuses ``NaN`` and ``Infinity`` literals,
 lone surrogates and invalid UTF-8, and handles multi-megabyte documents in
@@ -86,7 +92,7 @@ both (:mod:`protocol.responses` is the other).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Final, Literal
 
 import orjson
 
@@ -102,7 +108,6 @@ from protocol.datauri import check_file_name, check_file_url
 from protocol.errors import RequestError
 from protocol.request_fields import (
     MAX_JSON_DEPTH,
-    check_numbers,
     checked,
     function_name,
     invalid_type,
@@ -112,6 +117,8 @@ from protocol.request_fields import (
     missing,
     nested_deeper_than,
     optional_bool,
+    optional_int,
+    optional_number,
     optional_positive_int,
     optional_str,
     part_url,
@@ -127,6 +134,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "MAX_JSON_DEPTH",
+    "SAMPLING_RANGES",
+    "SEED_RANGE",
     "ChatRequest",
     "ChunkEncoder",
     "CompletionAccumulator",
@@ -146,6 +155,7 @@ __all__ = [
     "parse_chat_request",
     "parse_format",
     "parse_function",
+    "parse_sampling",
     "prompt_tokens",
     "tool_choice_mode",
 ]
@@ -155,7 +165,16 @@ __all__ = [
 TOKENS_PER_MESSAGE = 4
 TOKENS_PER_REPLY = 3
 
-_NUMBER_PARAMS = ("temperature", "top_p", "presence_penalty", "frequency_penalty")
+#: OpenAI's ranges of the sampling parameters (API reference, chat completions; the
+#: Responses API has the first two, with the same ranges).
+SAMPLING_RANGES: Final[dict[str, tuple[float, float]]] = {
+    "temperature": (0, 2),
+    "top_p": (0, 1),
+    "presence_penalty": (-2, 2),
+    "frequency_penalty": (-2, 2),
+}
+#: ``seed``: a 64-bit signed integer, as OpenAI takes it.
+SEED_RANGE: Final = (-(2**63), 2**63 - 1)
 
 @dataclass(frozen=True, slots=True)
 class ContentPart:
@@ -272,6 +291,16 @@ class ChatRequest:
         response_format: structured output, ``None`` for free text.
         stop: up to four sequences that end the answer where they appear.
         max_tokens: the most answer tokens (estimated), ``None`` for no limit.
+        temperature: the sampling parameters as the client sent them (checked
+            against the dialect's ranges), ``None`` when absent. An
+            OpenAI-compatible upstream gets those that are set; the web chats
+            ignore them all. ``top_p`` likewise; ``presence_penalty``,
+            ``frequency_penalty`` and ``seed`` only come from the OpenAI chat
+            dialect (the Responses and Messages APIs have no such fields).
+        top_p: see ``temperature``.
+        presence_penalty: see ``temperature``.
+        frequency_penalty: see ``temperature``.
+        seed: see ``temperature``.
     """
 
     model: str
@@ -285,6 +314,11 @@ class ChatRequest:
     response_format: ResponseFormat | None = None
     stop: tuple[str, ...] = ()
     max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    seed: int | None = None
 
 
 def _parse_file(part: dict[str, Any], param: str) -> ContentPart:
@@ -627,12 +661,21 @@ def _parse_max_tokens(body: dict[str, Any]) -> int | None:
     return min((limit for limit in limits if limit is not None), default=None)
 
 
+def parse_sampling(body: dict[str, Any], key: str) -> float | None:
+    """The sampling parameter ``key`` of :data:`SAMPLING_RANGES`, ``None`` if absent.
+
+    Raises:
+        RequestError: it is not a number, or out of OpenAI's range, naming ``key``.
+    """
+    low, high = SAMPLING_RANGES[key]
+    return optional_number(body, key, low, high)
+
+
 def _check_ignored_params(body: dict[str, Any]) -> None:
-    """Type-check the parameters the upstreams cannot honour (then they are ignored)."""
+    """Check the parameters the upstreams cannot honour (then they are ignored)."""
     n = body.get("n")
     if n is not None and (type(n) is not int or n != 1):
         raise RequestError("Only n=1 is supported: the upstream gives one answer.", param="n")
-    check_numbers(body, _NUMBER_PARAMS)
     optional_str(body, "user", "user")
 
 
@@ -681,6 +724,8 @@ def parse_chat_request(body: bytes) -> ChatRequest:
         conversation_id = ""  # present but null: a conversation-aware client, new conversation
     use_search = optional_bool(data, "use_search", "use_search")
     _check_ignored_params(data)
+    sampling = {key: parse_sampling(data, key) for key in SAMPLING_RANGES}
+    seed = optional_int(data, "seed", *SEED_RANGE)
     tools = _parse_tools(data)
     return ChatRequest(
         model=model,
@@ -694,6 +739,11 @@ def parse_chat_request(body: bytes) -> ChatRequest:
         response_format=_parse_response_format(data),
         stop=_parse_stop(data),
         max_tokens=_parse_max_tokens(data),
+        temperature=sampling["temperature"],
+        top_p=sampling["top_p"],
+        presence_penalty=sampling["presence_penalty"],
+        frequency_penalty=sampling["frequency_penalty"],
+        seed=seed,
     )
 
 

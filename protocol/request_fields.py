@@ -23,8 +23,9 @@ string.``, ``Invalid value for 'x': ...``), and read the same kinds of
 fields; the rest of this module is that wording (:func:`missing`,
 :func:`invalid_type`, :func:`invalid_value`) and the field readers built on
 it (:func:`required_str`, :func:`optional_str`, :func:`optional_bool`,
-:func:`required_object`, :func:`optional_positive_int`, :func:`check_numbers`,
-:func:`schema_object`, :func:`function_name`, :func:`part_url`).
+:func:`required_object`, :func:`optional_positive_int`,
+:func:`optional_number`, :func:`optional_int`, :func:`schema_object`,
+:func:`function_name`, :func:`part_url`).
 Anthropic words its errors as its API does (``path: Field required``), so
 :mod:`protocol.anthropic` builds its own messages on the predicates above.
 
@@ -43,13 +44,12 @@ from protocol.datauri import check_file_url
 from protocol.errors import RequestError
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterable
+    from collections.abc import Callable
 
 __all__ = [
     "FUNCTION_NAME",
     "MAX_JSON_DEPTH",
     "check_depth",
-    "check_numbers",
     "checked",
     "function_name",
     "invalid_type",
@@ -61,6 +61,8 @@ __all__ = [
     "missing",
     "nested_deeper_than",
     "optional_bool",
+    "optional_int",
+    "optional_number",
     "optional_positive_int",
     "optional_str",
     "part_url",
@@ -220,16 +222,54 @@ def optional_positive_int(obj: dict[str, Any], key: str) -> int | None:
     return value
 
 
-def check_numbers(obj: dict[str, Any], keys: Iterable[str]) -> None:
-    """Type-check optional number fields (sampling parameters the upstreams cannot honour).
+def _out_of_range(param: str, what: str, value: float, low: float, high: float) -> None:
+    """OpenAI's 400 for a number outside ``low..high`` (``what``: "decimal", "integer")."""
+    if value < low:
+        raise RequestError(
+            f"Invalid '{param}': {what} below minimum value. Expected a value >= {low}, "
+            f"but got {value} instead.",
+            param=param, code=f"{what}_below_min_value",
+        )
+    if value > high:
+        raise RequestError(
+            f"Invalid '{param}': {what} above maximum value. Expected a value <= {high}, "
+            f"but got {value} instead.",
+            param=param, code=f"{what}_above_max_value",
+        )
+
+
+def optional_number(obj: dict[str, Any], key: str, low: float, high: float) -> float | None:
+    """``obj[key]``, a number in ``low..high`` (a sampling parameter), or ``None`` if absent.
+
+    An integer reads as a float (``1`` is ``1.0``).
 
     Raises:
-        RequestError: one is present and not a number, naming it.
+        RequestError: it is not a number (``invalid_type``'s wording), or out of range
+            (``decimal_below_min_value``, ``decimal_above_max_value``), naming ``key``.
     """
-    for key in keys:
-        value = obj.get(key)
-        if value is not None and not is_number(value):
-            raise invalid_type(key, "a number")
+    value = obj.get(key)
+    if value is None:
+        return None
+    if not is_number(value):
+        raise invalid_type(key, "a number")
+    _out_of_range(key, "decimal", value, low, high)
+    return float(value)
+
+
+def optional_int(obj: dict[str, Any], key: str, low: int, high: int) -> int | None:
+    """``obj[key]``, an integer in ``low..high`` (``seed``), or ``None`` if absent.
+
+    Raises:
+        RequestError: it is not an integer (``1.0`` and ``true`` are not), or out of
+            range (``integer_below_min_value``, ``integer_above_max_value``), naming ``key``.
+    """
+    value = obj.get(key)
+    if value is None:
+        return None
+    if type(value) is not int:
+        raise invalid_type(key, "an integer")
+    _out_of_range(key, "integer", value, low, high)
+    return value
 
 
 def check_depth(value: object, param: str) -> None:

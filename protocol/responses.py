@@ -40,9 +40,15 @@ tool choice:
   them, and orjson writes fewer levels than it reads);
 - nothing is stored: ``previous_response_id``, ``conversation`` and
   ``background`` (which need stored responses) are a 400 saying so, and
-  ``store`` is accepted and ignored; ``metadata``, sampling parameters,
-  ``parallel_tool_calls``, ``reasoning``, ``user``, ``truncation`` and
-  ``include`` are type-checked, then only echoed.
+  ``store`` is accepted and ignored; ``metadata``, ``parallel_tool_calls``,
+  ``reasoning``, ``user``, ``truncation`` and ``include`` are type-checked,
+  then only echoed;
+- the sampling parameters ``temperature`` (0 to 2) and ``top_p`` (0 to 1)
+  are checked as the chat dialect checks them
+  (:func:`~protocol.openai.parse_sampling`: a wrong type or a number out of
+  range is a 400 naming the field) and go into the neutral request, so an
+  OpenAI-compatible upstream gets them (the web chats ignore them); the
+  response object echoes them.
 """
 
 from __future__ import annotations
@@ -61,10 +67,10 @@ from protocol.openai import (
     check_tool_choice,
     parse_format,
     parse_function,
+    parse_sampling,
     tool_choice_mode,
 )
 from protocol.request_fields import (
-    check_numbers,
     checked,
     invalid_type,
     invalid_value,
@@ -86,7 +92,6 @@ __all__ = ["ResponsesRequest", "parse_responses_request"]
 
 #: The roles of a message item (API reference, "input", EasyInputMessage).
 ITEM_ROLES = frozenset({"user", "assistant", "system", "developer"})
-_NUMBER_PARAMS = ("temperature", "top_p")
 #: Request fields that need responses stored by the server, which the relay never does.
 _STORED_STATE = {
     "previous_response_id": "'previous_response_id' cannot be used",
@@ -102,15 +107,15 @@ _NO_STORE = (
 class ResponsesRequest(ChatRequest):
     """A validated Responses API request: the neutral request plus what the answer echoes.
 
-    The chat service sees a :class:`ChatRequest`; the fields below only go
-    back into the response object (OpenAI echoes the request's settings).
+    The chat service sees a :class:`ChatRequest` (its ``temperature`` and
+    ``top_p`` included, which the response object echoes too); the fields
+    below only go back into the response object (OpenAI echoes the
+    request's settings).
 
     Attributes:
         instructions: the ``instructions`` string (also the first message).
         tool_strict: each tool's ``strict`` as sent (``None``: absent).
         parallel_tool_calls: as sent (default true).
-        temperature: as sent, ``None`` if absent.
-        top_p: as sent, ``None`` if absent.
         store: as sent (default true; nothing is stored either way).
         metadata: the ``metadata`` pairs, in order.
         user: as sent.
@@ -120,8 +125,6 @@ class ResponsesRequest(ChatRequest):
     instructions: str | None = None
     tool_strict: tuple[bool | None, ...] = ()
     parallel_tool_calls: bool = True
-    temperature: float | None = None
-    top_p: float | None = None
     store: bool = True
     metadata: tuple[tuple[str, str], ...] = ()
     user: str | None = None
@@ -320,7 +323,6 @@ def _parse_metadata(body: dict[str, Any]) -> tuple[tuple[str, str], ...]:
 
 def _check_echoed(body: dict[str, Any]) -> None:
     """Type-check the parameters that are only echoed (or ignored)."""
-    check_numbers(body, _NUMBER_PARAMS)
     reasoning = body.get("reasoning")
     if reasoning is not None:
         required_object(reasoning, "reasoning")
@@ -359,6 +361,8 @@ def parse_responses_request(body: bytes) -> ResponsesRequest:
     messages = _parse_input(data.get("input"), instructions)
     max_tokens = optional_positive_int(data, "max_output_tokens")
     tools, tool_strict = _parse_tools(data)
+    temperature = parse_sampling(data, "temperature")
+    top_p = parse_sampling(data, "top_p")
     _check_echoed(data)
     parallel = optional_bool(data, "parallel_tool_calls", "parallel_tool_calls")
     store = optional_bool(data, "store", "store")
@@ -373,11 +377,11 @@ def parse_responses_request(body: bytes) -> ResponsesRequest:
         tool_choice=_parse_tool_choice(data, tools),
         response_format=_parse_text_format(data),
         max_tokens=max_tokens,
+        temperature=temperature,
+        top_p=top_p,
         instructions=instructions,
         tool_strict=tool_strict,
         parallel_tool_calls=True if parallel is None else parallel,
-        temperature=data.get("temperature"),
-        top_p=data.get("top_p"),
         store=True if store is None else store,
         metadata=_parse_metadata(data),
         user=optional_str(data, "user", "user"),

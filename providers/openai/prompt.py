@@ -6,8 +6,13 @@ Two builders, one per path through the relay:
   as the upstream's ``POST /chat/completions`` JSON body, everything natively:
   messages with an assistant's ``tool_calls`` and ``tool`` results,
   ``image_url`` parts, ``tools``, ``tool_choice``, ``response_format``,
-  ``stop``, ``max_tokens``; always streamed (the relay accumulates a whole
-  answer itself), with ``stream_options.include_usage``.
+  ``stop``, ``max_tokens``, and the sampling parameters the client set
+  (``temperature``, ``top_p``; from OpenAI chat bodies also
+  ``presence_penalty``, ``frequency_penalty``, ``seed``), none of them when
+  unset, so the upstream's defaults hold; always streamed (the relay
+  accumulates a whole answer itself), with ``stream_options.include_usage``.
+  This is how a Responses or Anthropic Messages client's ``temperature``
+  reaches the upstream.
 - :func:`passthrough_body` (the fast path): the client's own body, with the
   upstream's model name and without the relay's extension fields; what the
   relay does not model (temperature, seed, logprobs, ...) goes up as the
@@ -155,6 +160,18 @@ def _tools(request: ChatRequest, out: dict[str, Any]) -> None:
             out["tool_choice"] = {"type": "function", "function": {"name": choice.name}}
 
 
+def _sampling(request: ChatRequest, out: dict[str, Any]) -> None:
+    """The sampling parameters the client set (an unset one leaves the upstream's default)."""
+    sampling: tuple[tuple[str, float | None], ...] = (
+        ("temperature", request.temperature),
+        ("top_p", request.top_p),
+        ("presence_penalty", request.presence_penalty),
+        ("frequency_penalty", request.frequency_penalty),
+        ("seed", request.seed),
+    )
+    out.update((key, value) for key, value in sampling if value is not None)
+
+
 def chat_body(request: ChatRequest, upstream_model: str) -> bytes:
     """The upstream's chat body for ``request``, streamed, asking for usage.
 
@@ -183,6 +200,7 @@ def chat_body(request: ChatRequest, upstream_model: str) -> bytes:
         body["stop"] = list(request.stop)
     if request.max_tokens is not None:
         body["max_tokens"] = request.max_tokens
+    _sampling(request, body)
     return orjson.dumps(body)
 
 

@@ -211,6 +211,7 @@ def test_tools_tool_choice_stop_sequences_and_ignored_fields() -> None:
     assert request.tool_choice == ToolChoice("function", "noop")
     assert request.stop == ("END", "\n\nHuman:")
     assert request.stream is True
+    assert (request.temperature, request.top_p) == (0.5, 1.0)
     choices = {"auto": ToolChoice("auto"), "any": ToolChoice("required"),
                "none": ToolChoice("none")}
     for kind, expected in choices.items():
@@ -280,7 +281,11 @@ def test_tools_tool_choice_stop_sequences_and_ignored_fields() -> None:
         ({"stop_sequences": ["END", 1]}, "stop_sequences"),
         ({"stream": "yes"}, "stream"),
         ({"temperature": "hot"}, "temperature"),
+        ({"temperature": 1.5}, "temperature"),
+        ({"temperature": -1}, "temperature"),
         ({"top_p": False}, "top_p"),
+        ({"top_p": 1.01}, "top_p"),
+        ({"top_k": 0.5}, "top_k"),
         ({"top_k": -1}, "top_k"),
         ({"metadata": "m"}, "metadata"),
         ({"metadata": {"user_id": 5}}, "user_id"),
@@ -293,6 +298,36 @@ def test_a_bad_field_is_a_400_naming_it(fields: dict[str, Any], param: str) -> N
     error = refused(**fields)
     assert error.param == param
     assert error.message.startswith(param + ": ")
+
+
+def test_temperature_and_top_p_go_into_the_neutral_request_and_top_k_is_dropped() -> None:
+    """temperature and top_p (0 to 1, ends included) are the neutral request's floats, for
+    an OpenAI-compatible upstream; top_k has no OpenAI counterpart and goes nowhere; absent,
+    they are None (issue 16)."""
+    request = parse(temperature=0.2, top_p=0.9, top_k=40)
+    assert (request.temperature, request.top_p) == (0.2, 0.9)
+    assert not hasattr(request, "top_k")
+    ends = parse(temperature=0, top_p=1)
+    assert (ends.temperature, ends.top_p) == (0.0, 1.0)
+    assert isinstance(ends.temperature, float)
+    unset = parse(temperature=None)
+    assert (unset.temperature, unset.top_p, unset.seed) == (None, None, None)
+
+
+@pytest.mark.parametrize(("fields", "message"), [
+    ({"temperature": 1.5}, "temperature: range: 0..1"),
+    ({"top_p": -0.5}, "top_p: range: 0..1"),
+    ({"temperature": "0.2"}, "temperature: Input should be a valid number"),
+    ({"temperature": True}, "temperature: Input should be a valid number"),
+])
+def test_sampling_out_of_anthropics_range_is_a_400_in_its_words(
+    fields: dict[str, Any], message: str
+) -> None:
+    """Anthropic's ranges, not OpenAI's: temperature 1.5 is refused though an OpenAI-compatible
+    upstream would take it (issue 16)."""
+    error = refused(**fields)
+    assert error.message == message
+    assert error.param == message.split(":", 1)[0]
 
 
 @pytest.mark.parametrize(

@@ -199,6 +199,59 @@ def test_ignored_parameters_with_right_types_are_accepted() -> None:
     assert parse_chat_request(body_of(stop="END")).stream is False
 
 
+def test_sampling_parameters_are_kept_for_the_upstreams_that_take_them() -> None:
+    """temperature, top_p, the penalties and seed are kept in the neutral request (floats,
+    an integer seed); absent or null, they are None (issue 16)."""
+    request = parse_chat_request(body_of(temperature=0, top_p=1, presence_penalty=-2,
+                                         frequency_penalty=0.25, seed=-7))
+    sampling = (request.temperature, request.top_p, request.presence_penalty,
+                request.frequency_penalty, request.seed)
+    assert sampling == (0.0, 1.0, -2.0, 0.25, -7)
+    assert [type(value) for value in sampling] == [float, float, float, float, int]
+    for unset in (parse_chat_request(body_of()), parse_chat_request(body_of(
+            temperature=None, top_p=None, presence_penalty=None, frequency_penalty=None,
+            seed=None))):
+        assert (unset.temperature, unset.top_p, unset.presence_penalty,
+                unset.frequency_penalty, unset.seed) == (None,) * 5
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("temperature", 2), ("top_p", 0), ("presence_penalty", 2), ("frequency_penalty", -2),
+    ("seed", 2**63 - 1), ("seed", -(2**63)),
+])
+def test_sampling_bounds_are_accepted(field: str, value: int) -> None:
+    """OpenAI's ranges include their ends."""
+    assert getattr(parse_chat_request(body_of(**{field: value})), field) == value
+
+
+@pytest.mark.parametrize(("field", "value", "code", "says"), [
+    ("temperature", 2.5, "decimal_above_max_value", "Expected a value <= 2, but got 2.5"),
+    ("temperature", -0.1, "decimal_below_min_value", "Expected a value >= 0, but got -0.1"),
+    ("top_p", 1.01, "decimal_above_max_value", "Expected a value <= 1"),
+    ("top_p", -1, "decimal_below_min_value", "Expected a value >= 0"),
+    ("presence_penalty", -2.5, "decimal_below_min_value", "Expected a value >= -2"),
+    ("frequency_penalty", 3, "decimal_above_max_value", "Expected a value <= 2"),
+    ("temperature", 1e30, "decimal_above_max_value", "Expected a value <= 2"),
+    ("seed", 2**63, "integer_above_max_value", f"but got {2**63} instead"),
+    ("seed", 1.5, None, "Invalid type for 'seed': expected an integer."),
+    ("seed", 7.0, None, "expected an integer"),
+    ("seed", True, None, "expected an integer"),
+    ("seed", "7", None, "expected an integer"),
+    ("temperature", "0.2", None, "Invalid type for 'temperature': expected a number."),
+])
+def test_a_sampling_parameter_out_of_range_is_a_400_naming_it(
+    field: str, value: object, code: str | None, says: str
+) -> None:
+    """A sampling parameter outside OpenAI's range, or of the wrong type, is a 400 whose
+    param names it, with OpenAI's code for the range (issue 16)."""
+    with pytest.raises(RequestError) as info:
+        parse_chat_request(body_of(**{field: value}))
+    error = info.value
+    assert (error.status, error.kind, error.param, error.code) == (
+        400, "invalid_request_error", field, code)
+    assert says in error.message
+
+
 def test_content_forms() -> None:
     """String content is one text part; null or missing (assistant, tool) gives no parts;
     arrays keep their parts."""

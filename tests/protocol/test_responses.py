@@ -190,6 +190,20 @@ def test_tools_choice_format_and_limits_map_onto_the_neutral_request() -> None:
         0.5, 1, False, False, (("k", "v"),), "u1", "auto")
 
 
+def test_sampling_parameters_go_into_the_neutral_request() -> None:
+    """temperature and top_p are the neutral request's (floats, for an OpenAI-compatible
+    upstream) and still echoed; absent, they are None and echoed as null (issue 16)."""
+    request = parse({"input": "hi", "temperature": 0.3, "top_p": 1})
+    assert (request.temperature, request.top_p) == (0.3, 1.0)
+    assert isinstance(request.top_p, float)
+    echo = response_echo(request)
+    assert (echo["temperature"], echo["top_p"]) == (0.3, 1.0)
+    assert (parse({"input": "hi", "temperature": 2, "top_p": 0}).temperature) == 2.0
+    unset = parse({"input": "hi", "top_p": None})
+    assert (unset.temperature, unset.top_p) == (None, None)
+    assert (unset.presence_penalty, unset.frequency_penalty, unset.seed) == (None, None, None)
+
+
 @pytest.mark.parametrize(("fmt", "expected"), [
     ({"type": "text"}, None),
     ({"type": "json_object"}, ResponseFormat("json_object")),
@@ -269,6 +283,11 @@ def test_tool_choice_modes(choice: str) -> None:
     ({"input": "x", "max_output_tokens": True}, "max_output_tokens", "positive integer"),
     ({"input": "x", "stream": "yes"}, "stream", "a boolean"),
     ({"input": "x", "temperature": "hot"}, "temperature", "a number"),
+    ({"input": "x", "temperature": 2.5}, "temperature",
+     "decimal above maximum value. Expected a value <= 2, but got 2.5 instead."),
+    ({"input": "x", "temperature": -1}, "temperature", "Expected a value >= 0"),
+    ({"input": "x", "top_p": 1.5}, "top_p", "Expected a value <= 1"),
+    ({"input": "x", "top_p": [1]}, "top_p", "a number"),
     ({"input": "x", "metadata": {"k": 1}}, "metadata.k", "a string"),
     ({"input": "x", "truncation": "sometimes"}, "truncation", "'sometimes'"),
     ({"input": "x", "include": "all"}, "include", "an array of strings"),

@@ -7,8 +7,10 @@ from typing import Any
 import orjson
 import pytest
 
+from protocol.anthropic import parse_messages_request
 from protocol.errors import RequestError
-from protocol.openai import parse_chat_request
+from protocol.openai import ChatRequest, parse_chat_request
+from protocol.responses import parse_responses_request
 from providers.openai.prompt import ModelNames, chat_body, passthrough_body
 
 
@@ -76,6 +78,37 @@ def test_everything_goes_natively() -> None:
         "stop": ["END"],
         "max_tokens": 50,
     }
+
+
+SAMPLING_KEYS = ("temperature", "top_p", "presence_penalty", "frequency_penalty", "seed")
+HI: Any = [{"role": "user", "content": "hi"}]
+
+
+def sent_sampling(request: ChatRequest) -> dict[str, Any]:
+    """The sampling fields of the upstream body built for ``request``."""
+    body = orjson.loads(chat_body(request, "up-x"))
+    return {key: body[key] for key in SAMPLING_KEYS if key in body}
+
+
+def test_sampling_parameters_go_up_from_every_dialect() -> None:
+    """What the client set goes up, zero included; what it did not set is left out, so the
+    upstream's defaults hold; Anthropic's top_k goes nowhere (issue 16)."""
+    chat = parse_chat_request(orjson.dumps({
+        "messages": HI, "temperature": 0, "top_p": 0.5, "presence_penalty": -1,
+        "frequency_penalty": 0.5, "seed": 42}))
+    assert sent_sampling(chat) == {"temperature": 0.0, "top_p": 0.5, "presence_penalty": -1.0,
+                                   "frequency_penalty": 0.5, "seed": 42}
+    responses = parse_responses_request(orjson.dumps({"input": "hi", "temperature": 0.3}))
+    assert sent_sampling(responses) == {"temperature": 0.3}
+    messages = parse_messages_request(orjson.dumps({
+        "model": "m", "max_tokens": 10, "messages": HI, "temperature": 0.2, "top_p": 0.9,
+        "top_k": 40}))
+    assert sent_sampling(messages) == {"temperature": 0.2, "top_p": 0.9}
+    unset = [parse_chat_request(orjson.dumps({"messages": HI})),
+             parse_responses_request(b'{"input": "hi"}'),
+             parse_messages_request(orjson.dumps({"model": "m", "max_tokens": 1,
+                                                  "messages": HI, "top_k": 3}))]
+    assert [sent_sampling(request) for request in unset] == [{}, {}, {}]
 
 
 def test_legacy_function_calls_become_tool_calls() -> None:
