@@ -73,6 +73,7 @@ from providers.glm.media import (
     VIDEO_STYLES,
 )
 from providers.glm.prompt import MODELS as GLM_MODELS
+from providers.openai.emulator import OpenAIEmulator
 from providers.step.client import MODELS as STEP_MODELS
 from providers.step.emulator import StepBehavior, StepEmulator
 from relay import config
@@ -91,6 +92,9 @@ THREAD_TIMEOUT_S = 30.0
 UNKNOWN_CONVERSATION = "0123456789abcdef01234567"
 CHAT_ROUTES = ("/v1/chat/completions", "/step/v1/chat/completions", "/glm/v1/chat/completions")
 #: Examples per test and route: the whole module takes about 6 s with the CI profile.
+#: The OpenAI-compatible upstream's key, its listed model and a name under its prefix.
+UPSTREAM_KEY = "sk-fuzz-upstream"
+UPSTREAM_MODELS = ("up-chat", "up/emu-reasoner")
 #: ``FUZZ_EXAMPLES=2000`` hunts longer.
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "60"))
 
@@ -104,6 +108,7 @@ class LiveRelay:
     app: App
     step: StepEmulator
     glm: GlmEmulator
+    upstream: OpenAIEmulator
     trio_token: trio.lowlevel.TrioToken
     #: every record of level ERROR or above logged while the relay runs (a traceback...)
     errors: list[logging.LogRecord] = field(default_factory=list)
@@ -172,8 +177,12 @@ def live() -> Iterator[LiveRelay]:
             # tools when asked to and writes JSON when told to, else gives its demo answer
             step = StepEmulator(tokens=[STEP_TOKEN], behavior=StepBehavior(answer="Hello!"))
             glm = GlmEmulator(tokens=[GLM_TOKEN], behavior=GlmBehavior(video_polls=1))
+            # an OpenAI-compatible upstream: its listed model takes the byte passthrough on
+            # chat completions, its prefix serves any name; both dialects' neutral path too
+            upstream = OpenAIEmulator(keys=[UPSTREAM_KEY])
             await nursery.start(step.serve)
             await nursery.start(glm.serve)
+            await nursery.start(upstream.serve)
             settings = config.load(
                 {
                     "host": "127.0.0.1",
@@ -185,6 +194,9 @@ def live() -> Iterator[LiveRelay]:
                     "glm_base_url": glm.base_url,
                     "step_file_settle": 0.0,
                     "video_poll_interval": 0.001,
+                    "openai_upstreams": [{
+                        "name": "up", "base_url": upstream.base_url, "api_keys": [UPSTREAM_KEY],
+                        "models": [UPSTREAM_MODELS[0]], "prefix": "up/"}],
                 },
                 environ={},
             )
@@ -192,7 +204,8 @@ def live() -> Iterator[LiveRelay]:
             # origin, as the demo does; every other loopback or private URL is refused.
             async with App(settings, trusted_file_origins={origin_of(glm.base_url)}) as app:
                 addresses = await nursery.start(app.serve)
-                found.update(address=addresses[0], app=app, step=step, glm=glm)
+                found.update(address=addresses[0], app=app, step=step, glm=glm,
+                             upstream=upstream)
                 ready.set()
                 await stop.wait()
                 app.shutdown()
@@ -207,7 +220,7 @@ def live() -> Iterator[LiveRelay]:
         assert ready.wait(THREAD_TIMEOUT_S), "the relay did not start"
         with httpcore.ConnectionPool() as client:
             yield LiveRelay(f"http://{found['address']}", client, found["app"], found["step"],
-                            found["glm"], found["token"], errors.records)
+                            found["glm"], found["upstream"], found["token"], errors.records)
     finally:
         logging.getLogger().removeHandler(errors)
         if "stop" in found:
@@ -458,7 +471,7 @@ valid_messages = st.builds(
 chat_requests = st.fixed_dictionaries(
     {"messages": valid_messages, "stream": st.booleans()},
     optional={
-        "model": st.sampled_from([*STEP_MODELS, *GLM_MODELS, "gpt-4o", ""]),
+        "model": st.sampled_from([*STEP_MODELS, *GLM_MODELS, *UPSTREAM_MODELS, "gpt-4o", ""]),
         "stream_options": st.fixed_dictionaries({}, optional={"include_usage": st.booleans()}),
         "temperature": st.floats(0, 2),
         "top_p": st.floats(0, 1),
@@ -540,7 +553,8 @@ anthropic_tools = st.lists(
 )
 anthropic_requests = st.fixed_dictionaries(
     {
-        "model": st.sampled_from(["claude-sonnet-4-5", "step", GLM_MODELS[0], ""]),
+        "model": st.sampled_from(["claude-sonnet-4-5", "step", GLM_MODELS[0], *UPSTREAM_MODELS,
+                                  ""]),
         "max_tokens": token_limits,
         "messages": st.builds(
             lambda history, last: [*history, last],
@@ -616,7 +630,7 @@ responses_requests = st.fixed_dictionaries(
         "stream": st.booleans(),
     },
     optional={
-        "model": st.sampled_from([*STEP_MODELS, *GLM_MODELS, "gpt-4.1", ""]),
+        "model": st.sampled_from([*STEP_MODELS, *GLM_MODELS, *UPSTREAM_MODELS, "gpt-4.1", ""]),
         "instructions": st.text(max_size=20),
         "tools": st.lists(
             st.fixed_dictionaries(
@@ -1232,3 +1246,19 @@ def test_generated_requests_to_the_other_post_routes_never_get_a_5xx(
     """Generated bodies for /token/check, the media routes and count_tokens: each answer is a
     4xx error in the route's dialect or the route's success shape, and /ping answers after."""
     run_examples(live, path, requests, OTHER_TRAPS[path])
+
+
+def test_the_openai_compatible_upstream_is_reached(live: LiveRelay) -> None:
+    """The generated bodies can name the OpenAI-compatible upstream: a valid one, on every
+    dialect, reaches it (so its paths are among those fuzzed), listed name and prefix alike."""
+    before = len(live.upstream.record.chats)
+    for path, body in (
+        ("/v1/chat/completions", {"model": UPSTREAM_MODELS[0], "messages": USER_HI}),
+        ("/v1/chat/completions", {"model": UPSTREAM_MODELS[1], "messages": USER_HI,
+                                  "stream": True}),
+        ("/v1/responses", {"model": UPSTREAM_MODELS[0], "input": "hi"}),
+        ("/v1/messages", {"model": UPSTREAM_MODELS[1], "max_tokens": 50,
+                          "messages": USER_HI}),
+    ):
+        exchange(live, path, encode(body))
+    assert len(live.upstream.record.chats) - before == 4
