@@ -241,7 +241,10 @@ def _print_demo(scheme: str, address: str) -> None:
         f"  curl -N {url}/v1/chat/completions -H 'Content-Type: application/json' \\\n"
         "    -d '{\"model\": \"step\", \"stream\": true, "
         "\"messages\": [{\"role\": \"user\", \"content\": \"Hello!\"}]}'\n\n"
-        f"  or with the openai SDK: OpenAI(base_url=\"{url}/v1\", api_key=\"demo\")\n",
+        f"  or with the openai SDK: OpenAI(base_url=\"{url}/v1\", api_key=\"demo\")\n\n"
+        "  Models: step and glm-4 (the emulated web chats), emu-chat (an emulated\n"
+        "  OpenAI-compatible upstream, passed through), and any of them on\n"
+        "  /v1/responses (Responses API) or /v1/messages (Anthropic Messages).\n",
         flush=True,
     )
 

@@ -50,7 +50,7 @@ from providers.openai.prompt import ModelNames
 from providers.step.client import StepProvider
 from relay.accounts import AccountPool
 from relay.catalog import ModelCatalog
-from relay.config import ConfigError
+from relay.config import ConfigError, OpenAIUpstream
 from relay.upstream import HttpTransport
 
 if TYPE_CHECKING:
@@ -60,12 +60,16 @@ if TYPE_CHECKING:
     from providers.contract import Background, Fetcher, Provider
     from providers.glm.client import GlmSession
     from providers.step.client import StepSession
-    from relay.config import OpenAIUpstream, Settings
+    from relay.config import Settings
     from relay.upstream import Pool
 
 # accounts of the built-in emulators: not secrets
 DEMO_STEP_TOKEN = "demo-device@demo-oasis-token"  # noqa: S105
 DEMO_GLM_TOKEN = "demo-glm-refresh-token"  # noqa: S105
+#: demo mode's OpenAI-compatible upstream: its name, key and models
+DEMO_UPSTREAM = "demo"
+DEMO_OPENAI_KEY = "demo-openai-key"
+DEMO_OPENAI_MODELS = ("emu-chat", "emu-reasoner")
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +94,9 @@ class Emulated:
     base_url: str
     #: the Settings fields that point its provider at it (base URL, an account)
     changes: dict[str, Any]
+    #: its answers carry file URLs of its own the relay downloads (``b64_json``):
+    #: demo mode trusts its origin, a loopback one, which the fetcher refuses else
+    serves_files: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +119,8 @@ class Entries:
     """Providers the settings name, one :class:`Entry` each (in the settings' order)."""
 
     expand: Callable[[Settings], Sequence[Entry]]
+    #: demo mode: start an emulator and name it in the settings (None: nothing to add)
+    demo: Callable[[trio.Nursery, Settings], Awaitable[Emulated | None]] | None = None
 
 
 def entries_for(settings: Settings, entries: Sequence[Entry | Entries]) -> list[Entry]:
@@ -275,19 +284,27 @@ async def start_emulators(
 ) -> tuple[Settings, frozenset[Origin]]:
     """Start every provider's emulator in ``nursery`` (``relay serve --demo``).
 
+    The web chats' emulators always; an emulated OpenAI-compatible upstream
+    (``demo``) when the settings configure none.
+
     Returns:
-        The settings pointed at the emulators, and the emulators' origins: their
-        file URLs (the images the ChatGLM emulator draws, which ``b64_json``
-        downloads) are on loopback, which the fetcher's guard refuses; the demo
-        trusts these origins, and no other private address.
+        The settings pointed at the emulators, and the origins of those that
+        serve files (:attr:`Emulated.serves_files`): their file URLs (the
+        images the ChatGLM emulator draws, which ``b64_json`` downloads) are
+        on loopback, which the fetcher's guard refuses; the demo trusts these
+        origins, and no other private address.
     """
     changes: dict[str, Any] = {}
     origins: set[Origin] = set()
-    for entry in entries_for(settings, entries):
-        if entry.demo is not None:
-            emulated = await entry.demo(nursery)
+    for entry in entries:
+        if isinstance(entry, Entries):
+            emulated = await entry.demo(nursery, settings) if entry.demo is not None else None
+        else:
+            emulated = await entry.demo(nursery) if entry.demo is not None else None
+        if emulated is not None:
             changes.update(emulated.changes)
-            origins.add(origin_of(emulated.base_url))
+            if emulated.serves_files:
+                origins.add(origin_of(emulated.base_url))
     return dataclasses.replace(settings, **changes), frozenset(origins)
 
 
@@ -377,9 +394,27 @@ def _openai_entries(settings: Settings) -> list[Entry]:
     return [_openai_entry(upstream) for upstream in settings.openai_upstreams]
 
 
+async def _openai_demo(nursery: trio.Nursery, settings: Settings) -> Emulated | None:
+    """Demo mode without configured upstreams: one emulated upstream, ``demo``.
+
+    It serves ``emu-chat`` and ``emu-reasoner`` by name (the passthrough path
+    on chat completions) and any ``demo/<name>`` under its prefix; configured
+    upstreams are left as they are.
+    """
+    if settings.openai_upstreams:
+        return None
+    from providers.openai.emulator import OpenAIEmulator
+
+    emulator = OpenAIEmulator(keys=[DEMO_OPENAI_KEY])
+    await nursery.start(emulator.serve)
+    upstream = OpenAIUpstream(DEMO_UPSTREAM, emulator.base_url, (DEMO_OPENAI_KEY,),
+                              models=DEMO_OPENAI_MODELS, prefix=f"{DEMO_UPSTREAM}/")
+    return Emulated(emulator.base_url, {"openai_upstreams": (upstream,)}, serves_files=False)
+
+
 #: Every provider, in routing order (see the module docstring).
 ENTRIES: tuple[Entry | Entries, ...] = (
-    Entries(_openai_entries),
+    Entries(_openai_entries, _openai_demo),
     Entry(_step, lambda s: s.step_tokens, lambda s: s.step_max_streams, _step_demo),
     Entry(_glm, lambda s: s.glm_tokens, lambda s: s.glm_max_streams, _glm_demo),
 )

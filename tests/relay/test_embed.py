@@ -134,12 +134,32 @@ async def test_serve_demo_answers_over_http(hostile_env: None) -> None:
     """demo=True starts both emulators in process, as `relay serve --demo` does."""
     async with trio.open_nursery() as nursery:
         addresses = await nursery.start(relay.serve, relay.settings(port=0, demo=True))
-        for model in ("step", "glm-4"):
+        for model in ("step", "glm-4", "emu-chat", "demo/emu-reasoner"):
             response = await chat_over_http(addresses[0], {**HELLO, "model": model})
             assert response.status == 200, response.content
             answer = orjson.loads(response.content)["choices"][0]["message"]["content"]
             assert "hi" in answer  # the demo answer quotes the prompt
+        async with httpcore.AsyncConnectionPool() as pool:
+            listed = await pool.request("GET", f"http://{addresses[0]}/v1/models")
+        owners = {m["id"]: m["owned_by"] for m in orjson.loads(listed.content)["data"]}
+        assert owners["emu-chat"] == "demo"  # the emulated OpenAI-compatible upstream
         nursery.cancel_scope.cancel()
+
+
+async def test_demo_adds_an_openai_compatible_upstream_only_when_none_is_configured(
+    hostile_env: None,
+) -> None:
+    """Demo mode emulates one OpenAI-compatible upstream, ``demo``, with its models listed;
+    upstreams the operator configured are kept as they are, with no emulated one beside."""
+    async with relay.Relay(relay.settings(demo=True)) as service:
+        [upstream] = service.settings.openai_upstreams
+        assert (upstream.name, upstream.models, upstream.prefix) == (
+            "demo", ("emu-chat", "emu-reasoner"), "demo/")
+        assert upstream.base_url.startswith("http://127.0.0.1:")
+    mine = [{"name": "mine", "base_url": "http://127.0.0.1:9/v1", "api_keys": ["k"],
+             "models": ["m"]}]
+    async with relay.Relay(relay.settings(demo=True, openai_upstreams=mine)) as service:
+        assert [u.name for u in service.settings.openai_upstreams] == ["mine"]
 
 
 @dataclass
