@@ -274,6 +274,10 @@ class Provider(Protocol[SessionT]):
     #: the upstream does tools, JSON formats, stop sequences and token limits
     #: itself: the request goes as it is and the answer comes back unshaped
     native_agents: bool
+    #: a refused session (401, 403) may have expired and a fresh login may mend
+    #: it (access tokens); False where the session is the credential itself
+    #: (API keys): a refused one is rested at once
+    renews_sessions: bool
 
     @property
     def media(self) -> Media[SessionT] | None:

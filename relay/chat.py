@@ -798,7 +798,9 @@ async def with_account(
     leased for the whole call (so per-account stream limits hold), its
     session comes from the pool's cache (single-flight login). An auth
     failure (401) evicts the session and tries the same account once more
-    with a fresh login, then rests it and moves on; a busy account (429)
+    with a fresh login (when the provider's sessions can be renewed:
+    :attr:`~providers.contract.Provider.renews_sessions`), then rests it and
+    moves on; a busy account (429)
     moves on at once. Any other failure is raised as it is.
 
     Args:
@@ -842,7 +844,7 @@ async def with_account(
                     last_error = exc
                     if exc.status in (401, 403):
                         await runtime.pool.evict(account, session)
-                        if account not in relogged:
+                        if account not in relogged and runtime.provider.renews_sessions:
                             relogged.add(account)  # same account, fresh login
                             continue
                         await runtime.pool.rest(account, exc.message)

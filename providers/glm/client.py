@@ -311,6 +311,7 @@ class GlmProvider:
     default_model = DEFAULT_MODEL
     #: tools, JSON formats, stop and max_tokens are the relay's to emulate
     native_agents = False
+    renews_sessions = True
 
     def __init__(
         self,

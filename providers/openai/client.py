@@ -199,6 +199,7 @@ class OpenAIProvider:
     citation_line = "{title} - {url}\n"
     #: the upstream calls tools, follows formats, stops and counts by itself
     native_agents = True
+    renews_sessions = False
     #: no image or video endpoints here
     media = None
 

@@ -122,6 +122,7 @@ class StepProvider:
     default_model = DEFAULT_MODEL
     #: tools, JSON formats, stop and max_tokens are the relay's to emulate
     native_agents = False
+    renews_sessions = True
     #: StepChat makes no images or videos
     media = None
 

@@ -77,6 +77,7 @@ class EchoProvider:
     citation_line = "{title} {url}\n"
     default_model = "echo-1"
     native_agents = False
+    renews_sessions = True
     media = None
 
     def __init__(self) -> None:
