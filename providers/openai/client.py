@@ -51,6 +51,7 @@ from providers.openai.stream import (
     ChunkStream,
     EventFramer,
     error_from_response,
+    holds_event,
     leading_error,
     model_member,
     rewrite_model,
@@ -177,9 +178,18 @@ class OpenAIRawAnswer:
 
     async def events(self) -> AsyncGenerator[bytes, None]:
         framer = self._framer
+        started = False  # an event went out: comments before it are dropped
         async with aclosing(self._response.chunks()) as chunks:
             async for chunk in chunks:
                 data = framer.feed(chunk)
+                if data and not started:
+                    # a block of comments only (a platform keeping a slow stream
+                    # open) would commit the client's 200 before the first event,
+                    # which may be an error with a status of its own; the relay's
+                    # writer keeps a silent client alive itself
+                    started = holds_event(data)
+                    if not started:
+                        continue
                 if data:
                     yield data
                 if framer.done:

@@ -60,9 +60,11 @@ stream fails after it started; ``first_error`` (an error object, sent as
 it is) makes such an event the stream's first and only one, before any
 role or content chunk (then ``[DONE]``), for the keys in
 ``first_error_keys`` (every key when None), as a platform does that fails
-the request after its 200 head. With ``stream_options.include_usage`` every
-chunk carries ``"usage": null`` and a last chunk with ``"choices": []``
-carries the usage, as OpenAI does; a whole completion always carries it.
+the request after its 200 head; ``lead_comments`` SSE comments go before a
+stream's first event, as a platform keeps a slow stream open. With
+``stream_options.include_usage`` every chunk carries ``"usage": null`` and
+a last chunk with ``"choices": []`` carries the usage, as OpenAI does; a
+whole completion always carries it.
 Token counts are rough: a token per four characters (at least one).
 
 Record: :class:`OpenAIRecord` lists the key every chat request presented
@@ -172,6 +174,9 @@ class OpenAIBehavior:
     first_error: dict[str, Any] | None = None
     #: the keys whose streams get ``first_error`` (None: every key)
     first_error_keys: set[str] | None = None
+    #: SSE comments sent before a stream's first event, one read each
+    #: (``: PROCESSING``, as OpenRouter keeps a slow stream open)
+    lead_comments: int = 0
     #: (status, type, message): ``GET /v1/models`` is answered so
     models_error: tuple[int, str, str] | None = None
     #: when set, ``GET /v1/models`` waits for it before it answers
@@ -448,6 +453,10 @@ class _Chunks:
     def done(self) -> bytes:
         return self._wrap(DONE_EVENT)
 
+    def comment(self) -> bytes:
+        """An SSE comment line: no event, kept alive."""
+        return self._wrap(b": PROCESSING\n\n")
+
 
 def _usage(prompt_tokens: int, completion: str, reasoning: str) -> dict[str, Any]:
     completion_tokens = tokens_of(completion) + tokens_of(reasoning)
@@ -712,7 +721,10 @@ class OpenAIEmulator(Listener):
                 prompt_tokens: int, usage: bool, first_error: dict[str, Any] | None = None,
                 ) -> Script:
         """The answer stream: role chunk, deltas, finish (or error), usage, ``[DONE]``;
-        or ``first_error``'s event and ``[DONE]`` alone."""
+        or ``first_error``'s event and ``[DONE]`` alone; ``lead_comments`` before either."""
+        for _ in range(behavior.lead_comments):
+            yield chunks.comment()
+            yield Action.PAUSE
         if first_error is not None:
             yield chunks.error_event(first_error)
             yield chunks.done()

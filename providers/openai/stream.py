@@ -566,6 +566,20 @@ def in_band_exception(error: object, upstream: str) -> RelayError:
     return error_from_response(in_band_status(error), body, upstream)
 
 
+def holds_event(block: bytes) -> bool:
+    """Whether ``block`` (whole events, as :class:`EventFramer` gives) has an event at all.
+
+    A block of SSE comments only (``: PROCESSING``) has none: it keeps a
+    connection open and carries nothing a client reads.
+    """
+    if b"data" not in block:
+        return False
+    try:
+        return bool(SSEDecoder().feed(block))
+    except RemoteProtocolError:
+        return True  # not ours to judge: it goes out as it is
+
+
 def leading_error(block: bytes, upstream: str) -> RelayError | None:
     """The error the first event of ``block`` reports in-band, as :func:`in_band_exception`.
 

@@ -172,6 +172,25 @@ async def test_fast_path_first_event_error_on_the_wire(
         "param": "temperature", "code": "400"}}
 
 
+async def test_comments_before_the_first_event_leave_its_error_an_http_error(
+    relay: Running, upstream: OpenAIEmulator
+) -> None:
+    """A platform that keeps a slow stream open with SSE comments, then fails: the comments
+    carry nothing, so they do not commit the 200 and the error keeps its own status; an
+    answer after such comments streams as usual (the comments are not in it)."""
+    upstream.behavior.lead_comments = 2
+    upstream.behavior.first_error = {"message": "slow down", "code": 429}
+    upstream.behavior.first_error_keys = set(KEYS)
+    reply = await post(relay.base_url, "/v1/chat/completions", chat(stream=True))
+    assert reply.status == 429
+    assert orjson.loads(reply.content)["error"]["message"] == "slow down"
+    upstream.behavior.first_error = None
+    reply = await post(relay.base_url, "/v1/chat/completions", chat(stream=True))
+    assert reply.status == 200
+    assert b"PROCESSING" not in reply.content
+    assert reply.content.rstrip().endswith(b"data: [DONE]")
+
+
 KEY_FAULTS: list[dict[str, Any]] = [
     {"message": "Rate limit reached", "type": "requests", "code": "rate_limit_exceeded"},
     {"message": "slow down", "code": 429},

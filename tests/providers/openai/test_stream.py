@@ -32,6 +32,7 @@ from providers.openai.stream import (
     ChunkStream,
     EventFramer,
     error_from_response,
+    holds_event,
     model_member,
     rewrite_model,
     usage_from,
@@ -340,3 +341,17 @@ def test_rewrite_whole_body() -> None:
     body = b'{"id":"c","model":"x","choices":[]}'
     assert orjson.loads(rewrite_model(body, model_member("p/x")))["model"] == "p/x"
     assert rewrite_model(body, None) is body
+
+
+@pytest.mark.parametrize(
+    ("block", "held"),
+    [
+        (b": PROCESSING\n\n", False),
+        (b": waiting for data\n\n: still\r\n\r\n", False),  # "data" in a comment is no event
+        (b": PROCESSING\n\ndata: {}\n\n", True),
+        (b"data: [DONE]\n\n", True),
+        (b"event: error\ndata: boom\n\n", True),
+    ],
+)
+def test_holds_event_tells_comments_from_events(block: bytes, held: bool) -> None:
+    assert holds_event(block) is held
