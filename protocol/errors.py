@@ -80,6 +80,15 @@ class NoAccountFree(RelayError):
     status, kind = 429, "rate_limit_error"
 
 
+class RateLimited(NoAccountFree):
+    """The upstream rate-limited the account in use (an API key's 429).
+
+    Unlike a web chat's busy account, which is free again when its other
+    stream ends, a rate-limited key stays limited for a while: the relay
+    rests it (``RELAY_ACCOUNT_COOLDOWN``) and moves on to another.
+    """
+
+
 class UpstreamFailed(RelayError):
     """The upstream service failed or answered something we cannot use."""
 

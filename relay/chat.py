@@ -105,6 +105,7 @@ from protocol.deltas import Delta, Finish, UpstreamError
 from protocol.errors import (
     AuthError,
     NoAccountFree,
+    RateLimited,
     RelayError,
     ServerShuttingDown,
     UpstreamFailed,
@@ -800,7 +801,8 @@ async def with_account(
     failure (401) evicts the session and tries the same account once more
     with a fresh login (when the provider's sessions can be renewed:
     :attr:`~providers.contract.Provider.renews_sessions`), then rests it and
-    moves on; a busy account (429)
+    moves on; a rate-limited one (:class:`~protocol.errors.RateLimited`, an
+    API key's 429) rests at once; a busy account (429)
     moves on at once. Any other failure is raised as it is.
 
     Args:
@@ -847,6 +849,8 @@ async def with_account(
                         if account not in relogged and runtime.provider.renews_sessions:
                             relogged.add(account)  # same account, fresh login
                             continue
+                        await runtime.pool.rest(account, exc.message)
+                    elif isinstance(exc, RateLimited):  # an API key limited for a while
                         await runtime.pool.rest(account, exc.message)
                     else:
                         log.info("%s account %s is busy: %s", runtime.provider.name,

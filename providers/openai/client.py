@@ -245,6 +245,23 @@ class OpenAIProvider:
         """The key is the session: nothing to call."""
         return credential
 
+    def dump_session(self, session: str) -> str:
+        """The session (the key) as JSON text (providers.contract.SessionCodec), for a
+        relay that keeps its account state in Redis with the web chats' tokens."""
+        return orjson.dumps({"key": session}).decode()
+
+    def load_session(self, data: str) -> str:
+        """The session :meth:`dump_session` wrote.
+
+        Raises:
+            ValueError: ``data`` is not one.
+        """
+        fields = orjson.loads(data)
+        key = fields.get("key") if isinstance(fields, dict) else None
+        if not isinstance(key, str) or not key:
+            raise ValueError("an OpenAI-compatible upstream's session is {\"key\": \"...\"}")
+        return key
+
     async def check(self, credential: str) -> bool:
         """Liveness of a key: ``GET /models`` with it.
 

@@ -85,7 +85,7 @@ from protocol.deltas import (
 )
 from protocol.errors import (
     AuthError,
-    NoAccountFree,
+    RateLimited,
     RelayError,
     RemoteProtocolError,
     RequestError,
@@ -160,8 +160,8 @@ def error_from_response(status: int, body: bytes, upstream: str) -> RelayError:
     """The exception a non-2xx upstream answer becomes, keeping its status and error fields.
 
     401 and 403 are :class:`AuthError` (the key is at fault: the relay fails
-    over to another key), 429 :class:`NoAccountFree` (the key is busy: the
-    same), other 4xx :class:`RequestError` (never retried), 504
+    over to another key), 429 :class:`RateLimited` (the key is limited for a
+    while: the relay rests it and fails over), other 4xx :class:`RequestError` (never retried), 504
     :class:`UpstreamTimeout`, the rest :class:`UpstreamFailed`. The error's
     ``kind`` (OpenAI's ``type``), ``code``, ``param`` and message are the
     upstream's when it sent them.
@@ -178,7 +178,7 @@ def error_from_response(status: int, body: bytes, upstream: str) -> RelayError:
     if status in (401, 403):
         error = AuthError(message, param=param, code=code, status=status)
     elif status == 429:
-        error = NoAccountFree(message, param=param, code=code)
+        error = RateLimited(message, param=param, code=code)
     elif 400 <= status < 500:
         error = RequestError(message, param=param, code=code, status=status)
     elif status == 504:

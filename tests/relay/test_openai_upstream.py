@@ -396,6 +396,20 @@ async def test_key_failover(relay_factory: RelayFactory, nursery: trio.Nursery,
     assert emulator.record.completions + emulator.record.streams_finished == 1
 
 
+async def test_a_rate_limited_key_rests(relay_factory: RelayFactory,
+                                        nursery: trio.Nursery) -> None:
+    """A key the upstream rate-limits (429) rests for the account cool-down: the next
+    requests go to the other key without asking it first."""
+    emulator = OpenAIEmulator(keys=KEYS, behavior=OpenAIBehavior(
+        answer=ANSWER, busy_keys={KEYS[0]}))
+    await nursery.start(emulator.serve)
+    relay = await relay_factory(openai_upstreams=upstreams(emulator))
+    for _ in range(3):
+        reply = await post(relay.base_url, "/v1/chat/completions", chat())
+        assert reply.status == 200, reply.content
+    assert emulator.record.keys == [KEYS[0], KEYS[1], KEYS[1], KEYS[1]]
+
+
 @pytest.mark.parametrize("stream", [False, True])
 @pytest.mark.parametrize("status", [400, 500])
 async def test_errors_keep_status_and_body_without_failover(

@@ -34,6 +34,7 @@ from protocol.errors import AuthError, NoAccountFree, RelayError
 from protocol.openai import ChatRequest
 from providers.glm.client import GlmProvider, GlmSession
 from providers.glm.emulator import GlmBehavior, GlmEmulator
+from providers.openai.emulator import OpenAIBehavior, OpenAIEmulator
 from providers.step.client import StepProvider, StepSession
 from relay import accounts
 from relay.accounts import AccountPool, LocalState, token_id
@@ -569,10 +570,10 @@ async def relay_child(
             await process.stderr.aclose()
 
 
-async def ask(relay: RelayChild, conversation_id: str | None = None) -> httpcore.Response:
+async def ask(relay: RelayChild, conversation_id: str | None = None,
+              model: str = "glm-4-plus") -> httpcore.Response:
     """One whole (not streamed) chat completion through ``relay``."""
-    body: dict[str, Any] = {"model": "glm-4-plus",
-                            "messages": [{"role": "user", "content": "hi"}]}
+    body: dict[str, Any] = {"model": model, "messages": [{"role": "user", "content": "hi"}]}
     if conversation_id is not None:
         body["conversation_id"] = conversation_id
     async with httpcore.AsyncConnectionPool() as pool:
@@ -691,6 +692,29 @@ async def test_a_conversation_kept_on_one_relay_continues_on_the_other(
                 assert follow_up.status == 200, follow_up.content
     assert [s["conversation_id"] for s in glm.record.streams] == ["", *[conversation] * 3]
     assert glm.record.conversations_deleted == []
+
+
+async def test_an_openai_compatible_upstreams_rested_key_is_rested_on_every_relay(
+    shared_redis: str, glm: GlmEmulator, nursery: trio.Nursery
+) -> None:
+    """Two relays with one OpenAI-compatible upstream and one Redis (the relay used not to
+    start: the provider had no session codec). Its first key is rate-limited: the relay
+    that meets it rests it and answers on the second, and the other relay, seeing the rest
+    in Redis, asks the second key straight away."""
+    keys = ("sk-shared-0", "sk-shared-1")
+    upstream = OpenAIEmulator(keys=keys, behavior=OpenAIBehavior(answer="hello",
+                                                                  busy_keys={keys[0]}))
+    await nursery.start(upstream.serve)
+    upstreams = json.dumps([{"name": "up", "base_url": upstream.base_url,
+                             "api_keys": list(keys), "models": ["up-chat"]}])
+    async with relay_child(shared_redis, glm, (TOKEN_X,), openai_upstreams=upstreams) as a, \
+            relay_child(shared_redis, glm, (TOKEN_X,), openai_upstreams=upstreams) as b:
+        with trio.fail_after(WAIT_LIMIT_S):
+            for relay in (a, b):
+                reply = await ask(relay, model="up-chat")
+                assert reply.status == 200, reply.content
+                assert orjson.loads(reply.content)["choices"][0]["message"]["content"] == "hello"
+    assert upstream.record.keys == [keys[0], keys[1], keys[1]]
 
 
 @COREDIS_FAILED_CONNECT

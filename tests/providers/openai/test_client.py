@@ -112,3 +112,18 @@ async def test_anything_else_is_not_a_stream() -> None:
     with pytest.raises(UpstreamFailed) as info:
         await answer(_Response(b"text/html", b"<html></html>"))
     assert info.value.code == "not_a_stream"
+
+
+def test_sessions_go_to_redis_and_back() -> None:
+    """The session (the key) as JSON text and back, for shared state; anything else is a
+    ValueError (the pool then logs in again)."""
+    provider = OpenAIProvider(_Transport(_Response(b"text/event-stream", b"")), name="up",
+                              base_url="http://127.0.0.1:1/v1", names=ModelNames(("m",)))
+    text = provider.dump_session("sk-1")
+    assert orjson.loads(text) == {"key": "sk-1"}
+    assert provider.load_session(text) == "sk-1"
+    for bad in ('{"key": ""}', '{"key": 1}', '["sk-1"]'):
+        with pytest.raises(ValueError, match="session is"):
+            provider.load_session(bad)
+    with pytest.raises(ValueError, match="unexpected character"):  # not JSON (orjson's error)
+        provider.load_session("sk-1")
